@@ -1,0 +1,100 @@
+"""The ``external`` backend: a snapshot is the frozen image file; writes go to a new qcow2 overlay.
+
+Create freezes the active file and puts an overlay on it. Revert to any snapshot puts a fresh overlay on
+that snapshot's frozen file, so every other branch stays. Delete merges the frozen file's data away:
+commit its only child into it, or stream it into each child (``qemu-img rebase``), whichever copies
+fewer allocated bytes. A child holding internal snapshots reads their unallocated clusters through the
+file; neither merge would keep those intact, so then the file stays as a hidden node of the tree.
+"""
+
+from __future__ import annotations
+
+from snapfw.backend import OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
+from snapfw.catalog import ImageFile
+from snapfw.hookspecs import hookimpl
+from snapfw.steps import Commit, CreateOverlay, Rebase
+from snapfw.tools import qemuimg
+
+
+def _bytes(path: str, fmt: str, depth: int) -> int:
+    """Bytes of ``path``'s view that come from the layer ``depth`` below it (0: the file itself)."""
+    return sum(e["length"] for e in qemuimg.map_extents(path, fmt) if e["depth"] == depth and e["data"])
+
+
+class ExternalBackend(DiskBackend):
+    name = "external"
+    description = "external snapshots: frozen image + qcow2 overlay (qemu-img create -b, commit, rebase)"
+    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE})
+    priority = 20
+    cost = {"create": "metadata only", "revert": "metadata only",
+            "delete": "copies the smaller side's allocated bytes", "space": "one overlay file per branch"}
+
+    def _overlay(self, op, label, backing):
+        g = op.graph
+        path = op.new_image_path(label)
+        op.prepare.append(CreateOverlay(path, backing, g.format(backing)))
+        g.files[path] = ImageFile(path, g.target, "qcow2", backing, True)
+        g.active, g.active_format = path, "qcow2"
+
+    def create(self, op, snapshot):
+        frozen = op.graph.active
+        self._overlay(op, snapshot, frozen)
+        return {"file": frozen}
+
+    def revert(self, op, snapshot, record):
+        op.inspect(record["file"], op.graph.format(record["file"]))
+        self._overlay(op, snapshot, record["file"])
+
+    def delete(self, op, snapshot, record):
+        g = op.graph
+        frozen = record["file"]
+        children = g.children(frozen)
+        if not children:
+            return  # nothing reads through it: the core removes it
+        fmt = g.format(frozen)
+        op.inspect(frozen, fmt)
+        with_tags = [c for c in children if op.inspect(c, g.format(c)).get("snapshots")]
+        if with_tags:
+            op.notes.append(f"{frozen} stays as a hidden backing file: {', '.join(with_tags)} hold internal "
+                            "snapshots that read through it")
+            return
+        options = []
+        if len(children) == 1:
+            options.append((_bytes(children[0], g.format(children[0]), 0), "commit"))
+        if not [n for n in g.referrers(frozen) if n != snapshot]:
+            options.append((sum(_bytes(c, g.format(c), 1) for c in children), "stream"))
+        if not options:
+            return
+        cost, how = min(options)
+        if how == "commit":
+            self._commit(op, frozen, children[0], cost)
+        else:
+            self._stream(op, frozen, children, op.inspect(frozen, fmt))
+
+    def _commit(self, op, base, top, cost):
+        """``top`` (the only child) is written into ``base``, which then stands for whatever ``top`` was."""
+        g = op.graph
+        op.finish.append(Commit(top, g.format(top), base, cost))
+        for name in g.referrers(top):
+            g.records[name] = {**g.records[name], "file": base}
+        for child in g.children(top):
+            op.finish.append(Rebase(child, g.format(child), base, g.format(base), unsafe=True))
+            g.files[child].backing = base
+        if g.active == top:
+            g.active, g.active_format = base, g.format(base)
+            op.define_after_finish = True
+
+    def _stream(self, op, base, children, info):
+        """Each child first copies what it read from ``base``, then is backed by ``base``'s own backing."""
+        g = op.graph
+        below = g.files[base].backing
+        below_fmt = info.get("backing-filename-format") if below else None
+        for child in children:
+            cost = _bytes(child, g.format(child), 1)
+            op.finish.append(Rebase(child, g.format(child), below, below_fmt, bytes_to_copy=cost))
+            g.files[child].backing = below
+
+
+@hookimpl
+def snapfw_disk_backends():
+    return [ExternalBackend]

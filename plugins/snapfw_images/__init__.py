@@ -1,0 +1,129 @@
+"""The ``images`` driver: no hypervisor, a domain is ``DIR/<name>.yaml`` listing its image files.
+
+    name: web                 # optional; must match the file name
+    disks:
+      - target: vda
+        path: web-vda.qcow2   # relative to DIR, or absolute
+        format: qcow2         # qcow2 or raw: never probed
+        backend: external     # optional: which disk backend snapshots it
+
+Like libvirt's domain XML this file is the truth about what the guest runs on: snapfw rewrites ``path``
+(atomically) when a snapshot or revert changes the active file. Images may live in DIR, in the
+directories the file names, or under ``allowed_roots:`` it lists.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import yaml
+
+from snapfw.backend import HypervisorDriver
+from snapfw.connection import local_dir
+from snapfw.errors import BadInput, UnknownDomain
+from snapfw.hookspecs import hookimpl
+from snapfw.model import FORMATS, Disk, Domain, check_name
+
+
+class ImagesDriver(HypervisorDriver):
+    scheme = "images"
+    description = "plain image files described by DIR/<domain>.yaml; no hypervisor"
+
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        self.dir = local_dir(uri)
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.dir, f"{check_name('domain', name)}.yaml")
+
+    def list_domains(self) -> list[str]:
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".yaml") and not n.startswith("."))
+
+    def _load(self, name: str) -> dict:
+        path = self._file(name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise UnknownDomain(f"no domain {name!r} (no {path})") from None
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            raise BadInput(f"{path}{f' line {where.line + 1}' if where else ''}: not plain YAML "
+                           f"({getattr(e, 'problem', None) or e}); tags like !!python/... are refused") from None
+        if not isinstance(data, dict):
+            raise BadInput(f"{path}: expected a mapping with 'disks'")
+        if data.get("name", name) != name:
+            raise BadInput(f"{path}: names domain {data['name']!r}, not {name!r}")
+        return data
+
+    def domain(self, name: str) -> Domain:
+        data = self._load(name)
+        path = self._file(name)
+        disks = data.get("disks")
+        if not isinstance(disks, list) or not disks:
+            raise BadInput(f"{path}: 'disks' must be a non-empty list")
+        out, roots = [], [self.dir]
+        for i, d in enumerate(disks):
+            if not isinstance(d, dict):
+                raise BadInput(f"{path}: disk {i + 1} is not a mapping")
+            try:
+                target = check_name("disk target", d["target"])
+                image = d["path"]
+                fmt = d["format"]
+            except KeyError as e:
+                raise BadInput(f"{path}: disk {i + 1} has no {e.args[0]!r}") from None
+            if fmt not in FORMATS:
+                raise BadInput(f"{path}: disk {target} format {fmt!r} is not one of {', '.join(FORMATS)}")
+            if not isinstance(image, str) or not image or "\0" in image:
+                raise BadInput(f"{path}: disk {target} has an invalid path")
+            backend = d.get("backend")
+            if backend is not None and not isinstance(backend, str):
+                raise BadInput(f"{path}: disk {target} backend must be a name")
+            image = os.path.normpath(os.path.join(self.dir, image))
+            roots.append(os.path.dirname(image))
+            out.append(Disk(target, image, fmt, backend))
+        if len({d.target for d in out}) != len(out):
+            raise BadInput(f"{path}: two disks share a target")
+        extra = data.get("allowed_roots", [])
+        if not isinstance(extra, list) or not all(isinstance(r, str) for r in extra):
+            raise BadInput(f"{path}: allowed_roots must be a list of directories")
+        roots += [os.path.join(self.dir, r) for r in extra]
+        return Domain(name, out, running=False, allowed_roots=tuple(dict.fromkeys(roots)))
+
+    def define(self, domain: dict) -> None:
+        """Rewrite the domain file with the new disk paths: temp file, fsync, rename, fsync the directory."""
+        name = domain["name"]
+        data = self._load(name)
+        by_target = {d["target"]: d for d in domain["disks"]}
+        for d in data["disks"]:
+            new = by_target[d["target"]]
+            path = new["path"]
+            rel = os.path.relpath(path, self.dir)
+            d["path"] = path if rel.startswith("..") else rel
+            d["format"] = new["format"]
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yaml.safe_dump(data, f, sort_keys=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._file(name))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        dfd = os.open(self.dir, os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+@hookimpl
+def snapfw_hypervisor_drivers():
+    return [ImagesDriver]

@@ -1,0 +1,67 @@
+"""The ``qcow2`` backend: internal snapshots, tags inside the disk's qcow2 file (qemu-img snapshot).
+
+A tag lives in the file that was active when it was taken. It is never applied under overlays (that
+would change what they read), and deleting it waits until no overlay reads through its file.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from snapfw.backend import OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
+from snapfw.errors import Refused
+from snapfw.hookspecs import hookimpl
+from snapfw.steps import ApplyTag, CreateTag, DeleteTag
+
+
+class InternalBackend(DiskBackend):
+    name = "qcow2"
+    description = "internal snapshots inside the qcow2 file (qemu-img snapshot -c/-a/-d)"
+    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE})
+    priority = 10
+    cost = {"create": "metadata only", "revert": "metadata only", "delete": "metadata only",
+            "space": "inside the disk file"}
+
+    def usable(self, disk):
+        return None if disk.format == "qcow2" else f"internal snapshots need a qcow2 file, {disk.path} is {disk.format}"
+
+    def create(self, op, snapshot):
+        g = op.graph
+        if snapshot in {s["name"] for s in op.inspect(g.active, g.active_format).get("snapshots", [])}:
+            raise Refused(f"{g.active} already holds an internal snapshot named {snapshot!r}")
+        op.prepare.append(CreateTag(g.active, snapshot))
+        return {"file": g.active, "tag": snapshot}
+
+    def revert(self, op, snapshot, record):
+        g = op.graph
+        path = record["file"]
+        overlays = g.children(path)
+        frozen = [n for n in g.referrers(path) if "tag" not in g.records[n]]
+        if overlays or frozen:
+            why = (f"overlays {', '.join(overlays)} read through it" if overlays
+                   else f"it is the frozen image of snapshot(s) {', '.join(frozen)}")
+            raise Refused(f"cannot revert disk {g.target} to internal snapshot {snapshot!r}: {path} has "
+                          f"changed since ({why}); reverting under them would corrupt them. Delete those "
+                          "later snapshots first")
+        op.inspect(path, g.format(path))
+        keep = f"snapfw-revert-{uuid.uuid4().hex[:12]}"
+        op.prepare.append(ApplyTag(path, record["tag"], keep))
+        op.finish.append(DeleteTag(path, keep))
+        g.active, g.active_format = path, g.format(path)
+
+    def delete(self, op, snapshot, record):
+        g = op.graph
+        path, tag = record["file"], record["tag"]
+        if g.children(path):
+            g.garbage.add((path, tag))
+            op.notes.append(f"internal snapshot {tag!r} stays inside {path} (hidden) until no overlay "
+                            "reads through that file")
+        else:
+            op.finish.append(DeleteTag(path, tag))
+
+    release = delete
+
+
+@hookimpl
+def snapfw_disk_backends():
+    return [InternalBackend]

@@ -1,0 +1,156 @@
+"""What plugins implement: disk backends and hypervisor drivers, and the per-disk view they work on.
+
+A disk backend never touches the catalog. For each disk of an operation the core hands it a
+:class:`DiskOp`: the disk's image graph (files, backing links, which snapshot references which file,
+the active file) as the catalog has it, already checked against ``qemu-img info``. The backend edits
+that graph to what it will be afterwards and appends the steps that get the disks there; the core then
+removes what nothing references any more and stores the graph in the same transaction as the snapshot.
+
+Backend lifecycle, per disk (operations a backend does not list in ``capabilities`` raise NotSupported):
+
+    (no record) --create--> [record] --revert--> [record, disk now reads as the record]
+                                 \\--delete--> (no record; data merged into neighbours or kept hidden)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .catalog import ImageFile
+from .errors import NotSupported, Refused
+from .model import Disk, Domain, Tree
+
+OFFLINE_CREATE = "offline.create"
+OFFLINE_REVERT = "offline.revert"
+OFFLINE_DELETE = "offline.delete"
+LIVE_CREATE = "live.create"
+LIVE_REVERT = "live.revert"
+LIVE_DELETE = "live.delete"
+CAPABILITIES = (OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE, LIVE_CREATE, LIVE_REVERT, LIVE_DELETE)
+
+
+@dataclass
+class DiskGraph:
+    """The image files of one disk and what references them. ``records``: snapshot name -> record data."""
+
+    target: str
+    active: str
+    active_format: str
+    files: dict[str, ImageFile]
+    records: dict[str, dict]
+    backends: dict[str, str]
+    garbage: set[tuple[str, str]] = field(default_factory=set)
+
+    def copy(self) -> "DiskGraph":
+        return copy.deepcopy(self)
+
+    def format(self, path: str) -> str:
+        return self.files[path].format
+
+    def children(self, path: str) -> list[str]:
+        return sorted(p for p, f in self.files.items() if f.backing == path)
+
+    def referrers(self, path: str) -> list[str]:
+        """Snapshots whose record for this disk keeps data in ``path``."""
+        return sorted(n for n, r in self.records.items() if r.get("file") == path)
+
+    def referenced(self, path: str) -> bool:
+        return path == self.active or bool(self.referrers(path))
+
+
+class DiskOp:
+    """One disk's part of a plan: the graph a backend edits, and the steps it appends."""
+
+    def __init__(self, domain: Domain, disk: Disk, graph: DiskGraph, tree: Tree, inspect):
+        self.domain = domain
+        self.disk = disk
+        self.graph = graph
+        self.tree = tree
+        self.inspect = inspect  # inspect(path, format) -> qemu-img info dict, checked and cached
+        self.prepare: list = []
+        self.finish: list = []
+        self.notes: list[str] = []
+        self.define_after_finish = False  # the active file changes only once finish steps have run
+
+    def new_image_path(self, label: str) -> str:
+        """A free file name next to the disk's base image, ``<domain>-<target>.<label>[.N].qcow2``."""
+        base = min(self.graph.files, key=len, default=self.disk.path)
+        folder = os.path.dirname(base)
+        stem = f"{self.domain.name}-{self.disk.target}.{label}"
+        taken = set(self.graph.files) | {s.path for s in self.prepare if hasattr(s, "path")}
+        for n in range(0, 10000):
+            path = os.path.join(folder, f"{stem}{'' if n == 0 else f'.{n}'}.qcow2")
+            if path not in taken and not os.path.lexists(path):
+                return path
+        raise Refused(f"no free file name for {stem} in {folder}")
+
+
+class DiskBackend:
+    """Base of disk backends. Subclasses set ``name``/``capabilities`` and implement the operations."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    # lower is preferred when several backends can snapshot a disk and nothing else decides
+    priority: ClassVar[int] = 100
+    cost: ClassVar[dict] = {}
+
+    def usable(self, disk: Disk) -> str | None:
+        """Why this backend cannot snapshot ``disk``, or None if it can."""
+        return None
+
+    def create(self, op: DiskOp, snapshot: str) -> dict:
+        """Plan a snapshot of the disk; return its record data (must include ``file``)."""
+        raise NotSupported(f"backend {self.name} cannot create snapshots")
+
+    def revert(self, op: DiskOp, snapshot: str, record: dict) -> None:
+        raise NotSupported(f"backend {self.name} cannot revert snapshots")
+
+    def delete(self, op: DiskOp, snapshot: str, record: dict) -> None:
+        """Plan removal of the record, keeping its data where later states still read it.
+
+        The core drops the record from ``op.graph.records`` afterwards and removes files left unused.
+        """
+        raise NotSupported(f"backend {self.name} cannot delete snapshots")
+
+    def release(self, op: DiskOp, snapshot: str, record: dict) -> None:
+        """Plan removal of a record whose whole subtree goes too (delete --children): nothing to merge.
+
+        The default suits backends whose data lives only in ``record["file"]``, which the core removes
+        once nothing references it.
+        """
+        if OFFLINE_DELETE not in self.capabilities:
+            raise NotSupported(f"backend {self.name} cannot delete snapshots")
+
+
+class HypervisorDriver:
+    """Base of hypervisor drivers: how to reach domains behind a connection URI.
+
+    ``define`` takes and ``domain_dict`` gives the plain-dict form of a domain (as steps journal it).
+    Live operations (pause, freeze, block jobs) raise NotSupported until a driver provides them.
+    """
+
+    scheme: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def list_domains(self) -> list[str]:
+        raise NotImplementedError
+
+    def domain(self, name: str) -> Domain:
+        raise NotImplementedError
+
+    def define(self, domain: dict) -> None:
+        raise NotSupported(f"driver {self.scheme} cannot change a domain's definition")
+
+    def pause(self, domain: Domain) -> None:
+        raise NotSupported(f"driver {self.scheme} cannot pause domains")
+
+    def resume(self, domain: Domain) -> None:
+        raise NotSupported(f"driver {self.scheme} cannot resume domains")
+

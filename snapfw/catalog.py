@@ -1,0 +1,316 @@
+"""The catalog: the one truth about snapshots, in SQLite (WAL, synchronous=FULL).
+
+Nothing outside this module writes SQL. Besides domains, snapshots and their per-disk records it keeps
+the image files snapfw manages for each disk (path, format, backing file, whether snapfw made it), tags
+whose deletion waits until their file has no overlays, and the plan journal, so that a plan's catalog
+changes and its "committed" mark land in one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from .errors import CatalogError, UnknownSnapshot
+from .model import DiskRecord, Snapshot, Tree
+
+FILENAME = "catalog.sqlite"
+
+_MIGRATIONS = [
+    # version 1
+    """
+    CREATE TABLE domains(
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        current_id INTEGER REFERENCES snapshots(id) ON DELETE SET NULL);
+    CREATE TABLE snapshots(
+        id INTEGER PRIMARY KEY,
+        domain_id INTEGER NOT NULL REFERENCES domains(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        parent_id INTEGER REFERENCES snapshots(id),
+        created REAL NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        config TEXT NOT NULL,
+        UNIQUE(domain_id, name));
+    CREATE INDEX snapshots_parent ON snapshots(parent_id);
+    CREATE TABLE disk_records(
+        snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY(snapshot_id, target));
+    CREATE TABLE files(
+        path TEXT PRIMARY KEY,
+        domain_id INTEGER NOT NULL REFERENCES domains(id),
+        target TEXT NOT NULL,
+        format TEXT NOT NULL,
+        backing TEXT,
+        owned INTEGER NOT NULL);
+    CREATE INDEX files_backing ON files(backing);
+    CREATE TABLE garbage_tags(
+        domain_id INTEGER NOT NULL REFERENCES domains(id),
+        path TEXT NOT NULL,
+        tag TEXT NOT NULL,
+        PRIMARY KEY(path, tag));
+    CREATE TABLE plans(
+        id TEXT PRIMARY KEY,
+        domain TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created REAL NOT NULL,
+        steps TEXT NOT NULL);
+    CREATE TABLE journal(
+        plan_id TEXT NOT NULL REFERENCES plans(id) ON DELETE CASCADE,
+        phase TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY(plan_id, phase, idx));
+    """,
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+# The whole `snapfw list` in one query: visible snapshots with parent name, current flag and disks.
+_LIST_SQL = """
+SELECT s.name, p.name, s.created, s.description, s.id = d.current_id,
+       (SELECT group_concat(r.target || '=' || r.backend, ',') FROM disk_records r
+         WHERE r.snapshot_id = s.id ORDER BY r.target)
+  FROM snapshots s JOIN domains d ON d.id = s.domain_id
+  LEFT JOIN snapshots p ON p.id = s.parent_id
+ WHERE d.name = ? ORDER BY s.created, s.id
+"""
+
+
+@dataclass
+class ImageFile:
+    """An image file snapfw manages for one disk of a domain."""
+
+    path: str
+    target: str
+    format: str
+    backing: str | None
+    owned: bool
+
+
+class Catalog:
+    """One SQLite catalog in a state directory. Use :meth:`open`, then read or :meth:`write`."""
+
+    def __init__(self, db: sqlite3.Connection, path: str):
+        self._db = db
+        self.path = path
+
+    # --- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, state_dir: str, create: bool = True) -> "Catalog | None":
+        """Open (and if ``create``, make or migrate) the catalog; None if absent and not creating."""
+        path = os.path.join(state_dir, FILENAME)
+        if not create and not os.path.exists(path):
+            return None
+        if create:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        try:
+            db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            db.execute("PRAGMA foreign_keys = ON")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise CatalogError(
+                    f"catalog {path} has schema version {version}, newer than this snapfw "
+                    f"understands ({SCHEMA_VERSION}); upgrade snapfw")
+            if version < SCHEMA_VERSION:
+                if not create:
+                    raise CatalogError(f"catalog {path} has schema version {version}; run a changing "
+                                       "snapfw command to migrate it")
+                cls._migrate(db, version)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("SELECT count(*) FROM domains").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise CatalogError(f"catalog {path} is unreadable ({e}); restore it from a "
+                               "`snapfw export` or move it away") from None
+        return cls(db, path)
+
+    @staticmethod
+    def _migrate(db, version):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for v in range(version, SCHEMA_VERSION):
+                for stmt in _MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self):
+        self._db.close()
+
+    def _q(self, sql, args=()):
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.DatabaseError as e:
+            raise CatalogError(f"catalog {self.path}: {e}") from None
+
+    # --- reading -------------------------------------------------------------------------------
+    def list_rows(self, domain: str) -> list[tuple]:
+        """(name, parent, created, description, current, "vda=qcow2,vdb=external") per snapshot."""
+        return self._q(_LIST_SQL, (domain,)).fetchall()
+
+    def has_domain(self, domain: str) -> bool:
+        return self._q("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone() is not None
+
+    def tree(self, domain: str) -> Tree:
+        rows = self._q(
+            "SELECT s.id, s.name, p.name, s.created, s.description, s.config, s.id = d.current_id "
+            "FROM snapshots s JOIN domains d ON d.id = s.domain_id "
+            "LEFT JOIN snapshots p ON p.id = s.parent_id WHERE d.name = ? ORDER BY s.created, s.id",
+            (domain,)).fetchall()
+        snaps, by_id = [], {}
+        for sid, name, parent, created, desc, config, current in rows:
+            s = Snapshot(name, parent, created, desc, bool(current), [], json.loads(config))
+            snaps.append(s)
+            by_id[sid] = s
+        for sid, target, backend, data in self._q(
+                "SELECT r.snapshot_id, r.target, r.backend, r.data FROM disk_records r "
+                "JOIN snapshots s ON s.id = r.snapshot_id JOIN domains d ON d.id = s.domain_id "
+                "WHERE d.name = ? ORDER BY r.target", (domain,)):
+            by_id[sid].disks.append(DiskRecord(target, backend, json.loads(data)))
+        return Tree(snaps)
+
+    def files(self, domain: str | None = None) -> dict[str, ImageFile]:
+        """Managed image files by path: of one domain, or of every domain when ``domain`` is None."""
+        sql = "SELECT f.path, f.target, f.format, f.backing, f.owned FROM files f"
+        args = ()
+        if domain is not None:
+            sql += " JOIN domains d ON d.id = f.domain_id WHERE d.name = ?"
+            args = (domain,)
+        return {r[0]: ImageFile(r[0], r[1], r[2], r[3], bool(r[4])) for r in self._q(sql, args)}
+
+    def file_owner(self, path: str) -> str | None:
+        row = self._q("SELECT d.name FROM files f JOIN domains d ON d.id = f.domain_id WHERE f.path = ?",
+                      (path,)).fetchone()
+        return row[0] if row else None
+
+    def garbage_tags(self, domain: str) -> list[tuple[str, str]]:
+        return self._q("SELECT g.path, g.tag FROM garbage_tags g JOIN domains d ON d.id = g.domain_id "
+                       "WHERE d.name = ? ORDER BY g.path, g.tag", (domain,)).fetchall()
+
+    def unfinished_plans(self, domain: str | None = None) -> list[dict]:
+        sql = "SELECT id, domain, operation, state, created, steps FROM plans WHERE state IN ('running', 'committed')"
+        args = ()
+        if domain is not None:
+            sql += " AND domain = ?"
+            args = (domain,)
+        out = []
+        for pid, dom, op, state, created, steps in self._q(sql + " ORDER BY created", args):
+            marks = {(ph, i): st for ph, i, st in self._q(
+                "SELECT phase, idx, state FROM journal WHERE plan_id = ?", (pid,))}
+            out.append({"id": pid, "domain": dom, "operation": op, "state": state, "created": created,
+                        "steps": json.loads(steps), "marks": marks})
+        return out
+
+    # --- writing -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def write(self):
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, fsynced), yielding a :class:`Changes`."""
+        self._q("BEGIN IMMEDIATE")
+        try:
+            yield Changes(self)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._q("COMMIT")
+
+    # journal: each call is its own fsynced transaction, written before the step it announces
+    def begin_plan(self, plan_id: str, domain: str, operation: str, steps: dict):
+        with self.write():
+            self._q("INSERT INTO plans(id, domain, operation, state, created, steps) VALUES (?,?,?,?,?,?)",
+                    (plan_id, domain, operation, "running", time.time(), json.dumps(steps)))
+
+    def mark_step(self, plan_id: str, phase: str, idx: int, state: str):
+        with self.write():
+            self._q("INSERT OR REPLACE INTO journal(plan_id, phase, idx, state, at) VALUES (?,?,?,?,?)",
+                    (plan_id, phase, idx, state, time.time()))
+
+    def forget_plan(self, plan_id: str):
+        """Drop a plan that is done or rolled back: the journal is for recovery, not history."""
+        with self.write():
+            self._q("DELETE FROM plans WHERE id = ?", (plan_id,))
+
+
+class Changes:
+    """The writes a plan's commit makes, inside one transaction opened by :meth:`Catalog.write`."""
+
+    def __init__(self, catalog: Catalog):
+        self._c = catalog
+
+    def _q(self, sql, args=()):
+        return self._c._q(sql, args)
+
+    def _domain_id(self, domain: str) -> int:
+        row = self._q("SELECT id FROM domains WHERE name = ?", (domain,)).fetchone()
+        if row:
+            return row[0]
+        return self._q("INSERT INTO domains(name) VALUES (?)", (domain,)).lastrowid
+
+    def _snapshot_id(self, domain: str, name: str) -> int:
+        row = self._q("SELECT s.id FROM snapshots s JOIN domains d ON d.id = s.domain_id "
+                      "WHERE d.name = ? AND s.name = ?", (domain, name)).fetchone()
+        if not row:
+            raise UnknownSnapshot(f"domain {domain!r} has no snapshot {name!r}")
+        return row[0]
+
+    def set_plan_state(self, plan_id: str, state: str):
+        self._q("UPDATE plans SET state = ? WHERE id = ?", (state, plan_id))
+
+    def add_snapshot(self, domain: str, snap: Snapshot):
+        did = self._domain_id(domain)
+        parent = self._snapshot_id(domain, snap.parent) if snap.parent else None
+        sid = self._q("INSERT INTO snapshots(domain_id, name, parent_id, created, description, config) "
+                      "VALUES (?,?,?,?,?,?)", (did, snap.name, parent, snap.created, snap.description,
+                                               json.dumps(snap.config))).lastrowid
+        for r in snap.disks:
+            self._q("INSERT INTO disk_records(snapshot_id, target, backend, data) VALUES (?,?,?,?)",
+                    (sid, r.target, r.backend, json.dumps(r.data)))
+
+    def remove_snapshot(self, domain: str, name: str):
+        """Remove a snapshot; its children move to its parent, and current moves to its parent."""
+        sid = self._snapshot_id(domain, name)
+        parent = self._q("SELECT parent_id FROM snapshots WHERE id = ?", (sid,)).fetchone()[0]
+        self._q("UPDATE snapshots SET parent_id = ? WHERE parent_id = ?", (parent, sid))
+        self._q("UPDATE domains SET current_id = ? WHERE current_id = ?", (parent, sid))
+        self._q("DELETE FROM snapshots WHERE id = ?", (sid,))
+
+    def set_current(self, domain: str, name: str | None):
+        did = self._domain_id(domain)
+        sid = self._snapshot_id(domain, name) if name else None
+        self._q("UPDATE domains SET current_id = ? WHERE id = ?", (sid, did))
+
+    def set_record(self, domain: str, name: str, target: str, data: dict):
+        sid = self._snapshot_id(domain, name)
+        self._q("UPDATE disk_records SET data = ? WHERE snapshot_id = ? AND target = ?",
+                (json.dumps(data), sid, target))
+
+    def put_file(self, domain: str, f: ImageFile):
+        did = self._domain_id(domain)
+        self._q("INSERT OR REPLACE INTO files(path, domain_id, target, format, backing, owned) "
+                "VALUES (?,?,?,?,?,?)", (f.path, did, f.target, f.format, f.backing, int(f.owned)))
+
+    def set_backing(self, path: str, backing: str | None):
+        self._q("UPDATE files SET backing = ? WHERE path = ?", (backing, path))
+
+    def remove_file(self, path: str):
+        self._q("DELETE FROM files WHERE path = ?", (path,))
+        self._q("DELETE FROM garbage_tags WHERE path = ?", (path,))
+
+    def add_garbage_tag(self, domain: str, path: str, tag: str):
+        self._q("INSERT OR IGNORE INTO garbage_tags(domain_id, path, tag) VALUES (?,?,?)",
+                (self._domain_id(domain), path, tag))
+
+    def remove_garbage_tag(self, path: str, tag: str):
+        self._q("DELETE FROM garbage_tags WHERE path = ? AND tag = ?", (path, tag))

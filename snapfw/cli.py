@@ -1,0 +1,363 @@
+"""The ``snapfw`` command: parses, calls ``lifecycle``, prints. Human text by default, ``--json`` for machines.
+
+Imports are lazy: ``snapfw list`` loads click, sqlite3 and the catalog, and nothing that runs programs,
+draws tables or scans plugin entry points.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import BadInput, SnapfwError
+
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2
+
+
+def _iso(t: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+def _local(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(t))
+
+
+def _emit(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+class _Reporter:
+    """Progress for the user: a rich bar on a terminal, JSON lines on stderr with --json."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.tty = sys.stderr.isatty() and not as_json
+        self._bar = None
+        self._task = None
+        self._step = None
+
+    def step(self, step):
+        self._close()
+        self._step = step.describe()
+        if self.as_json:
+            self._line({"event": "step", "step": self._step})
+
+    def progress(self, percent):
+        if self.as_json:
+            self._line({"event": "progress", "step": self._step, "percent": percent})
+        elif self.tty:
+            if self._bar is None:
+                from rich.progress import Progress
+
+                self._bar = Progress(transient=True)
+                self._bar.start()
+                self._task = self._bar.add_task(self._step[:60], total=100)
+            self._bar.update(self._task, completed=percent)
+
+    def waiting(self, domain):
+        click.echo(f"snapfw: waiting for lock on {domain}", err=True)
+
+    def warn(self, message):
+        click.echo(f"snapfw: warning: {message}", err=True)
+
+    def _line(self, obj):
+        click.echo(json.dumps(obj), err=True)
+
+    def _close(self):
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    close = _close
+
+
+class _Group(click.Group):
+    """Turns snapfw's own errors into one line on stderr and an exit code, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SnapfwError as e:
+            click.echo(f"snapfw: error: {e}", err=True)
+            ctx.exit(EXIT_BAD_INPUT if isinstance(e, BadInput) else EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("snapfw: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--connect", "uri", metavar="URI",
+              help="Connection, e.g. images:///srv/vms (default: $SNAPFW_CONNECT, else images:// in the data dir).")
+@click.option("--state-dir", metavar="DIR", help="Where the catalog lives (default depends on the connection).")
+@click.option("--lock-timeout", type=float, default=30.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for another snapfw process working on the same domain.")
+@click.version_option(package_name="snapfw")
+@click.pass_context
+def main(ctx, uri, state_dir, lock_timeout):
+    """Whole-domain snapshots of KVM and Xen guests, whatever their disks are made of."""
+    ctx.obj = {"uri": uri, "state_dir": state_dir, "lock_timeout": lock_timeout}
+
+
+def _session(ctx, as_json=False):
+    from .lifecycle import Session
+
+    o = ctx.obj
+    reporter = _Reporter(as_json)
+    ctx.call_on_close(reporter.close)
+    return Session(o["uri"], o["state_dir"], o["lock_timeout"], reporter)
+
+
+def _print_plan(plan, as_json, dry_run, result=None):
+    if as_json:
+        _emit({**(result or {}), "dry_run": dry_run, "plan": plan.as_dict()})
+        return
+    d = plan.as_dict()
+    if dry_run:
+        click.echo(f"Plan: {d['summary']}")
+        for i, s in enumerate(d["steps"], 1):
+            click.echo(f"  {i}. [{s['phase']}] {s['describe']}")
+            if s["argv"]:
+                from shlex import join
+
+                click.echo(f"       $ {join(s['argv'])}")
+        click.echo(f"Bytes to copy: {d['bytes_to_copy']}")
+    for note in d["notes"]:
+        click.echo(f"Note: {note}")
+    if dry_run:
+        click.echo("Nothing was changed (--dry-run).")
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan (commands, bytes to copy); change nothing.")
+
+
+@main.command()
+@click.argument("domain")
+@click.argument("name")
+@click.option("--description", default="", help="Free text kept with the snapshot.")
+@click.option("--disk", "disks", multiple=True, metavar="TARGET=BACKEND",
+              help="Backend for one disk, e.g. vda=external (repeatable).")
+@json_option
+@dry_run_option
+@click.pass_context
+def create(ctx, domain, name, description, disks, as_json, dry_run):
+    """Snapshot every disk of DOMAIN as NAME."""
+    from . import lifecycle
+
+    backends = {}
+    for spec in disks:
+        target, sep, backend = spec.partition("=")
+        if not sep or not target or not backend:
+            raise BadInput(f"--disk {spec!r}: expected TARGET=BACKEND, e.g. vda=external")
+        if target in backends:
+            raise BadInput(f"--disk names {target} twice")
+        backends[target] = backend
+    plan = lifecycle.create(_session(ctx, as_json), domain, name, description, backends, dry_run)
+    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "create"})
+    if not dry_run and not as_json:
+        click.echo(f"Snapshot {name} of {domain} created.")
+
+
+@main.command()
+@click.argument("domain")
+@click.argument("name")
+@json_option
+@dry_run_option
+@click.pass_context
+def revert(ctx, domain, name, as_json, dry_run):
+    """Revert DOMAIN to snapshot NAME (the state since the current snapshot is discarded)."""
+    from . import lifecycle
+
+    plan = lifecycle.revert(_session(ctx, as_json), domain, name, dry_run)
+    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "revert"})
+    if not dry_run and not as_json:
+        click.echo(f"Domain {domain} reverted to snapshot {name}.")
+
+
+@main.command()
+@click.argument("domain")
+@click.argument("name")
+@click.option("--children", is_flag=True, help="Also delete every snapshot below NAME.")
+@json_option
+@dry_run_option
+@click.pass_context
+def delete(ctx, domain, name, children, as_json, dry_run):
+    """Delete snapshot NAME of DOMAIN, merging its data into its neighbours."""
+    from . import lifecycle
+
+    plan = lifecycle.delete(_session(ctx, as_json), domain, name, children, dry_run)
+    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "delete"})
+    if not dry_run and not as_json:
+        click.echo(f"Snapshot {name} of {domain} deleted{' with its descendants' if children else ''}.")
+
+
+@main.command("list")
+@click.argument("domain")
+@click.option("--tree", is_flag=True, help="Show parent/child structure.")
+@json_option
+@click.pass_context
+def list_(ctx, domain, tree, as_json):
+    """List the snapshots of DOMAIN, oldest first."""
+    from . import connection
+    from .catalog import Catalog
+    from .model import check_name
+
+    check_name("domain", domain)
+    o = ctx.obj
+    uri = connection.resolve_uri(o["uri"])
+    catalog = Catalog.open(connection.state_dir(uri, o["state_dir"]), create=False)
+    rows = catalog.list_rows(domain) if catalog is not None else []
+    if not rows:
+        from . import lifecycle
+
+        lifecycle.ensure_domain(_session(ctx), domain)
+    if as_json:
+        _emit([{"name": n, "parent": p, "current": bool(cur), "created": _iso(t), "description": desc,
+                "disks": [dict(zip(("target", "backend"), d.split("=", 1))) for d in (disks or "").split(",") if d]}
+               for n, p, t, desc, cur, disks in rows])
+        return
+    if tree:
+        _print_tree(rows)
+        return
+    table = [("Name", "Creation Time", "Parent", "Current", "Disks")]
+    table += [(n, _local(t), p or "-", "*" if cur else "", disks or "") for n, p, t, _, cur, disks in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    out = []
+    for i, r in enumerate(table):
+        out.append(" " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        if i == 0:
+            out.append("-" * (sum(widths) + 2 * 4 + 1 + len(r[4])))
+    click.echo("\n".join(out))
+
+
+def _print_tree(rows):
+    children, roots = {}, []
+    current = None
+    for n, p, *_rest in rows:
+        (children.setdefault(p, []) if p else roots).append(n)
+        if _rest[2]:
+            current = n
+    out = []
+
+    def walk(name, prefix, last, top):
+        mark = " (current)" if name == current else ""
+        out.append(f"{name}{mark}" if top else f"{prefix}{'└── ' if last else '├── '}{name}{mark}")
+        kids = children.get(name, [])
+        inner = "" if top else prefix + ("    " if last else "│   ")
+        for i, k in enumerate(kids):
+            walk(k, inner, i == len(kids) - 1, False)
+
+    for r in roots:
+        walk(r, "", True, True)
+    if out:
+        click.echo("\n".join(out))
+
+
+def _snapshot_dict(tree, name, files) -> dict:
+    s = tree.by_name[name]
+    disks = []
+    for r in s.disks:
+        chain, path = [], r.data.get("file")
+        while path is not None and path not in chain:
+            chain.append(path)
+            path = files[path].backing if path in files else None
+        disks.append({"target": r.target, "backend": r.backend, **r.data, "files": chain})
+    return {"name": s.name, "parent": s.parent, "children": s.children, "current": s.current,
+            "created": _iso(s.created), "description": s.description, "disks": disks, "config": s.config}
+
+
+@main.command()
+@click.argument("domain")
+@click.argument("name")
+@json_option
+@click.pass_context
+def show(ctx, domain, name, as_json):
+    """Show one snapshot: its place in the tree and each disk's files."""
+    from . import lifecycle
+    from .errors import UnknownSnapshot
+    from .model import check_name
+
+    check_name("snapshot", name)
+    session = _session(ctx)
+    tree = lifecycle.snapshots(session, domain)
+    if name not in tree:
+        raise UnknownSnapshot(f"domain {domain} has no snapshot {name!r}")
+    d = _snapshot_dict(tree, name, session.catalog.files(domain))
+    if as_json:
+        _emit(d)
+        return
+    click.echo(f"Name:         {d['name']}\nDomain:       {domain}\nCreated:      {_local(tree.by_name[name].created)}\n"
+               f"Parent:       {d['parent'] or '-'}\nChildren:     {', '.join(d['children']) or '-'}\n"
+               f"Current:      {'yes' if d['current'] else 'no'}\nDescription:  {d['description'] or '-'}")
+    for disk in d["disks"]:
+        tag = f" tag {disk['tag']}" if "tag" in disk else ""
+        click.echo(f"Disk {disk['target']}:     {disk['backend']}{tag}: {' <- '.join(disk['files'])}")
+
+
+@main.command()
+@click.argument("domain")
+@click.pass_context
+def export(ctx, domain):
+    """Print DOMAIN's catalog as YAML (for people, and as a backup of the metadata)."""
+    import yaml
+
+    from . import lifecycle
+
+    session = _session(ctx)
+    tree = lifecycle.snapshots(session, domain)
+    files = session.catalog.files(domain) if len(tree) else {}
+    doc = {"domain": domain, "current": tree.current,
+           "snapshots": [_snapshot_dict(tree, s.name, files) for s in tree],
+           "files": [{"path": f.path, "target": f.target, "format": f.format, "backing": f.backing,
+                      "owned": f.owned} for f in files.values()]}
+    click.echo(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), nl=False)
+
+
+@main.command()
+@click.argument("domain", required=False)
+@click.option("--repair", is_flag=True, help="Finish or roll back interrupted operations.")
+@json_option
+@click.pass_context
+def check(ctx, domain, repair, as_json):
+    """Report (and with --repair, fix) interrupted operations."""
+    from . import lifecycle
+
+    findings = lifecycle.check(_session(ctx, as_json), domain, repair)
+    if as_json:
+        _emit({"findings": findings, "repaired": repair})
+    else:
+        click.echo("\n".join(findings) if findings else "No problems found.")
+    if findings and not repair:
+        ctx.exit(EXIT_ERROR)
+
+
+@main.command("plugins")
+@json_option
+def plugins_(as_json):
+    """List loaded plugins, their backends and drivers, and what each can do."""
+    from . import plugins
+
+    rows = []
+    for name, (cls, plugin) in sorted(plugins.disk_backends().items()):
+        rows.append({"kind": "disk backend", "name": name, "plugin": plugin, "description": cls.description,
+                     "capabilities": sorted(cls.capabilities), "cost": cls.cost})
+    for scheme, (cls, plugin) in sorted(plugins.hypervisor_drivers().items()):
+        rows.append({"kind": "hypervisor driver", "name": scheme, "plugin": plugin,
+                     "description": cls.description, "capabilities": [], "cost": {}})
+    if as_json:
+        _emit(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("Kind", "Name", "Plugin", "Capabilities", "Description")
+    for r in rows:
+        table.add_row(r["kind"], r["name"], r["plugin"], ", ".join(r["capabilities"]) or "-", r["description"])
+    Console().print(table)

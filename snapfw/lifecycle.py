@@ -1,0 +1,402 @@
+"""Create, revert, delete, check: each builds a Plan from a request, then runs it under the domain lock.
+
+Everything that can be refused is refused while building the plan, before the first step runs: names,
+the domain and snapshot, the backends, the real image chains (``qemu-img info --backing-chain``, which
+also fails on an image a running QEMU holds), and the agreement between those chains and the catalog.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+from . import connection, plugins
+from .backend import DiskGraph, DiskOp
+from .catalog import Catalog, ImageFile
+from .errors import BadInput, Inconsistent, NotSupported, PluginError, SnapfwError, UnknownSnapshot
+from .model import Disk, DiskRecord, Domain, Snapshot, Tree, check_name
+from .plan import Plan, execute, recover
+from .steps import DefineDomain, DeleteTag, RemoveFile
+from .tools import qemuimg
+
+
+class Reporter:
+    """Where a session tells what it is doing; the CLI draws progress bars or JSON lines from it."""
+
+    def step(self, step):
+        pass
+
+    def progress(self, percent: float):
+        pass
+
+    def waiting(self, domain: str):
+        pass
+
+    def warn(self, message: str):
+        pass
+
+
+class Session:
+    """An open connection: its driver, its catalog, its reporter. Also the context steps run with."""
+
+    def __init__(self, uri: str | None = None, state_dir: str | None = None, lock_timeout: float = 30.0,
+                 reporter: Reporter | None = None):
+        self.uri = connection.resolve_uri(uri)
+        self.state = connection.state_dir(self.uri, state_dir)
+        self.lock_timeout = lock_timeout
+        self.reporter = reporter or Reporter()
+
+    @functools.cached_property
+    def driver(self):
+        scheme = self.uri.partition("://")[0]
+        drivers = plugins.hypervisor_drivers()
+        if scheme not in drivers:
+            raise BadInput(f"no hypervisor driver for {scheme}:// (have: {', '.join(sorted(drivers))})")
+        return drivers[scheme][0](self.uri)
+
+    @functools.cached_property
+    def catalog(self) -> Catalog:
+        return Catalog.open(self.state)
+
+    def step(self, step):
+        self.reporter.step(step)
+
+    def progress(self, percent):
+        self.reporter.progress(percent)
+
+    def lock(self, domain: str):
+        return connection.domain_lock(self.state, domain, self.lock_timeout, self.reporter.waiting)
+
+
+# --- reading the world ---------------------------------------------------------------------------------
+class Inspector:
+    """``qemu-img info --backing-chain`` once per file, refusing chains that leave the allowed roots,
+    that let qemu guess a backing format, or that disagree with the catalog."""
+
+    def __init__(self, roots, files: dict[str, ImageFile]):
+        self.roots = [os.path.realpath(r) for r in roots]
+        self.files = files
+        self.cache: dict[str, dict] = {}
+
+    def __call__(self, path: str, fmt: str) -> dict:
+        if path not in self.cache:
+            chain = qemuimg.info(path, fmt, chain=True)
+            for node in chain:
+                self._check_node(path, node)
+            self.cache[path] = chain[0]
+        return self.cache[path]
+
+    def _inside(self, name: str) -> bool:
+        real = os.path.realpath(name)
+        return any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.roots)
+
+    def _check_node(self, top: str, node: dict):
+        here = node["filename"]
+        names = [("image", here)]
+        for key in ("backing-filename", "full-backing-filename"):
+            if node.get(key):
+                names.append(("backing file", node[key]))
+        data_file = node.get("format-specific", {}).get("data", {}).get("data-file")
+        if data_file:
+            names.append(("data file", data_file))
+        for what, name in names:
+            if name.startswith("json:"):
+                raise BadInput(f"{top}: {what} {name[:60]!r} is a json: name; snapfw refuses those")
+            resolved = os.path.join(os.path.dirname(here), name)
+            if self.roots and not self._inside(resolved):
+                raise BadInput(f"{top}: {what} {name} is outside the allowed directories "
+                               f"({', '.join(self.roots)})")
+        if node.get("backing-filename") and not node.get("backing-filename-format"):
+            raise BadInput(f"{here} has a backing file but no recorded backing format; snapfw never lets "
+                           f"qemu guess it (record it with: qemu-img rebase -u -f {node.get('format')} "
+                           f"-b {node['backing-filename']} -F FORMAT {here})")
+        known = self.files.get(here)
+        if known is not None:
+            actual = _backing_of(here, node)
+            if actual != known.backing or node.get("format") != known.format:
+                raise Inconsistent(f"catalog and disk disagree: the catalog has {here} as {known.format} on "
+                                   f"{known.backing or 'nothing'}, the image is {node.get('format')} on "
+                                   f"{actual or 'nothing'}; destructive operations are refused until "
+                                   "`snapfw check --repair`")
+
+
+def _backing_of(path: str, info: dict) -> str | None:
+    name = info.get("full-backing-filename") or info.get("backing-filename")
+    return os.path.normpath(os.path.join(os.path.dirname(path), name)) if name else None
+
+
+def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, inspect) -> DiskGraph:
+    mine = {p: f for p, f in files.items() if f.target == disk.target}
+    records, backends = {}, {}
+    for snap in tree:
+        r = snap.record(disk.target)
+        if r is not None:
+            records[snap.name], backends[snap.name] = dict(r.data), r.backend
+    info = inspect(disk.path, disk.format)
+    if not mine:
+        mine = {disk.path: ImageFile(disk.path, disk.target, disk.format, _backing_of(disk.path, info), False)}
+    elif disk.path not in mine:
+        raise Inconsistent(f"disk {disk.target} now runs on {disk.path}, a file the catalog does not know "
+                           f"for it; run `snapfw check`")
+    return DiskGraph(disk.target, disk.path, disk.format, mine, records, backends,
+                     {(p, t) for p, t in garbage if p in mine})
+
+
+def _backend(name: str):
+    backends = plugins.disk_backends()
+    if name not in backends:
+        raise PluginError(f"backend {name!r} is not installed (have: {', '.join(sorted(backends))})")
+    return backends[name][0]()
+
+
+def _pick_backend(disk: Disk, tree: Tree, wanted: str | None):
+    """--disk flag, else the domain file, else the backend of the disk's current snapshot, else the best."""
+    backends = plugins.disk_backends()
+    choice = wanted or disk.backend
+    if choice is None and tree.current:
+        r = tree.by_name[tree.current].record(disk.target)
+        choice = r.backend if r else None
+        if choice and (choice not in backends or backends[choice][0]().usable(disk)):
+            choice = None
+    if choice is None:
+        usable = sorted((cls.priority, n) for n, (cls, _) in backends.items()
+                        if "offline.create" in cls.capabilities and cls().usable(disk) is None)
+        if not usable:
+            raise NotSupported(f"no installed backend can snapshot disk {disk.target} ({disk.format})")
+        choice = usable[0][1]
+    backend = _backend(choice)
+    why = backend.usable(disk)
+    if why:
+        raise NotSupported(f"backend {choice} cannot snapshot disk {disk.target}: {why}")
+    return backend
+
+
+# --- building and running plans ------------------------------------------------------------------------
+class _Operation:
+    """The shared frame of every changing operation on one domain."""
+
+    def __init__(self, session: Session, domain: str, operation: str):
+        self.s = session
+        self.name = check_name("domain", domain)
+        self.operation = operation
+
+    def load(self):
+        s = self.s
+        plans = s.catalog.unfinished_plans(self.name)
+        if plans:
+            raise Inconsistent(f"an interrupted {plans[0]['operation']} of {self.name} is unfinished; "
+                               "run `snapfw check --repair` first")
+        self.domain = s.driver.domain(self.name)
+        if self.domain.running:
+            raise NotSupported(f"domain {self.name} is running; snapfw handles offline domains only so far")
+        self.tree = s.catalog.tree(self.name)
+        self.files = s.catalog.files(self.name)
+        self.garbage = s.catalog.garbage_tags(self.name)
+        self.inspect = Inspector(self.domain.allowed_roots, self.files)
+
+    def start(self, disks) -> list[DiskOp]:
+        """One DiskOp per disk, remembering each graph as it was so the plan can store the difference."""
+        self.ops, self.befores = [], {}
+        for disk in disks:
+            graph = _graph(disk, self.tree, self.files, self.garbage, self.inspect)
+            before = graph.copy()
+            if not any(f.target == disk.target for f in self.files.values()):
+                before.files = {}  # first snapshot of this disk: its image is new to the catalog
+            self.befores[disk.target] = before
+            self.ops.append(DiskOp(self.domain, disk, graph, self.tree, self.inspect))
+        return self.ops
+
+    def assemble(self, summary: str) -> Plan:
+        plan = Plan(self.operation, self.name, summary)
+        collect = []
+        for op in self.ops:
+            plan.prepare += op.prepare
+            plan.finish += op.finish
+            plan.notes += op.notes
+            collect += _collect(op.graph)
+        old = {"name": self.domain.name, "disks": [d.as_dict() for d in self.domain.disks]}
+        new = {"name": self.domain.name, "disks": [dict(d) for d in old["disks"]]}
+        for op in self.ops:
+            entry = next(d for d in new["disks"] if d["target"] == op.disk.target)
+            entry["path"], entry["format"] = op.graph.active, op.graph.active_format
+        if new != old:
+            late = any(op.define_after_finish for op in self.ops)
+            (plan.finish if late else plan.prepare).append(DefineDomain(new, old))
+        plan.finish += collect
+        for op in self.ops:
+            plan.changes.append(functools.partial(_store_graph, self.name, self.befores[op.disk.target], op.graph))
+        return plan
+
+    def run(self, plan: Plan, dry_run: bool, pre, post):
+        plugins.hook().snapfw_plan_built(operation=self.operation, domain=self.domain, plan=plan)
+        if dry_run:
+            return plan
+        pre()
+        execute(plan, self.s.catalog, self.s)
+        try:
+            post()
+        except SnapfwError as e:
+            self.s.reporter.warn(f"a post-{self.operation} hook failed: {e}")
+        return plan
+
+
+def _collect(graph: DiskGraph) -> list:
+    """Remove what nothing needs any more: unreferenced leaf files, and pending tags in leaf files.
+
+    A file snapfw did not create is only forgotten, never removed; its pending tags are deleted first.
+    """
+    steps = []
+    changed = True
+    while changed:
+        changed = False
+        for path, f in sorted(graph.files.items()):
+            if graph.referenced(path) or graph.children(path):
+                continue
+            tags = sorted(t for p, t in graph.garbage if p == path)
+            steps += [RemoveFile(path)] if f.owned else [DeleteTag(path, t) for t in tags]
+            graph.garbage -= {(path, t) for t in tags}
+            del graph.files[path]
+            changed = True
+    for path, tag in sorted(graph.garbage):
+        if not graph.children(path):
+            steps.append(DeleteTag(path, tag))
+            graph.garbage.discard((path, tag))
+    return steps
+
+
+def _store_graph(domain: str, before: DiskGraph, after: DiskGraph, changes):
+    for path in before.files.keys() - after.files.keys():
+        changes.remove_file(path)
+    for path, f in after.files.items():
+        if before.files.get(path) != f:
+            changes.put_file(domain, f)
+    for path, tag in after.garbage - before.garbage:
+        changes.add_garbage_tag(domain, path, tag)
+    for path, tag in before.garbage - after.garbage:
+        changes.remove_garbage_tag(path, tag)
+    for name, data in after.records.items():
+        if name in before.records and before.records[name] != data:
+            changes.set_record(domain, name, after.target, data)
+
+
+def create(session: Session, domain: str, name: str, description: str = "",
+           backends: dict[str, str] | None = None, dry_run: bool = False) -> Plan:
+    """Snapshot every disk of ``domain`` as ``name``, a child of the current snapshot."""
+    o = _Operation(session, domain, "create")
+    check_name("snapshot", name)
+    backends = dict(backends or {})
+    for target, b in backends.items():
+        check_name("disk target", target)
+    with session.lock(o.name):
+        o.load()
+        if name in o.tree:
+            raise BadInput(f"domain {o.name} already has a snapshot named {name!r}")
+        for target in backends:
+            o.domain.disk(target)
+        chosen = {d.target: _pick_backend(d, o.tree, backends.get(d.target)) for d in o.domain.disks}
+        ops = o.start(o.domain.disks)
+        records = [DiskRecord(op.disk.target, chosen[op.disk.target].name,
+                              chosen[op.disk.target].create(op, name)) for op in ops]
+        for op, r in zip(ops, records):
+            op.graph.records[name], op.graph.backends[name] = r.data, r.backend
+        snap = Snapshot(name, o.tree.current, time.time(), description, True, records, o.domain.config())
+        disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
+        plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
+        plan.changes += [lambda ch: ch.add_snapshot(o.name, snap), lambda ch: ch.set_current(o.name, name)]
+        h = plugins.hook()
+        return o.run(plan, dry_run, lambda: h.snapfw_pre_snapshot(domain=o.domain, name=name),
+                     lambda: h.snapfw_post_snapshot(domain=o.domain, snapshot=snap))
+
+
+def revert(session: Session, domain: str, name: str, dry_run: bool = False) -> Plan:
+    """Make every disk read as snapshot ``name`` and make it current; other branches stay."""
+    o = _Operation(session, domain, "revert")
+    check_name("snapshot", name)
+    with session.lock(o.name):
+        o.load()
+        snap = _snapshot(o, name)
+        targets = {r.target for r in snap.disks}
+        ops = o.start([d for d in o.domain.disks if d.target in targets])
+        for op in ops:
+            r = snap.record(op.disk.target)
+            _backend(r.backend).revert(op, name, r.data)
+        plan = o.assemble(f"revert {o.name} to snapshot {name}")
+        for d in o.domain.disks:
+            if d.target not in targets:
+                plan.notes.append(f"disk {d.target} was added after snapshot {name}; it is left as it is")
+        plan.changes.append(lambda ch: ch.set_current(o.name, name))
+        h = plugins.hook()
+        return o.run(plan, dry_run, lambda: h.snapfw_pre_revert(domain=o.domain, name=name),
+                     lambda: h.snapfw_post_revert(domain=o.domain, name=name))
+
+
+def delete(session: Session, domain: str, name: str, children: bool = False, dry_run: bool = False) -> Plan:
+    """Delete snapshot ``name`` (merging its data into its neighbours), or with ``children`` its subtree."""
+    o = _Operation(session, domain, "delete")
+    check_name("snapshot", name)
+    with session.lock(o.name):
+        o.load()
+        _snapshot(o, name)
+        names = [name] + (o.tree.descendants(name) if children else [])
+        targets = {r.target for n in names for r in o.tree.by_name[n].disks}
+        ops = o.start([d for d in o.domain.disks if d.target in targets])
+        for op in ops:
+            for n in reversed(names):  # deepest first; the top one merges only if it goes alone
+                r = o.tree.by_name[n].record(op.disk.target)
+                if r is None:
+                    continue
+                backend = _backend(r.backend)
+                if children:
+                    backend.release(op, n, r.data)
+                else:
+                    backend.delete(op, n, r.data)
+                del op.graph.records[n]
+                del op.graph.backends[n]
+        what = f"snapshot {name}" + (f" and its {len(names) - 1} descendants" if children else "")
+        plan = o.assemble(f"delete {what} of {o.name}")
+        for n in reversed(names):
+            plan.changes.append(functools.partial(lambda n, ch: ch.remove_snapshot(o.name, n), n))
+        h = plugins.hook()
+        return o.run(plan, dry_run, lambda: h.snapfw_pre_delete(domain=o.domain, names=names),
+                     lambda: h.snapfw_post_delete(domain=o.domain, names=names))
+
+
+def _snapshot(o: _Operation, name: str) -> Snapshot:
+    if name not in o.tree:
+        raise UnknownSnapshot(f"domain {o.name} has no snapshot {name!r}")
+    return o.tree.by_name[name]
+
+
+# --- reading -----------------------------------------------------------------------------------------
+def snapshots(session: Session, domain: str) -> Tree:
+    """The snapshot tree of ``domain``; an unknown domain is an error, a domain without snapshots is not."""
+    check_name("domain", domain)
+    catalog = Catalog.open(session.state, create=False)
+    if catalog is not None and catalog.has_domain(domain):
+        return catalog.tree(domain)
+    session.driver.domain(domain)  # raises UnknownDomain
+    return Tree([])
+
+
+def ensure_domain(session: Session, domain: str) -> None:
+    """Raise UnknownDomain unless the catalog or the driver knows ``domain``."""
+    check_name("domain", domain)
+    catalog = Catalog.open(session.state, create=False)
+    if catalog is None or not catalog.has_domain(domain):
+        session.driver.domain(domain)
+
+
+def check(session: Session, domain: str | None = None, repair: bool = False) -> list[str]:
+    """Report interrupted plans (and with ``repair`` finish or roll them back). Returns findings."""
+    if domain is not None:
+        check_name("domain", domain)
+    findings = []
+    for plan in session.catalog.unfinished_plans(domain):
+        if not repair:
+            findings.append(f"{plan['domain']}: interrupted {plan['operation']} ({plan['state']})")
+            continue
+        with session.lock(plan["domain"]):
+            findings.append(f"{plan['domain']}: " + recover(session.catalog, session, plan))
+    return findings
+

@@ -1,0 +1,128 @@
+"""Domains, disks, snapshots and the snapshot tree: plain data, no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import BadInput
+
+MAX_NAME_BYTES = 255
+FORMATS = ("qcow2", "raw")
+
+
+def check_name(kind: str, name) -> str:
+    """Refuse names that could escape a directory, look like options or not fit a file name."""
+    if not isinstance(name, str) or name == "":
+        raise BadInput(f"{kind} name must be a non-empty string")
+    problem = None
+    if "\0" in name:
+        problem = "contains a NUL byte"
+    elif "/" in name:
+        problem = "contains '/'"
+    elif name in (".", "..") or name.startswith("."):
+        problem = "starts with '.'"
+    elif name.startswith("-"):
+        problem = "starts with '-'"
+    elif len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        problem = f"is longer than {MAX_NAME_BYTES} bytes"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "contains a control character"
+    if problem:
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise BadInput(f"invalid {kind} name {shown!r}: it {problem}")
+    return name
+
+
+@dataclass
+class Disk:
+    """One disk of a domain as its definition names it: the active image file."""
+
+    target: str
+    path: str
+    format: str
+    backend: str | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class Domain:
+    """A guest as its hypervisor driver defines it."""
+
+    name: str
+    disks: list[Disk]
+    running: bool = False
+    allowed_roots: tuple[str, ...] = ()
+
+    def disk(self, target: str) -> Disk:
+        for d in self.disks:
+            if d.target == target:
+                return d
+        raise BadInput(f"domain {self.name!r} has no disk {target!r}")
+
+    def config(self) -> dict:
+        """What a snapshot keeps of the domain so a revert can rebuild it."""
+        return {"name": self.name, "disks": [{"target": d.target, "format": d.format} for d in self.disks]}
+
+
+@dataclass
+class DiskRecord:
+    """A snapshot's state of one disk, as the backend that took it describes it (``data``)."""
+
+    target: str
+    backend: str
+    data: dict
+
+
+@dataclass
+class Snapshot:
+    name: str
+    parent: str | None
+    created: float
+    description: str = ""
+    current: bool = False
+    disks: list[DiskRecord] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    children: list[str] = field(default_factory=list)
+
+    def record(self, target: str) -> DiskRecord | None:
+        for r in self.disks:
+            if r.target == target:
+                return r
+        return None
+
+
+class Tree:
+    """The snapshots of one domain, by name, with parent/children links and the current one."""
+
+    def __init__(self, snapshots: list[Snapshot]):
+        self.by_name = {s.name: s for s in snapshots}
+        for s in snapshots:
+            s.children = []
+        for s in snapshots:
+            if s.parent is not None and s.parent in self.by_name:
+                self.by_name[s.parent].children.append(s.name)
+        self.current = next((s.name for s in snapshots if s.current), None)
+
+    def __contains__(self, name):
+        return name in self.by_name
+
+    def __iter__(self):
+        return iter(self.by_name.values())
+
+    def __len__(self):
+        return len(self.by_name)
+
+    def descendants(self, name: str) -> list[str]:
+        """All snapshots below ``name``, children before their own children (breadth first)."""
+        out, queue = [], list(self.by_name[name].children)
+        while queue:
+            n = queue.pop(0)
+            out.append(n)
+            queue.extend(self.by_name[n].children)
+        return out
+
+    def roots(self) -> list[Snapshot]:
+        return [s for s in self.by_name.values() if s.parent is None]

@@ -1,0 +1,161 @@
+"""Plans: ordered steps with do/undo/describe, and the executor that journals and rolls back.
+
+A plan has three phases:
+
+``prepare``  reversible steps (each has an undo); a failure undoes the steps already started, in reverse.
+``changes``  the catalog changes, applied in ONE transaction together with the plan's "committed" mark:
+             this is the point after which the plan only goes forward.
+``finish``   forward-only, idempotent steps (remove a file, merge a chain); a crash among them is finished
+             by ``snapfw check --repair``, which is why each step is journaled, as JSON, before it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import signal
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import Inconsistent, SnapfwError
+
+FAULT_ENV = "SNAPFW_FAULT"
+
+
+class Step:
+    """A unit of work. Subclasses are dataclasses whose fields are JSON values (they are journaled)."""
+
+    bytes_to_copy: int = 0
+
+    def do(self, ctx) -> None:
+        raise NotImplementedError
+
+    def undo(self, ctx) -> None:
+        """Reverse :meth:`do`, also after a partial or absent ``do``. Finish steps never need it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be undone")
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def argv(self) -> list[str] | None:
+        """The external command this step runs, shown by --dry-run."""
+        return None
+
+    def to_json(self) -> dict:
+        cls = type(self)
+        return {"type": f"{cls.__module__}:{cls.__qualname__}", "args": dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_json(data: dict) -> "Step":
+        module, _, qualname = data["type"].partition(":")
+        cls = getattr(importlib.import_module(module), qualname, None)
+        if not (isinstance(cls, type) and issubclass(cls, Step)):
+            raise Inconsistent(f"journal names an unknown step type {data['type']!r}")
+        return cls(**data["args"])
+
+
+@dataclass
+class Plan:
+    operation: str
+    domain: str
+    summary: str
+    prepare: list[Step] = field(default_factory=list)
+    changes: list[Callable] = field(default_factory=list)
+    finish: list[Step] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def steps(self):
+        yield from (("prepare", s) for s in self.prepare)
+        yield from (("finish", s) for s in self.finish)
+
+    def as_dict(self) -> dict:
+        return {
+            "operation": self.operation,
+            "domain": self.domain,
+            "summary": self.summary,
+            "notes": self.notes,
+            "bytes_to_copy": sum(s.bytes_to_copy for _, s in self.steps()),
+            "steps": [{"phase": ph, "describe": s.describe(), "argv": s.argv(), "bytes_to_copy": s.bytes_to_copy}
+                      for ph, s in self.steps()],
+        }
+
+
+def _fault(phase: str, idx: int):
+    """Test hook: SNAPFW_FAULT=PHASE:INDEX:raise|kill fails or dies just before that step."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want_phase, want_idx, action = (spec.split(":") + ["raise"])[:3]
+    if want_phase == phase and int(want_idx) == idx:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise SnapfwError(f"injected fault before {phase} step {idx}")
+
+
+def execute(plan: Plan, catalog, ctx) -> None:
+    """Run ``plan``: journal, prepare, commit, finish. On failure before the commit, undo and re-raise."""
+    plan_id = uuid.uuid4().hex
+    catalog.begin_plan(plan_id, plan.domain, plan.operation,
+                       {"prepare": [s.to_json() for s in plan.prepare],
+                        "finish": [s.to_json() for s in plan.finish]})
+    started = []
+    try:
+        for i, step in enumerate(plan.prepare):
+            _fault("prepare", i)
+            catalog.mark_step(plan_id, "prepare", i, "started")
+            started.append(step)
+            ctx.step(step)
+            step.do(ctx)
+            catalog.mark_step(plan_id, "prepare", i, "done")
+        _fault("commit", 0)
+        with catalog.write() as changes:
+            for change in plan.changes:
+                change(changes)
+            changes.set_plan_state(plan_id, "committed")
+    except BaseException as failure:
+        _undo(started, ctx, plan_id, catalog, failure)
+        raise
+    _finish(plan_id, plan.finish, catalog, ctx, set())
+    catalog.forget_plan(plan_id)
+
+
+def _undo(started, ctx, plan_id, catalog, failure):
+    for step in reversed(started):
+        try:
+            step.undo(ctx)
+        except Exception as e:
+            raise Inconsistent(f"{failure}; and undoing '{step.describe()}' failed too ({e}): "
+                               "run `snapfw check --repair`") from failure
+    catalog.forget_plan(plan_id)
+
+
+def _finish(plan_id, steps, catalog, ctx, already_done):
+    for i, step in enumerate(steps):
+        if i in already_done:
+            continue
+        try:
+            _fault("finish", i)
+            catalog.mark_step(plan_id, "finish", i, "started")
+            ctx.step(step)
+            step.do(ctx)
+        except Exception as e:
+            raise Inconsistent(f"the change is recorded, but finishing it failed at '{step.describe()}' "
+                               f"({e}): run `snapfw check --repair` to finish it") from e
+        catalog.mark_step(plan_id, "finish", i, "done")
+
+
+def recover(catalog, ctx, plan: dict) -> str:
+    """Finish a committed plan, or roll back one that crashed before its commit. Returns what it did."""
+    marks = plan["marks"]
+    if plan["state"] == "committed":
+        steps = [Step.from_json(s) for s in plan["steps"]["finish"]]
+        done = {i for (ph, i), st in marks.items() if ph == "finish" and st == "done"}
+        _finish(plan["id"], steps, catalog, ctx, done)
+        catalog.forget_plan(plan["id"])
+        return f"finished {plan['operation']} of {plan['domain']}"
+    steps = [Step.from_json(s) for s in plan["steps"]["prepare"]]
+    started = [s for i, s in enumerate(steps) if ("prepare", i) in marks]
+    _undo(started, ctx, plan["id"], catalog, Inconsistent(f"interrupted {plan['operation']}"))
+    return f"rolled back {plan['operation']} of {plan['domain']}"

@@ -1,0 +1,188 @@
+"""Steps over image files that any backend may put in a plan (public API for plugins).
+
+Every step is idempotent and its undo tolerates a partial or missing ``do``, because after a crash
+``snapfw check --repair`` may run either of them again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .plan import Step
+from .tools import qemuimg
+
+
+def _tags(path: str) -> set[str]:
+    return {s["name"] for s in qemuimg.info(path, "qcow2").get("snapshots", [])}
+
+
+def _remove(path: str):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@dataclass
+class CreateOverlay(Step):
+    """A new qcow2 overlay on ``backing``: the external snapshot's new active file."""
+
+    path: str
+    backing: str
+    backing_format: str
+
+    def do(self, ctx):
+        if os.path.lexists(self.path):
+            raise FileExistsError(f"{self.path} already exists")
+        qemuimg.create_overlay(self.path, self.backing, self.backing_format)
+
+    def undo(self, ctx):
+        _remove(self.path)
+
+    def describe(self):
+        return f"create overlay {self.path} on {self.backing}"
+
+    def argv(self):
+        return qemuimg.create_overlay_argv(self.path, self.backing, self.backing_format)
+
+
+@dataclass
+class CreateTag(Step):
+    """An internal snapshot (tag) inside a qcow2 file."""
+
+    path: str
+    tag: str
+
+    def do(self, ctx):
+        qemuimg.snapshot("-c", self.path, self.tag)
+
+    def undo(self, ctx):
+        if os.path.exists(self.path) and self.tag in _tags(self.path):
+            qemuimg.snapshot("-d", self.path, self.tag)
+
+    def describe(self):
+        return f"create internal snapshot {self.tag!r} in {self.path}"
+
+    def argv(self):
+        return qemuimg.snapshot_argv("-c", self.path, self.tag)
+
+
+@dataclass
+class ApplyTag(Step):
+    """Revert a qcow2 file to a tag, first saving its current state as ``keep`` so undo can restore it."""
+
+    path: str
+    tag: str
+    keep: str
+
+    def do(self, ctx):
+        if self.keep not in _tags(self.path):
+            qemuimg.snapshot("-c", self.path, self.keep)
+        qemuimg.snapshot("-a", self.path, self.tag)
+
+    def undo(self, ctx):
+        if self.keep in _tags(self.path):
+            qemuimg.snapshot("-a", self.path, self.keep)
+            qemuimg.snapshot("-d", self.path, self.keep)
+
+    def describe(self):
+        return f"revert {self.path} to internal snapshot {self.tag!r} (current state kept as {self.keep!r} until done)"
+
+    def argv(self):
+        return qemuimg.snapshot_argv("-a", self.path, self.tag)
+
+
+@dataclass
+class DeleteTag(Step):
+    path: str
+    tag: str
+
+    def do(self, ctx):
+        if os.path.exists(self.path) and self.tag in _tags(self.path):
+            qemuimg.snapshot("-d", self.path, self.tag)
+
+    def describe(self):
+        return f"delete internal snapshot {self.tag!r} from {self.path}"
+
+    def argv(self):
+        return qemuimg.snapshot_argv("-d", self.path, self.tag)
+
+
+@dataclass
+class Commit(Step):
+    """Write ``top``'s data into its backing file (which then reads as ``top`` did)."""
+
+    top: str
+    top_format: str
+    base: str
+    bytes_to_copy: int = 0
+
+    def do(self, ctx):
+        if os.path.exists(self.top):  # gone: a previous run finished and removed it
+            qemuimg.commit(self.top, self.top_format, progress=ctx.progress)
+
+    def describe(self):
+        return f"commit {self.top} into {self.base} ({self.bytes_to_copy} bytes)"
+
+    def argv(self):
+        return qemuimg.commit_argv(self.top, self.top_format)
+
+
+@dataclass
+class Rebase(Step):
+    """Point ``path`` at a new backing file; safe mode first copies what the old chain supplied."""
+
+    path: str
+    format: str
+    backing: str | None
+    backing_format: str | None
+    unsafe: bool = False
+    bytes_to_copy: int = 0
+
+    def do(self, ctx):
+        if os.path.exists(self.path):
+            qemuimg.rebase(self.path, self.format, self.backing, self.backing_format, self.unsafe,
+                           progress=None if self.unsafe else ctx.progress)
+
+    def describe(self):
+        onto = self.backing or "no backing file (standalone)"
+        how = "relink" if self.unsafe else f"stream ({self.bytes_to_copy} bytes)"
+        return f"{how} {self.path} onto {onto}"
+
+    def argv(self):
+        return qemuimg.rebase_argv(self.path, self.format, self.backing, self.backing_format, self.unsafe)
+
+
+@dataclass
+class RemoveFile(Step):
+    """Remove an image nothing references any more (only ever a file snapfw created)."""
+
+    path: str
+
+    def do(self, ctx):
+        _remove(self.path)
+
+    def describe(self):
+        return f"remove {self.path}"
+
+    def argv(self):
+        return ["rm", "--", self.path]
+
+
+@dataclass
+class DefineDomain(Step):
+    """Make the hypervisor's definition of the domain name the new active files (undo: the old ones)."""
+
+    new: dict
+    old: dict
+
+    def do(self, ctx):
+        ctx.driver.define(self.new)
+
+    def undo(self, ctx):
+        ctx.driver.define(self.old)
+
+    def describe(self):
+        files = ", ".join(f"{d['target']}={d['path']}" for d in self.new["disks"])
+        return f"point domain {self.new['name']} at {files}"

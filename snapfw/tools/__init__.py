@@ -1,0 +1,1 @@
+"""The only modules that run external programs. Everything else calls these functions."""

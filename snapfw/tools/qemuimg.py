@@ -1,0 +1,100 @@
+"""qemu-img, one function per subcommand: formats always explicit, JSON output parsed into dicts.
+
+Each ``*_argv`` builder is what a plan shows in ``--dry-run``; the function of the same name runs it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import ToolError
+from .run import run
+
+QEMU_IMG = "qemu-img"
+
+
+def _json(argv, out):
+    try:
+        return json.loads(out)
+    except ValueError:
+        raise ToolError(f"{' '.join(argv[:2])} printed output that is not JSON: {out[:80]!r}", argv) from None
+
+
+def info(path: str, fmt: str, chain: bool = False, limited: bool = True):
+    """``qemu-img info --output=json``: a dict, or with ``chain`` the list top first.
+
+    Without ``-U`` this takes the image lock, so an image a running QEMU writes raises ImageInUse.
+    """
+    argv = [QEMU_IMG, "info", "--output=json", "-f", fmt]
+    if chain:
+        argv.append("--backing-chain")
+    argv.append(path)
+    data = _json(argv, run(argv, limited=limited))
+    if chain and not isinstance(data, list):
+        data = [data]
+    return data
+
+
+def create_overlay_argv(path: str, backing: str, backing_fmt: str) -> list[str]:
+    return [QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path]
+
+
+def create_overlay(path: str, backing: str, backing_fmt: str):
+    run(create_overlay_argv(path, backing, backing_fmt))
+
+
+def image_opts(path: str, fmt: str) -> str:
+    """An --image-opts spec naming the format, for subcommands that have no ``-f``."""
+    return f"driver={fmt},file.driver=file,file.filename={path.replace(',', ',,')}"
+
+
+def snapshot_argv(op: str, path: str, tag: str) -> list[str]:
+    """``op`` is ``-c`` (create), ``-a`` (apply) or ``-d`` (delete); the file is qcow2 by definition."""
+    return [QEMU_IMG, "snapshot", "--image-opts", op, tag, image_opts(path, "qcow2")]
+
+
+def snapshot(op: str, path: str, tag: str):
+    run(snapshot_argv(op, path, tag))
+
+
+def commit_argv(top: str, top_fmt: str) -> list[str]:
+    # -d: leave the top image as it was, so until it is removed it still reads the same
+    return [QEMU_IMG, "commit", "-p", "-d", "-f", top_fmt, top]
+
+
+def commit(top: str, top_fmt: str, progress=None):
+    run(commit_argv(top, top_fmt), progress=progress)
+
+
+def rebase_argv(path: str, fmt: str, backing: str | None, backing_fmt: str | None,
+                unsafe: bool = False) -> list[str]:
+    argv = [QEMU_IMG, "rebase", "-p", "-f", fmt]
+    if unsafe:
+        argv.append("-u")
+    if backing is None:
+        argv += ["-b", ""]
+    else:
+        argv += ["-b", backing, "-F", backing_fmt]
+    return argv + [path]
+
+
+def rebase(path: str, fmt: str, backing: str | None, backing_fmt: str | None, unsafe: bool = False,
+           progress=None):
+    run(rebase_argv(path, fmt, backing, backing_fmt, unsafe), progress=progress)
+
+
+def map_extents(path: str, fmt: str) -> list[dict]:
+    argv = [QEMU_IMG, "map", "--output=json", "-f", fmt, path]
+    return _json(argv, run(argv, limited=True))
+
+
+def check(path: str, fmt: str) -> int:
+    """``qemu-img check``'s exit code: 0 clean, 2 corrupt, 3 leaked clusters only."""
+    argv = [QEMU_IMG, "check", "-q", "-f", fmt, path]
+    try:
+        run(argv)
+    except ToolError as e:
+        if e.returncode in (2, 3):
+            return e.returncode
+        raise
+    return 0
