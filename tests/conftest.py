@@ -1,0 +1,156 @@
+"""Shared fixtures: real qemu-img/qemu-io on temp files, the real `snapfw` command in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+KIB64 = 64 * 1024
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(program: str) -> str:
+    """The path of a real program the test needs; missing fails in CI and skips on a laptop."""
+    path = shutil.which(program)
+    if path is None:
+        message = f"{program} is not installed (apt-get install qemu-utils qemu-system-x86)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def qemu_io(path: str, fmt: str, command: str) -> subprocess.CompletedProcess:
+    require("qemu-io")
+    return subprocess.run(["qemu-io", "-f", fmt, "-c", command, path], capture_output=True, text=True)
+
+
+def write(path: str, fmt: str, byte: int, offset: int, length: int = KIB64):
+    r = qemu_io(path, fmt, f"write -P {byte:#x} {offset} {length}")
+    assert r.returncode == 0 and "error" not in r.stdout.lower() + r.stderr.lower(), r.stdout + r.stderr
+
+
+def reads(path: str, fmt: str, byte: int, offset: int, length: int = KIB64) -> bool:
+    """True if the image (through its whole backing chain) reads ``byte`` over the range."""
+    r = qemu_io(path, fmt, f"read -P {byte:#x} {offset} {length}")
+    out = r.stdout + r.stderr
+    return r.returncode == 0 and "Pattern verification failed" not in out and "error" not in out.lower()
+
+
+def info_chain(path: str, fmt: str) -> list[dict]:
+    require("qemu-img")
+    out = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain", "-f", fmt, path],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def check_image(path: str, fmt: str) -> int:
+    return subprocess.run(["qemu-img", "check", "-q", "-f", fmt, path], capture_output=True).returncode
+
+
+class Env:
+    """An ``images:///DIR`` connection in a temp dir, with helpers to make domains and run snapfw."""
+
+    def __init__(self, root):
+        self.dir = str(root)
+        self.uri = f"images://{self.dir}"
+
+    def make_domain(self, name: str = "web", disks=(("vda", "qcow2"), ("vdb", "raw")), size: str = "4M",
+                    backends: dict | None = None) -> dict:
+        require("qemu-img")
+        entries = []
+        for target, fmt in disks:
+            path = os.path.join(self.dir, f"{name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
+            entry = {"target": target, "path": os.path.basename(path), "format": fmt}
+            if backends and target in backends:
+                entry["backend"] = backends[target]
+            entries.append(entry)
+        self.write_domain(name, {"disks": entries})
+        return self.domain(name)
+
+    def write_domain(self, name: str, data) -> None:
+        with open(os.path.join(self.dir, f"{name}.yaml"), "w") as f:
+            f.write(data if isinstance(data, str) else yaml.safe_dump(data))
+
+    def domain(self, name: str = "web") -> dict:
+        """target -> (absolute active path, format), as the domain file says now."""
+        with open(os.path.join(self.dir, f"{name}.yaml")) as f:
+            data = yaml.safe_load(f)
+        return {d["target"]: (os.path.join(self.dir, d["path"]), d["format"]) for d in data["disks"]}
+
+    def write(self, domain: str, target: str, byte: int, offset: int):
+        path, fmt = self.domain(domain)[target]
+        write(path, fmt, byte, offset)
+
+    def reads(self, domain: str, target: str, byte: int, offset: int) -> bool:
+        path, fmt = self.domain(domain)[target]
+        return reads(path, fmt, byte, offset)
+
+    def run(self, *args, check: bool = True, env: dict | None = None, timeout: float = 120):
+        """Run the real `snapfw` command on this connection; returns the CompletedProcess."""
+        r = subprocess.run([sys.executable, "-m", "snapfw", "--connect", self.uri, *args],
+                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+        if check:
+            assert r.returncode == 0, f"snapfw {' '.join(args)} failed ({r.returncode}):\n{r.stderr}{r.stdout}"
+        return r
+
+    def json(self, *args):
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def snapshot_names(self, domain: str = "web") -> list[str]:
+        return [s["name"] for s in self.json("list", domain)]
+
+    def files(self) -> set[str]:
+        """Every file in the connection directory except the domain files and the state dir."""
+        return {n for n in os.listdir(self.dir) if not n.endswith(".yaml") and not n.startswith(".")}
+
+    def state(self):
+        """Everything a failed operation must leave unchanged: files with content hashes, catalog export."""
+        import hashlib
+
+        out = {}
+        for n in sorted(os.listdir(self.dir)):
+            p = os.path.join(self.dir, n)
+            if os.path.isfile(p):
+                with open(p, "rb") as f:
+                    out[n] = hashlib.sha256(f.read()).hexdigest()
+        return out
+
+    def export(self, domain: str = "web") -> dict:
+        return yaml.safe_load(self.run("export", domain).stdout)
+
+    def assert_consistent(self, domain: str = "web"):
+        """Catalog matches the disks: every managed file exists with the recorded format and backing,
+        every snapshot's files exist, every qcow2 checks clean (0) or with leaks only (3)."""
+        exported = self.export(domain)
+        for f in exported["files"]:
+            assert os.path.exists(f["path"]), f"catalog names missing file {f['path']}"
+            top = info_chain(f["path"], f["format"])[0]
+            real = top.get("full-backing-filename")
+            real = os.path.normpath(os.path.join(os.path.dirname(f["path"]), real)) if real else None
+            assert real == f["backing"], f"{f['path']}: catalog backing {f['backing']}, real {real}"
+            if f["format"] == "qcow2":
+                assert check_image(f["path"], "qcow2") in (0, 3), f"qemu-img check failed on {f['path']}"
+        known = {f["path"] for f in exported["files"]}
+        for path, _fmt in self.domain(domain).values():
+            assert path in known or not exported["snapshots"], f"active {path} not in the catalog"
+        for s in exported["snapshots"]:
+            for d in s["disks"]:
+                assert d["file"] in known, f"snapshot {s['name']} disk {d['target']} file not in catalog"
+                if "tag" in d:
+                    tags = [t["name"] for t in info_chain(d["file"], "qcow2")[0].get("snapshots", [])]
+                    assert d["tag"] in tags, f"tag {d['tag']} missing from {d['file']}"
+
+
+@pytest.fixture
+def env(tmp_path):
+    root = tmp_path / "vms"
+    root.mkdir()
+    return Env(root)
