@@ -123,6 +123,21 @@ class Env:
                     out[n] = hashlib.sha256(f.read()).hexdigest()
         return out
 
+    def layout(self) -> dict:
+        """What a rolled-back operation must restore: raw files and domain files byte for byte, qcow2
+        files by backing file and tag names (undoing a tag moves qcow2 metadata, not data)."""
+        out = {}
+        for name, digest in self.state().items():
+            path = os.path.join(self.dir, name)
+            with open(path, "rb") as f:
+                is_qcow2 = f.read(4) == b"QFI\xfb" and not name.endswith((".img", ".raw"))
+            if is_qcow2:
+                top = info_chain(path, "qcow2")[0]
+                out[name] = (top.get("backing-filename"), sorted(t["name"] for t in top.get("snapshots", [])))
+            else:
+                out[name] = digest
+        return out
+
     def export(self, domain: str = "web") -> dict:
         return yaml.safe_load(self.run("export", domain).stdout)
 

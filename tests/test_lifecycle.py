@@ -1,0 +1,299 @@
+"""The offline lifecycle end to end through the `snapfw` command, on real qcow2/raw files.
+
+Every generation g writes its own byte at its own offset on each disk (vda: 0x10+g, vdb: 0x80+g, at
+g * 64 KiB); after each operation the test reads back exactly the generations that state must hold,
+checks that later generations read as zeros, runs `qemu-img check` and compares the catalog with
+`qemu-img info --backing-chain`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import KIB64, info_chain
+
+BYTES = {"vda": 0x10, "vdb": 0x80}
+BACKENDS = [
+    pytest.param(({"vda": "qcow2", "vdb": "external"}, (("vda", "qcow2"), ("vdb", "raw"))), id="mixed"),
+    pytest.param(({"vda": "external", "vdb": "external"}, (("vda", "qcow2"), ("vdb", "raw"))), id="external"),
+    pytest.param(({"vda": "qcow2", "vdb": "qcow2"}, (("vda", "qcow2"), ("vdb", "qcow2"))), id="internal"),
+]
+
+
+def gen(env, g, domain="web"):
+    for target in env.domain(domain):
+        env.write(domain, target, BYTES[target] + g, g * KIB64)
+
+
+def holds(env, gens, upto=8, domain="web"):
+    """The disks read exactly generations ``gens`` (others in 1..upto read zeros)."""
+    for target in env.domain(domain):
+        for g in range(1, upto + 1):
+            want = BYTES[target] + g if g in gens else 0
+            assert env.reads(domain, target, want, g * KIB64), f"{target} generation {g}: expected {want:#x}"
+    env.assert_consistent(domain)
+
+
+def _backend_of(env, target):
+    import yaml
+
+    with open(os.path.join(env.dir, "web.yaml")) as f:
+        return next(d["backend"] for d in yaml.safe_load(f)["disks"] if d["target"] == target)
+
+
+def create(env, name, backends=None):
+    args = ["create", "web", name]
+    for t, b in (backends or {}).items():
+        args += ["--disk", f"{t}={b}"]
+    env.run(*args)
+
+
+@pytest.fixture(params=BACKENDS)
+def domain(request, env):
+    backends, disks = request.param
+    env.make_domain("web", disks=disks, backends=backends)
+    return env
+
+
+def test_create_list_revert_delete(domain):
+    env = domain
+    gen(env, 1)
+    env.run("create", "web", "s1", "--description", "first one")
+    gen(env, 2)
+    env.run("create", "web", "s2")
+    gen(env, 3)
+    holds(env, {1, 2, 3})
+
+    listed = env.json("list", "web")
+    assert [(s["name"], s["parent"], s["current"]) for s in listed] == [("s1", None, False), ("s2", "s1", True)]
+    assert listed[0]["description"] == "first one"
+    wanted = {t: b for t, (_p, _f) in env.domain().items() for b in [_backend_of(env, t)]}
+    assert {d["target"]: d["backend"] for d in listed[0]["disks"]} == wanted
+    assert all(set(s) >= {"name", "parent", "current", "created", "disks"} for s in listed)
+
+    env.run("revert", "web", "s1")
+    holds(env, {1})
+    assert [s["current"] for s in env.json("list", "web")] == [True, False]
+    gen(env, 4)
+    env.run("revert", "web", "s2")
+    holds(env, {1, 2})
+
+    env.run("delete", "web", "s1")
+    assert env.snapshot_names() == ["s2"]
+    holds(env, {1, 2})
+    env.run("revert", "web", "s2")
+    holds(env, {1, 2})
+    env.run("delete", "web", "s2")
+    assert env.snapshot_names() == []
+    holds(env, {1, 2})
+
+
+def test_tree_with_branches_keeps_every_branch(domain):
+    env = domain
+    gen(env, 1)
+    create(env, "a")
+    gen(env, 2)
+    create(env, "b")          # a -> b
+    env.run("revert", "web", "a")
+    gen(env, 3)
+    create(env, "c")          # a -> c
+    gen(env, 4)
+    env.run("revert", "web", "b")
+    holds(env, {1, 2})
+    env.run("revert", "web", "c")
+    holds(env, {1, 3})
+    env.run("revert", "web", "a")
+    holds(env, {1})
+    tree = env.run("list", "web", "--tree").stdout
+    assert tree.splitlines()[0] == "a (current)" and "├── b" in tree and "└── c" in tree
+
+
+def test_delete_middle_with_one_child(domain):
+    env = domain
+    for i, name in enumerate(["s1", "s2", "s3"], 1):
+        gen(env, i)
+        create(env, name)
+    gen(env, 4)
+    env.run("delete", "web", "s2")
+    assert [(s["name"], s["parent"]) for s in env.json("list", "web")] == [("s1", None), ("s3", "s1")]
+    holds(env, {1, 2, 3, 4})
+    env.run("revert", "web", "s3")
+    holds(env, {1, 2, 3})
+    env.run("revert", "web", "s1")
+    holds(env, {1})
+
+
+def test_delete_middle_with_two_children_and_root(domain):
+    env = domain
+    gen(env, 1)
+    create(env, "root")
+    gen(env, 2)
+    create(env, "mid")
+    gen(env, 3)
+    create(env, "left")
+    env.run("revert", "web", "mid")
+    gen(env, 4)
+    create(env, "right")
+    gen(env, 5)
+    env.run("delete", "web", "mid")
+    assert {s["name"]: s["parent"] for s in env.json("list", "web")} == {"root": None, "left": "root", "right": "root"}
+    holds(env, {1, 2, 4, 5})
+    env.run("revert", "web", "left")
+    holds(env, {1, 2, 3})
+    env.run("delete", "web", "root")
+    assert {s["name"]: s["parent"] for s in env.json("list", "web")} == {"left": None, "right": None}
+    holds(env, {1, 2, 3})
+    env.run("revert", "web", "right")
+    holds(env, {1, 2, 4})
+
+
+def test_delete_children_and_current_moves_up(domain):
+    env = domain
+    for i, name in enumerate(["s1", "s2", "s3"], 1):
+        gen(env, i)
+        create(env, name)
+    gen(env, 4)
+    env.run("delete", "web", "s2", "--children")
+    listed = env.json("list", "web")
+    assert [(s["name"], s["current"]) for s in listed] == [("s1", True)]
+    holds(env, {1, 2, 3, 4})   # the running state is never touched by deleting snapshots
+    env.run("revert", "web", "s1")
+    holds(env, {1})
+
+
+def test_external_delete_removes_only_files_nothing_uses(env):
+    env.make_domain("web", disks=(("vda", "qcow2"),), backends={"vda": "external"})
+    base = env.files()
+    for i, name in enumerate(["s1", "s2", "s3"], 1):
+        gen(env, i)
+        create(env, name)
+    assert len(env.files()) == len(base) + 3
+    env.run("delete", "web", "s2")
+    assert len(env.files()) == len(base) + 2
+    env.run("delete", "web", "s1", "--children")
+    holds(env, {1, 2, 3})
+    assert env.snapshot_names() == []
+
+
+def test_internal_revert_under_overlays_is_refused(env):
+    env.make_domain("web", disks=(("vda", "qcow2"),))
+    gen(env, 1)
+    env.run("create", "web", "int", "--disk", "vda=qcow2")
+    gen(env, 2)
+    env.run("create", "web", "ext", "--disk", "vda=external")
+    gen(env, 3)
+    before = env.state()
+    r = env.run("revert", "web", "int", check=False)
+    assert r.returncode != 0 and "overlay" in r.stderr and "Traceback" not in r.stderr
+    assert env.state() == before
+    holds(env, {1, 2, 3})
+    # once the later external snapshot is gone (merged by commit), the internal one can be reverted
+    env.run("delete", "web", "ext")
+    holds(env, {1, 2, 3})
+    env.run("revert", "web", "int")
+    holds(env, {1})
+
+
+def test_trap_child_with_internal_snapshots_keeps_hidden_backing_file(env):
+    """DESIGN rule 5's trap: streaming or committing would corrupt the child's internal snapshot."""
+    env.make_domain("web", disks=(("vda", "qcow2"),))
+    gen(env, 1)
+    env.run("create", "web", "e1", "--disk", "vda=external")
+    gen(env, 2)
+    env.run("create", "web", "i2", "--disk", "vda=qcow2")   # tag inside the overlay, reads through e1's file
+    gen(env, 3)
+    r = env.json("delete", "web", "e1")
+    assert any("hidden" in n for n in r["plan"]["notes"])
+    assert env.snapshot_names() == ["i2"]
+    holds(env, {1, 2, 3})
+    env.run("revert", "web", "i2")
+    holds(env, {1, 2})
+    env.run("delete", "web", "i2")
+    holds(env, {1, 2})
+
+
+def test_dry_run_changes_nothing_and_shows_commands(domain):
+    env = domain
+    gen(env, 1)
+    create(env, "s1")
+    gen(env, 2)
+    create(env, "s2")
+    before = env.state()
+    for args in (["create", "web", "s3"], ["revert", "web", "s1"], ["delete", "web", "s1"]):
+        out = env.json(*args, "--dry-run")
+        assert out["dry_run"] is True and out["plan"]["steps"]
+        text = env.run(*args, "--dry-run").stdout
+        assert "qemu-img" in text and "Nothing was changed" in text
+    assert env.state() == before
+
+
+def test_show_json_has_each_disks_files(domain):
+    env = domain
+    gen(env, 1)
+    create(env, "s1")
+    gen(env, 2)
+    create(env, "s2")
+    shown = env.json("show", "web", "s2")
+    assert shown["parent"] == "s1" and shown["current"] is True
+    for d in shown["disks"]:
+        assert d["files"] and all(os.path.exists(f) for f in d["files"])
+        if d["backend"] == "external":
+            chain = [n["filename"] for n in info_chain(d["files"][0], "qcow2" if d["files"][0].endswith("qcow2") else "raw")]
+            assert [os.path.normpath(os.path.join(os.path.dirname(d["files"][0]), c)) for c in chain] == d["files"]
+
+
+OPERATIONS = {  # args, and the generations the disks hold once the operation is complete
+    "create": (["create", "web", "s3"], {1, 2, 3}),
+    "revert": (["revert", "web", "s1"], {1}),
+    "delete": (["delete", "web", "s1"], {1, 2, 3}),
+}
+
+
+@pytest.mark.parametrize("action", ["raise", "kill"])
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+def test_failure_at_every_step_boundary(tmp_path, operation, action):
+    """Fail (or SIGKILL) before each step: before the commit the operation rolls back, after it
+    `snapfw check --repair` finishes it; either way every expected pattern reads back."""
+    from conftest import Env
+
+    args, after_gens = OPERATIONS[operation]
+    boundaries = None
+    i = 0
+    while boundaries is None or i < len(boundaries):
+        env = Env(tmp_path / f"b{i}")
+        os.mkdir(env.dir)
+        env.make_domain("web", backends={"vda": "qcow2", "vdb": "external"})
+        gen(env, 1)
+        env.run("create", "web", "s1")
+        gen(env, 2)
+        env.run("create", "web", "s2")
+        gen(env, 3)
+        listed, before = env.json("list", "web"), env.layout()
+        if boundaries is None:
+            steps = env.json(*args, "--dry-run")["plan"]["steps"]
+            n_prepare = sum(1 for st in steps if st["phase"] == "prepare")
+            boundaries = ([f"prepare:{k}" for k in range(n_prepare)] + ["commit:0"]
+                          + [f"finish:{k}" for k in range(len(steps) - n_prepare)])
+        fault = boundaries[i]
+        r = env.run(*args, check=False, env={"SNAPFW_FAULT": f"{fault}:{action}"})
+        assert r.returncode != 0 and "Traceback" not in r.stderr, fault
+        committed = fault.startswith("finish")
+        if action == "raise":
+            assert ("check --repair" in r.stderr) == committed, (fault, r.stderr)
+        if action == "raise" and not committed:
+            assert env.run("check").stdout.strip() == "No problems found."
+        else:
+            assert env.run("check", check=False).returncode == 1
+            blocked = env.run(*args, check=False)
+            assert blocked.returncode != 0 and "check --repair" in blocked.stderr
+            env.run("check", "--repair")
+        assert env.run("check").stdout.strip() == "No problems found."
+        if committed:
+            holds(env, after_gens)
+        else:
+            assert env.json("list", "web") == listed and env.layout() == before, fault
+            holds(env, {1, 2, 3})
+        i += 1
+    assert len(boundaries) >= 3
