@@ -1,0 +1,69 @@
+"""CLI contract: JSON shapes, progress lines, plugin listing, and what `list` may import."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import KIB64
+
+
+def test_list_of_a_domain_without_snapshots_and_of_an_unknown_one(env):
+    env.make_domain("web")
+    assert env.json("list", "web") == []
+    r = env.run("list", "nosuch", check=False)
+    assert r.returncode == 2 and r.stderr.startswith("snapfw: error:") and "nosuch" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_list_json_shape(env):
+    env.make_domain("web", backends={"vda": "qcow2", "vdb": "external"})
+    env.run("create", "web", "s1", "--description", "d")
+    [s] = env.json("list", "web")
+    assert s["name"] == "s1" and s["parent"] is None and s["current"] is True
+    assert s["disks"] == [{"target": "vda", "backend": "qcow2"}, {"target": "vdb", "backend": "external"}]
+    assert s["created"].endswith("+00:00")
+
+
+def test_json_progress_lines_for_long_steps(env):
+    env.make_domain("web", disks=(("vda", "qcow2"),), backends={"vda": "external"}, size="64M")
+    env.write("web", "vda", 0x41, 0)
+    env.run("create", "web", "s1")
+    for i in range(8):
+        env.write("web", "vda", 0x42, (i + 1) * 16 * KIB64)
+    env.run("create", "web", "s2")
+    r = env.run("delete", "web", "s1", "--json")
+    lines = [json.loads(ln) for ln in r.stderr.splitlines()]
+    assert any(ln["event"] == "step" and ("commit" in ln["step"] or "stream" in ln["step"]) for ln in lines)
+    progress = [ln["percent"] for ln in lines if ln["event"] == "progress"]
+    assert progress and progress[-1] == 100.0
+    assert json.loads(r.stdout)["plan"]["bytes_to_copy"] > 0
+
+
+def test_plugins_lists_builtin_backends_and_driver(env):
+    rows = env.json("plugins")
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["qcow2"]["kind"] == "disk backend" and "offline.revert" in by_name["qcow2"]["capabilities"]
+    assert by_name["external"]["plugin"] == "snapfw_external"
+    assert by_name["images"]["kind"] == "hypervisor driver"
+    assert "qcow2" in env.run("plugins").stdout
+
+
+def test_list_imports_nothing_heavy(env):
+    """The `list` path must not pay for sh, rich, pluggy, entry points or the lifecycle (bench target)."""
+    env.make_domain("web")
+    env.run("create", "web", "s1")
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "snapfw", "--connect", env.uri, "list", "web"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 0 and "s1" in r.stdout
+    imported = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    for heavy in ("sh", "rich", "pluggy", "importlib.metadata", "snapfw.lifecycle", "snapfw.tools.run", "yaml"):
+        assert heavy not in imported, f"`snapfw list` imported {heavy}"
+
+
+def test_usage_errors_are_one_line(env):
+    env.make_domain("web")
+    r = env.run("create", "web", "s1", "--disk", "vda", check=False)
+    assert r.returncode == 2 and "TARGET=BACKEND" in r.stderr and "Traceback" not in r.stderr
