@@ -161,6 +161,9 @@ class Catalog:
         """(name, parent, created, description, current, "vda=qcow2,vdb=external") per snapshot."""
         return self._q(_LIST_SQL, (domain,)).fetchall()
 
+    def domains(self) -> list[str]:
+        return [r[0] for r in self._q("SELECT name FROM domains ORDER BY name")]
+
     def has_domain(self, domain: str) -> bool:
         return self._q("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone() is not None
 

@@ -117,8 +117,8 @@ class Inspector:
             if actual != known.backing or node.get("format") != known.format:
                 raise Inconsistent(f"catalog and disk disagree: the catalog has {here} as {known.format} on "
                                    f"{known.backing or 'nothing'}, the image is {node.get('format')} on "
-                                   f"{actual or 'nothing'}; destructive operations are refused until "
-                                   "`snapfw check --repair`")
+                                   f"{actual or 'nothing'}; changes are refused until they agree again "
+                                   "(`snapfw check` lists every difference)")
 
 
 def _backing_of(path: str, info: dict) -> str | None:
@@ -388,15 +388,55 @@ def ensure_domain(session: Session, domain: str) -> None:
 
 
 def check(session: Session, domain: str | None = None, repair: bool = False) -> list[str]:
-    """Report interrupted plans (and with ``repair`` finish or roll them back). Returns findings."""
+    """Compare the catalog with the disks and report every difference in words; report interrupted
+    plans, and with ``repair`` finish or roll them back first. Returns the findings (empty: all good)."""
     if domain is not None:
         check_name("domain", domain)
     findings = []
     for plan in session.catalog.unfinished_plans(domain):
         if not repair:
-            findings.append(f"{plan['domain']}: interrupted {plan['operation']} ({plan['state']})")
+            findings.append(f"{plan['domain']}: interrupted {plan['operation']} ({plan['state']}); "
+                            "`snapfw check --repair` will finish or roll it back")
             continue
         with session.lock(plan["domain"]):
             findings.append(f"{plan['domain']}: " + recover(session.catalog, session, plan))
-    return findings
+    pending = {p["domain"] for p in session.catalog.unfinished_plans(domain)}
+    for name in [domain] if domain else session.catalog.domains():
+        if name not in pending:
+            findings += [f"{name}: {problem}" for problem in _disagreements(session, name)]
+    return list(dict.fromkeys(findings))
 
+
+def _disagreements(session: Session, name: str) -> list[str]:
+    """Where catalog, domain definition and image files disagree, for one domain."""
+    try:
+        dom = session.driver.domain(name)
+    except SnapfwError as e:
+        return [str(e)]
+    tree = session.catalog.tree(name)
+    files = session.catalog.files(name)
+    inspect = Inspector(dom.allowed_roots, files)
+    out = []
+    for path, f in sorted(files.items()):
+        if not os.path.exists(path):
+            out.append(f"{f.target}: {path} is in the catalog but missing on disk")
+            continue
+        try:
+            info = inspect(path, f.format)
+        except SnapfwError as e:
+            out.append(f"{f.target}: {e}")
+            continue
+        for snap in tree:
+            r = snap.record(f.target)
+            if r and r.data.get("file") == path and "tag" in r.data:
+                if r.data["tag"] not in {t["name"] for t in info.get("snapshots", [])}:
+                    out.append(f"{f.target}: snapshot {snap.name}'s tag {r.data['tag']!r} is missing from {path}")
+    for d in dom.disks:
+        mine = [p for p, f in files.items() if f.target == d.target]
+        if mine and d.path not in mine:
+            out.append(f"{d.target}: the domain runs on {d.path}, which the catalog does not know")
+    for snap in tree:
+        for r in snap.disks:
+            if r.data.get("file") not in files:
+                out.append(f"{r.target}: snapshot {snap.name}'s file {r.data.get('file')} is not in the catalog")
+    return out

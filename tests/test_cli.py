@@ -67,3 +67,20 @@ def test_usage_errors_are_one_line(env):
     env.make_domain("web")
     r = env.run("create", "web", "s1", "--disk", "vda", check=False)
     assert r.returncode == 2 and "TARGET=BACKEND" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_check_reports_a_catalog_disagreeing_with_the_disks(env):
+    env.make_domain("web", disks=(("vda", "qcow2"),), backends={"vda": "external"})
+    env.run("create", "web", "s1")
+    overlay, _ = env.domain()["vda"]
+    frozen = env.json("show", "web", "s1")["disks"][0]["file"]
+    assert env.run("check").stdout.strip() == "No problems found."
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "", overlay], check=True)
+    r = env.run("check", check=False)
+    assert r.returncode == 1 and "disagree" in r.stdout and overlay in r.stdout
+    refused = env.run("create", "web", "s2", check=False)
+    assert refused.returncode == 1 and "snapfw check" in refused.stderr
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", frozen, "-F", "qcow2", overlay], check=True)
+    assert env.run("check").stdout.strip() == "No problems found."
+    os.unlink(frozen)
+    assert "missing on disk" in env.run("check", check=False).stdout
