@@ -34,7 +34,8 @@ CAPABILITIES = (OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE, LIVE_CREATE, LIV
 
 @dataclass
 class DiskGraph:
-    """The image files of one disk and what references them. ``records``: snapshot name -> record data."""
+    """The image files of one disk and what references them. ``records``: snapshot name -> record data;
+    ``pinned``: files that other domains' images read through (shared bases), never changed or removed."""
 
     target: str
     active: str
@@ -43,6 +44,7 @@ class DiskGraph:
     records: dict[str, dict]
     backends: dict[str, str]
     garbage: set[tuple[str, str]] = field(default_factory=set)
+    pinned: frozenset[str] = frozenset()
 
     def copy(self) -> "DiskGraph":
         return copy.deepcopy(self)
@@ -58,7 +60,7 @@ class DiskGraph:
         return sorted(n for n, r in self.records.items() if r.get("file") == path)
 
     def referenced(self, path: str) -> bool:
-        return path == self.active or bool(self.referrers(path))
+        return path == self.active or path in self.pinned or bool(self.referrers(path))
 
 
 class DiskOp:

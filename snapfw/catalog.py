@@ -194,10 +194,11 @@ class Catalog:
             args = (domain,)
         return {r[0]: ImageFile(r[0], r[1], r[2], r[3], bool(r[4])) for r in self._q(sql, args)}
 
-    def file_owner(self, path: str) -> str | None:
-        row = self._q("SELECT d.name FROM files f JOIN domains d ON d.id = f.domain_id WHERE f.path = ?",
-                      (path,)).fetchone()
-        return row[0] if row else None
+    def backing_used_by_others(self, domain: str) -> set[str]:
+        """Files that images of other domains read through: never removed or written for ``domain``."""
+        return {r[0] for r in self._q(
+            "SELECT DISTINCT f.backing FROM files f JOIN domains d ON d.id = f.domain_id "
+            "WHERE d.name != ? AND f.backing IS NOT NULL", (domain,))}
 
     def garbage_tags(self, domain: str) -> list[tuple[str, str]]:
         return self._q("SELECT g.path, g.tag FROM garbage_tags g JOIN domains d ON d.id = g.domain_id "

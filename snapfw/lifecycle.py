@@ -12,7 +12,7 @@ import os
 import time
 
 from . import connection, plugins
-from .backend import DiskGraph, DiskOp
+from .backend import OFFLINE_CREATE, DiskGraph, DiskOp
 from .catalog import Catalog, ImageFile
 from .errors import BadInput, Inconsistent, NotSupported, PluginError, SnapfwError, UnknownSnapshot
 from .model import Disk, DiskRecord, Domain, Snapshot, Tree, check_name
@@ -126,7 +126,7 @@ def _backing_of(path: str, info: dict) -> str | None:
     return os.path.normpath(os.path.join(os.path.dirname(path), name)) if name else None
 
 
-def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, inspect) -> DiskGraph:
+def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned, inspect) -> DiskGraph:
     mine = {p: f for p, f in files.items() if f.target == disk.target}
     records, backends = {}, {}
     for snap in tree:
@@ -140,7 +140,7 @@ def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, inspect
         raise Inconsistent(f"disk {disk.target} now runs on {disk.path}, a file the catalog does not know "
                            f"for it; run `snapfw check`")
     return DiskGraph(disk.target, disk.path, disk.format, mine, records, backends,
-                     {(p, t) for p, t in garbage if p in mine})
+                     {(p, t) for p, t in garbage if p in mine}, frozenset(pinned))
 
 
 def _backend(name: str):
@@ -161,7 +161,7 @@ def _pick_backend(disk: Disk, tree: Tree, wanted: str | None):
             choice = None
     if choice is None:
         usable = sorted((cls.priority, n) for n, (cls, _) in backends.items()
-                        if "offline.create" in cls.capabilities and cls().usable(disk) is None)
+                        if OFFLINE_CREATE in cls.capabilities and cls().usable(disk) is None)
         if not usable:
             raise NotSupported(f"no installed backend can snapshot disk {disk.target} ({disk.format})")
         choice = usable[0][1]
@@ -193,13 +193,14 @@ class _Operation:
         self.tree = s.catalog.tree(self.name)
         self.files = s.catalog.files(self.name)
         self.garbage = s.catalog.garbage_tags(self.name)
+        self.pinned = s.catalog.backing_used_by_others(self.name)
         self.inspect = Inspector(self.domain.allowed_roots, self.files)
 
     def start(self, disks) -> list[DiskOp]:
         """One DiskOp per disk, remembering each graph as it was so the plan can store the difference."""
         self.ops, self.befores = [], {}
         for disk in disks:
-            graph = _graph(disk, self.tree, self.files, self.garbage, self.inspect)
+            graph = _graph(disk, self.tree, self.files, self.garbage, self.pinned, self.inspect)
             before = graph.copy()
             if not any(f.target == disk.target for f in self.files.values()):
                 before.files = {}  # first snapshot of this disk: its image is new to the catalog

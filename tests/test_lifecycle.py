@@ -297,3 +297,27 @@ def test_failure_at_every_step_boundary(tmp_path, operation, action):
             holds(env, {1, 2, 3})
         i += 1
     assert len(boundaries) >= 3
+
+
+def test_a_base_another_domain_reads_through_is_never_written_or_removed(env):
+    """Rule 3: `web`'s frozen base is also the backing file of domain `copy`; deleting web's snapshot
+    must stream web's overlay instead of committing into the shared base, and keep the base."""
+    import subprocess
+
+    env.make_domain("web", disks=(("vda", "qcow2"),), backends={"vda": "external"})
+    gen(env, 1)
+    env.run("create", "web", "s1")
+    base = env.json("show", "web", "s1")["disks"][0]["file"]
+    copy = os.path.join(env.dir, "copy-vda.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", copy], check=True)
+    env.write_domain("copy", {"disks": [{"target": "vda", "path": "copy-vda.qcow2", "format": "qcow2",
+                                         "backend": "external"}]})
+    env.run("create", "copy", "c1")
+    gen(env, 2)
+    before = open(base, "rb").read()
+    plan = env.json("delete", "web", "s1")["plan"]
+    assert not any(s["describe"].startswith("commit") for s in plan["steps"])
+    assert open(base, "rb").read() == before
+    holds(env, {1, 2})
+    assert env.reads("copy", "vda", BYTES["vda"] + 1, KIB64) and env.reads("copy", "vda", 0, 2 * KIB64)
+    env.assert_consistent("copy")

@@ -59,9 +59,9 @@ class ExternalBackend(DiskBackend):
                             "snapshots that read through it")
             return
         options = []
-        if len(children) == 1:
+        if len(children) == 1 and frozen not in g.pinned:  # never write into a base others read
             options.append((_bytes(children[0], g.format(children[0]), 0), "commit"))
-        if not [n for n in g.referrers(frozen) if n != snapshot]:
+        if frozen in g.pinned or not [n for n in g.referrers(frozen) if n != snapshot]:
             options.append((sum(_bytes(c, g.format(c), 1) for c in children), "stream"))
         if not options:
             return

@@ -35,7 +35,7 @@ class InternalBackend(DiskBackend):
     def revert(self, op, snapshot, record):
         g = op.graph
         path = record["file"]
-        overlays = g.children(path)
+        overlays = g.children(path) + (["of another domain"] if path in g.pinned else [])
         frozen = [n for n in g.referrers(path) if "tag" not in g.records[n]]
         if overlays or frozen:
             why = (f"overlays {', '.join(overlays)} read through it" if overlays
@@ -52,7 +52,7 @@ class InternalBackend(DiskBackend):
     def delete(self, op, snapshot, record):
         g = op.graph
         path, tag = record["file"], record["tag"]
-        if g.children(path):
+        if g.children(path) or path in g.pinned:
             g.garbage.add((path, tag))
             op.notes.append(f"internal snapshot {tag!r} stays inside {path} (hidden) until no overlay "
                             "reads through that file")
