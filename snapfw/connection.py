@@ -57,7 +57,12 @@ def domain_lock(state: str, domain: str, timeout: float, waiting):
 
     folder = os.path.join(state, "locks")
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(folder, f"{domain}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    name = domain
+    if len(os.fsencode(name)) > 250:  # `<name>.lock` must fit NAME_MAX (255 bytes)
+        import hashlib
+
+        name = "sha256-" + hashlib.sha256(os.fsencode(name)).hexdigest()
+    fd = os.open(os.path.join(folder, f"{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + timeout
         announced = False

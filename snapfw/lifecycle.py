@@ -139,6 +139,10 @@ def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned,
     elif disk.path not in mine:
         raise Inconsistent(f"disk {disk.target} now runs on {disk.path}, a file the catalog does not know "
                            f"for it; run `snapfw check`")
+    overlays = sorted(p for p, f in mine.items() if f.backing == disk.path)
+    if overlays:  # the guest would write under them (rule 3), and their own branch would look unused
+        raise Inconsistent(f"disk {disk.target} now runs on {disk.path}, the backing file of "
+                           f"{', '.join(overlays)}; run `snapfw check`")
     return DiskGraph(disk.target, disk.path, disk.format, mine, records, backends,
                      {(p, t) for p, t in garbage if p in mine}, frozenset(pinned))
 
@@ -392,7 +396,7 @@ def check(session: Session, domain: str | None = None, repair: bool = False) -> 
     """Compare the catalog with the disks and report every difference in words; report interrupted
     plans, and with ``repair`` finish or roll them back first. Returns the findings (empty: all good)."""
     if domain is not None:
-        check_name("domain", domain)
+        ensure_domain(session, domain)
     findings = []
     for plan in session.catalog.unfinished_plans(domain):
         if not repair:
@@ -436,6 +440,11 @@ def _disagreements(session: Session, name: str) -> list[str]:
         mine = [p for p, f in files.items() if f.target == d.target]
         if mine and d.path not in mine:
             out.append(f"{d.target}: the domain runs on {d.path}, which the catalog does not know")
+        elif any(files[p].backing == d.path for p in mine):
+            out.append(f"{d.target}: the domain runs on {d.path}, which other images of it read through")
+        elif mine and files[d.path].format != d.format:
+            out.append(f"{d.target}: the domain declares {d.path} as {d.format}, the catalog has it as "
+                       f"{files[d.path].format}")
     for snap in tree:
         for r in snap.disks:
             if r.data.get("file") not in files:

@@ -7,6 +7,7 @@ Every step is idempotent and its undo tolerates a partial or missing ``do``, bec
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 from .plan import Step
@@ -33,12 +34,26 @@ class CreateOverlay(Step):
     backing_format: str
 
     def do(self, ctx):
-        if os.path.lexists(self.path):
-            raise FileExistsError(f"{self.path} already exists")
+        os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # claim the name first
         qemuimg.create_overlay(self.path, self.backing, self.backing_format)
 
     def undo(self, ctx):
-        _remove(self.path)
+        if self._ours():
+            _remove(self.path)
+
+    def _ours(self) -> bool:
+        """Whether the file at ``path`` is this step's (claimed, partial, or an overlay on ``backing``),
+        so an undo after ``do`` found the name taken never removes somebody else's file."""
+        try:
+            with open(self.path, "rb") as f:
+                header = f.read(20)
+                if len(header) < 20 or header[:4] != b"QFI\xfb":
+                    return len(header) == 0
+                offset, size = struct.unpack(">QI", header[8:20])
+                f.seek(offset)
+                return f.read(size) == os.fsencode(self.backing)
+        except FileNotFoundError:
+            return False
 
     def describe(self):
         return f"create overlay {self.path} on {self.backing}"

@@ -14,6 +14,7 @@ directories the file names, or under ``allowed_roots:`` it lists.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
@@ -51,6 +52,10 @@ class ImagesDriver(HypervisorDriver):
                 data = yaml.safe_load(f)
         except FileNotFoundError:
             raise UnknownDomain(f"no domain {name!r} (no {path})") from None
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                raise UnknownDomain(f"no domain {name!r} ({e.strerror}: {path})") from None
+            raise BadInput(f"cannot read {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             raise BadInput(f"{path}{f' line {where.line + 1}' if where else ''}: not plain YAML "
