@@ -19,6 +19,9 @@ from .errors import CatalogError, UnknownSnapshot
 from .model import DiskRecord, Snapshot, Tree
 
 FILENAME = "catalog.sqlite"
+# SQLite errors that come from the file system, not from the database (a full disk leaves no room for
+# the -shm file even to read): the catalog itself may be fine
+_IO_ERRORS = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_READONLY")
 
 _MIGRATIONS = [
     # version 1
@@ -110,8 +113,12 @@ class Catalog:
         path = os.path.join(state_dir, FILENAME)
         if not create and not os.path.exists(path):
             return None
-        if create:
+        if create and not os.path.exists(path):
             os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            cls._create(path)
+        elif os.path.getsize(path) == 0:  # a catalog is born whole (see _create): empty means damaged
+            raise CatalogError(f"catalog {path} is empty (truncated?); restore it from a `snapfw export` "
+                               "or move it away")
         try:
             db = sqlite3.connect(path, isolation_level=None, timeout=30)
             db.execute("PRAGMA foreign_keys = ON")
@@ -129,14 +136,47 @@ class Catalog:
             db.execute("PRAGMA synchronous = FULL")
             db.execute("SELECT count(*) FROM domains").fetchone()
         except sqlite3.DatabaseError as e:
+            if (e.sqlite_errorname or "").startswith(_IO_ERRORS):  # never advise moving a good catalog away
+                raise CatalogError(f"catalog {path} cannot be opened ({e}): is its filesystem full, read-only "
+                                   "or failing?") from None
             raise CatalogError(f"catalog {path} is unreadable ({e}); restore it from a "
                                "`snapfw export` or move it away") from None
         return cls(db, path)
+
+    @classmethod
+    def _create(cls, path: str):
+        """Build the schema under a temporary name and link it into place, so that a catalog file that
+        exists always has a schema; if another process got there first, its catalog wins."""
+        tmp = f"{path}.new-{os.getpid()}"
+        try:
+            db = sqlite3.connect(tmp, isolation_level=None)
+            cls._migrate(db, 0)
+            db.close()
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            dfd = os.open(os.path.dirname(path), os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except sqlite3.DatabaseError as e:
+            raise CatalogError(f"cannot create catalog {path}: {e}") from None
+        finally:
+            for leftover in (tmp, tmp + "-journal"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
 
     @staticmethod
     def _migrate(db, version):
         db.execute("BEGIN IMMEDIATE")
         try:
+            # another process may have migrated between our first look and this lock
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise CatalogError(f"catalog schema version {version} is newer than this snapfw understands "
+                                   f"({SCHEMA_VERSION}); upgrade snapfw")
             for v in range(version, SCHEMA_VERSION):
                 for stmt in _MIGRATIONS[v].split(";"):
                     if stmt.strip():
