@@ -15,6 +15,7 @@ Backend lifecycle, per disk (operations a backend does not list in ``capabilitie
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -77,14 +78,18 @@ class DiskOp:
         self.notes: list[str] = []
         self.define_after_finish = False  # the active file changes only once finish steps have run
 
-    def new_image_path(self, label: str) -> str:
-        """A free file name next to the disk's base image, ``<domain>-<target>.<label>[.N].qcow2``."""
-        base = min(self.graph.files, key=len, default=self.disk.path)
-        folder = os.path.dirname(base)
+    def new_image_path(self, label: str, suffix: str = ".qcow2", folder: str | None = None) -> str:
+        """A free name ``<domain>-<target>.<label>[.N]<suffix>``, in ``folder`` or next to the disk's base
+        image. Backends whose snapshots are not files (subvolumes, volumes) pass their own suffix and folder."""
+        if folder is None:
+            folder = os.path.dirname(min(self.graph.files, key=len, default=self.disk.path))
         stem = f"{self.domain.name}-{self.disk.target}.{label}"
+        raw, room = os.fsencode(stem), 250 - len(os.fsencode(suffix))  # `<stem>.NNNN<suffix>` fits NAME_MAX
+        if len(raw) > room:  # cut a long name, keep it unique
+            stem = raw[:room - 13].decode(errors="ignore") + "~" + hashlib.sha256(raw).hexdigest()[:12]
         taken = set(self.graph.files) | {s.path for s in self.prepare if hasattr(s, "path")}
         for n in range(0, 10000):
-            path = os.path.join(folder, f"{stem}{'' if n == 0 else f'.{n}'}.qcow2")
+            path = os.path.join(folder, f"{stem}{'' if n == 0 else f'.{n}'}{suffix}")
             if path not in taken and not os.path.lexists(path):
                 return path
         raise Refused(f"no free file name for {stem} in {folder}")

@@ -341,23 +341,30 @@ def check(ctx, domain, repair, as_json):
 @main.command("plugins")
 @json_option
 def plugins_(as_json):
-    """List loaded plugins, their backends and drivers, and what each can do."""
+    """List loaded plugins with their versions, their backends and drivers, and what each can do."""
     from . import plugins
 
     rows = []
     for name, (cls, plugin) in sorted(plugins.disk_backends().items()):
-        rows.append({"kind": "disk backend", "name": name, "plugin": plugin, "description": cls.description,
-                     "capabilities": sorted(cls.capabilities), "cost": cls.cost})
+        rows.append({"kind": "disk backend", "name": name, "plugin": plugin, "version": plugins.version(plugin),
+                     "description": cls.description, "capabilities": sorted(cls.capabilities), "cost": cls.cost})
     for scheme, (cls, plugin) in sorted(plugins.hypervisor_drivers().items()):
         rows.append({"kind": "hypervisor driver", "name": scheme, "plugin": plugin,
-                     "description": cls.description, "capabilities": [], "cost": {}})
+                     "version": plugins.version(plugin), "description": cls.description, "capabilities": [],
+                     "cost": {}})
+    listed = {r["plugin"] for r in rows}
+    for plugin, hooks in plugins.loaded():
+        if plugin not in listed:  # a plugin acting around operations only
+            rows.append({"kind": "hooks", "name": plugin, "plugin": plugin, "version": plugins.version(plugin),
+                         "description": ", ".join(hooks), "capabilities": [], "cost": {}})
     if as_json:
         _emit(rows)
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("Kind", "Name", "Plugin", "Capabilities", "Description")
+    table = Table("Kind", "Name", "Plugin", "Version", "Capabilities", "Description")
     for r in rows:
-        table.add_row(r["kind"], r["name"], r["plugin"], ", ".join(r["capabilities"]) or "-", r["description"])
+        table.add_row(r["kind"], r["name"], r["plugin"], r["version"] or "-", ", ".join(r["capabilities"]) or "-",
+                      r["description"])
     Console().print(table)

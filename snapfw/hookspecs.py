@@ -17,7 +17,7 @@ def snapfw_disk_backends():
     """Return a list of :class:`snapfw.backend.DiskBackend` subclasses this plugin provides.
 
     Called once per process when backends are first needed. All results are collected; two backends
-    with the same ``name`` are a PluginError naming both plugins.
+    with the same ``name``, or anything but a DiskBackend subclass, are a PluginError naming the plugin(s).
     """
 
 
@@ -26,7 +26,8 @@ def snapfw_hypervisor_drivers():
     """Return a list of :class:`snapfw.backend.HypervisorDriver` subclasses this plugin provides.
 
     Called once per process when a connection is opened; drivers are chosen by URI ``scheme``. All results
-    are collected; two drivers with the same scheme are a PluginError.
+    are collected; two drivers with the same scheme, or anything but a HypervisorDriver subclass, are a
+    PluginError.
     """
 
 

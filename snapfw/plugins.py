@@ -13,12 +13,14 @@ BUILTIN = ("snapfw_images", "snapfw_qcow2", "snapfw_external")
 ENTRY_POINT_GROUP = "snapfw"
 DISABLE_ENV = "SNAPFW_DISABLE_PLUGINS"
 
+_versions: dict[str, str] = {}  # plugin name -> version of the distribution that installed it
+
 
 @functools.cache
 def get_plugin_manager():
     import pluggy
 
-    from . import hookspecs
+    from . import __version__, hookspecs
 
     pm = pluggy.PluginManager("snapfw")
     pm.add_hookspecs(hookspecs)
@@ -26,6 +28,7 @@ def get_plugin_manager():
     for name in BUILTIN:
         if name not in disabled:
             pm.register(importlib.import_module(name), name)
+            _versions[name] = __version__
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -36,19 +39,45 @@ def get_plugin_manager():
         except Exception as e:  # a broken third-party plugin must not take snapfw down
             warnings.warn(f"snapfw plugin {ep.name!r} ({ep.value}) skipped: {type(e).__name__}: {e}",
                           stacklevel=2)
+            continue
+        if ep.dist is not None:
+            _versions[ep.name] = ep.dist.version
     return pm
 
 
-def _collect(hook_name: str, key: str) -> dict[str, tuple[type, str]]:
+def reset():
+    """Forget the loaded plugins, so the next use loads them again (for tests that add or block plugins)."""
+    for cached in (get_plugin_manager, disk_backends, hypervisor_drivers):
+        cached.cache_clear()
+    _versions.clear()
+
+
+def version(plugin: str) -> str | None:
+    """The version of the distribution that installed ``plugin``; None for one registered by hand."""
+    get_plugin_manager()
+    return _versions.get(plugin)
+
+
+def loaded() -> list[tuple[str, list[str]]]:
+    """(plugin name, the snapfw hooks it implements) for every registered plugin, by name."""
+    pm = get_plugin_manager()
+    return sorted((name, sorted(c.name for c in pm.get_hookcallers(plugin) or ()))
+                  for name, plugin in pm.list_name_plugin())
+
+
+def _collect(hook_name: str, base: type, key: str, what: str) -> dict[str, tuple[type, str]]:
     pm = get_plugin_manager()
     found: dict[str, tuple[type, str]] = {}
     hook = getattr(pm.hook, hook_name)
     for impl in hook.get_hookimpls():
         for cls in impl.function() or ():
-            name = getattr(cls, key)
+            name = getattr(cls, key, None) if isinstance(cls, type) and issubclass(cls, base) else None
+            if not isinstance(name, str):
+                raise PluginError(f"plugin {impl.plugin_name!r} returned {cls!r} from {hook_name}: expected a "
+                                  f"{base.__name__} subclass with a {key}; disable it with {DISABLE_ENV}")
             if name in found:
                 raise PluginError(f"plugins {found[name][1]!r} and {impl.plugin_name!r} both provide "
-                                  f"{key} {name!r}; disable one with {DISABLE_ENV}")
+                                  f"{what} {name!r}; disable one with {DISABLE_ENV}")
             found[name] = (cls, impl.plugin_name)
     return found
 
@@ -56,13 +85,17 @@ def _collect(hook_name: str, key: str) -> dict[str, tuple[type, str]]:
 @functools.cache
 def disk_backends() -> dict[str, tuple[type, str]]:
     """Backend name -> (class, plugin name)."""
-    return _collect("snapfw_disk_backends", "name")
+    from .backend import DiskBackend
+
+    return _collect("snapfw_disk_backends", DiskBackend, "name", "disk backend")
 
 
 @functools.cache
 def hypervisor_drivers() -> dict[str, tuple[type, str]]:
     """URI scheme -> (class, plugin name)."""
-    return _collect("snapfw_hypervisor_drivers", "scheme")
+    from .backend import HypervisorDriver
+
+    return _collect("snapfw_hypervisor_drivers", HypervisorDriver, "scheme", "hypervisor driver")
 
 
 def hook():
