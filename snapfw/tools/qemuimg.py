@@ -13,11 +13,25 @@ from .run import run
 QEMU_IMG = "qemu-img"
 
 
-def _json(argv, out):
+def _json(argv, out, valid):
+    """Parse the output; JSON without the fields ``valid`` checks is as broken as text (a ToolError, not
+    a KeyError far away in a backend)."""
+    what = " ".join(argv[:2])
     try:
-        return json.loads(out)
+        data = json.loads(out)
     except ValueError:
-        raise ToolError(f"{' '.join(argv[:2])} printed output that is not JSON: {out[:80]!r}", argv) from None
+        raise ToolError(f"{what} printed output that is not JSON: {out[:80]!r}", argv) from None
+    if not valid(data):
+        raise ToolError(f"{what} printed JSON that is not what it documents: {out[:80]!r}", argv)
+    return data
+
+
+def _image(node) -> bool:
+    return isinstance(node, dict) and isinstance(node.get("filename"), str) and isinstance(node.get("format"), str)
+
+
+def _extent(e) -> bool:
+    return isinstance(e, dict) and all(isinstance(e.get(k), int) for k in ("length", "depth", "data"))
 
 
 def info(path: str, fmt: str, chain: bool = False, limited: bool = True):
@@ -29,7 +43,8 @@ def info(path: str, fmt: str, chain: bool = False, limited: bool = True):
     if chain:
         argv.append("--backing-chain")
     argv.append(path)
-    data = _json(argv, run(argv, limited=limited))
+    data = _json(argv, run(argv, limited=limited),
+                 lambda d: _image(d) or (chain and isinstance(d, list) and bool(d) and all(map(_image, d))))
     if chain and not isinstance(data, list):
         data = [data]
     return data
@@ -85,7 +100,7 @@ def rebase(path: str, fmt: str, backing: str | None, backing_fmt: str | None, un
 
 def map_extents(path: str, fmt: str) -> list[dict]:
     argv = [QEMU_IMG, "map", "--output=json", "-f", fmt, path]
-    return _json(argv, run(argv, limited=True))
+    return _json(argv, run(argv, limited=True), lambda d: isinstance(d, list) and all(map(_extent, d)))
 
 
 def check(path: str, fmt: str) -> int:
