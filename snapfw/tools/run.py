@@ -33,7 +33,8 @@ def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float
     if shutil.which(argv[0]) is None:
         pkg = PACKAGE_HINT.get(argv[0])
         raise ToolError(f"{argv[0]} not found" + (f" (install {pkg})" if pkg else ""), argv)
-    kwargs = {"_env": {**os.environ, "LC_ALL": "C"}, "_return_cmd": True}
+    # _tty_out=False: a pipe, not a pseudo-terminal, for stdout; saves ~10 ms per run
+    kwargs = {"_env": {**os.environ, "LC_ALL": "C"}, "_return_cmd": True, "_tty_out": False}
     wall = timeout or (LIMIT_WALL_SECONDS if limited else None)
     if limited:
         kwargs["_preexec_fn"] = _limit_resources
