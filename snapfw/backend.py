@@ -15,14 +15,13 @@ Backend lifecycle, per disk (operations a backend does not list in ``capabilitie
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .catalog import ImageFile
 from .errors import NotSupported, Refused
-from .model import Disk, Domain, Tree
+from .model import Disk, Domain, Tree, fit_file_name
 
 OFFLINE_CREATE = "offline.create"
 OFFLINE_REVERT = "offline.revert"
@@ -83,10 +82,8 @@ class DiskOp:
         image. Backends whose snapshots are not files (subvolumes, volumes) pass their own suffix and folder."""
         if folder is None:
             folder = os.path.dirname(min(self.graph.files, key=len, default=self.disk.path))
-        stem = f"{self.domain.name}-{self.disk.target}.{label}"
-        raw, room = os.fsencode(stem), 250 - len(os.fsencode(suffix))  # `<stem>.NNNN<suffix>` fits NAME_MAX
-        if len(raw) > room:  # cut a long name, keep it unique
-            stem = raw[:room - 13].decode(errors="ignore") + "~" + hashlib.sha256(raw).hexdigest()[:12]
+        # room for `.NNNN<suffix>` within NAME_MAX
+        stem = fit_file_name(f"{self.domain.name}-{self.disk.target}.{label}", 250 - len(os.fsencode(suffix)))
         taken = set(self.graph.files) | {s.path for s in self.prepare if hasattr(s, "path")}
         for n in range(0, 10000):
             path = os.path.join(folder, f"{stem}{'' if n == 0 else f'.{n}'}{suffix}")

@@ -8,6 +8,7 @@ import os
 import time
 
 from .errors import BadInput, LockTimeout, SnapfwError
+from .model import fit_file_name
 
 CONNECT_ENV = "SNAPFW_CONNECT"
 STATE_DIR_ENV = "SNAPFW_STATE_DIR"
@@ -57,11 +58,7 @@ def domain_lock(state: str, domain: str, timeout: float, waiting):
 
     folder = os.path.join(state, "locks")
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    name = domain
-    if len(os.fsencode(name)) > 250:  # `<name>.lock` must fit NAME_MAX (255 bytes)
-        import hashlib
-
-        name = "sha256-" + hashlib.sha256(os.fsencode(name)).hexdigest()
+    name = fit_file_name(domain, 250)  # `<name>.lock` within NAME_MAX
     fd = os.open(os.path.join(folder, f"{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + timeout

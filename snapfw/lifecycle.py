@@ -136,15 +136,25 @@ def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned,
     info = inspect(disk.path, disk.format)
     if not mine:
         mine = {disk.path: ImageFile(disk.path, disk.target, disk.format, _backing_of(disk.path, info), False)}
-    elif disk.path not in mine:
-        raise Inconsistent(f"disk {disk.target} now runs on {disk.path}, a file the catalog does not know "
-                           f"for it; run `snapfw check`")
-    overlays = sorted(p for p, f in mine.items() if f.backing == disk.path)
-    if overlays:  # the guest would write under them (rule 3), and their own branch would look unused
-        raise Inconsistent(f"disk {disk.target} now runs on {disk.path}, the backing file of "
-                           f"{', '.join(overlays)}; run `snapfw check`")
+    else:
+        problem = _active_problem(disk, mine)
+        if problem:
+            raise Inconsistent(f"{problem}; run `snapfw check`")
     return DiskGraph(disk.target, disk.path, disk.format, mine, records, backends,
                      {(p, t) for p, t in garbage if p in mine}, frozenset(pinned))
+
+
+def _active_problem(disk: Disk, mine: dict[str, ImageFile]) -> str | None:
+    """Why the file the domain runs ``disk`` on cannot be the active file snapfw recorded, or None."""
+    if disk.path not in mine:
+        return f"disk {disk.target} now runs on {disk.path}, a file the catalog does not know for it"
+    overlays = sorted(p for p, f in mine.items() if f.backing == disk.path)
+    if overlays:  # the guest would write under them (rule 3), and their own branch would look unused
+        return f"disk {disk.target} now runs on {disk.path}, the backing file of {', '.join(overlays)}"
+    if mine[disk.path].format != disk.format:
+        return (f"disk {disk.target}: the domain declares {disk.path} as {disk.format}, the catalog has it "
+                f"as {mine[disk.path].format}")
+    return None
 
 
 def _backend(name: str):
@@ -437,14 +447,10 @@ def _disagreements(session: Session, name: str) -> list[str]:
                 if r.data["tag"] not in {t["name"] for t in info.get("snapshots", [])}:
                     out.append(f"{f.target}: snapshot {snap.name}'s tag {r.data['tag']!r} is missing from {path}")
     for d in dom.disks:
-        mine = [p for p, f in files.items() if f.target == d.target]
-        if mine and d.path not in mine:
-            out.append(f"{d.target}: the domain runs on {d.path}, which the catalog does not know")
-        elif any(files[p].backing == d.path for p in mine):
-            out.append(f"{d.target}: the domain runs on {d.path}, which other images of it read through")
-        elif mine and files[d.path].format != d.format:
-            out.append(f"{d.target}: the domain declares {d.path} as {d.format}, the catalog has it as "
-                       f"{files[d.path].format}")
+        mine = {p: f for p, f in files.items() if f.target == d.target}
+        problem = _active_problem(d, mine) if mine else None
+        if problem:
+            out.append(problem)
     for snap in tree:
         for r in snap.disks:
             if r.data.get("file") not in files:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from .errors import BadInput
@@ -32,6 +33,17 @@ def check_name(kind: str, name) -> str:
         shown = name if len(name) <= 40 else name[:37] + "..."
         raise BadInput(f"invalid {kind} name {shown!r}: it {problem}")
     return name
+
+
+def fit_file_name(name: str, room: int) -> str:
+    """``name`` if its bytes fit in ``room``, else a cut of it plus a hash that keeps it unique: valid
+    names of up to 255 bytes must still give file names (``<name>.lock``, overlays) within NAME_MAX."""
+    raw = os.fsencode(name)
+    if len(raw) <= room:
+        return name
+    import hashlib
+
+    return raw[:room - 13].decode(errors="ignore") + "~" + hashlib.sha256(raw).hexdigest()[:12]
 
 
 @dataclass
