@@ -8,7 +8,8 @@
   blkdebug;
 - qemu-img missing from PATH, or printing garbage;
 - 4 processes hammering one domain, and 4 working on 4 domains at once;
-- SIGKILL at every step boundary of an external delete, on its commit path and its stream path.
+- SIGKILL at every step boundary of an external delete, on its commit path and its stream path, and in
+  the middle of the qemu-img that commits or streams 512 MiB.
 
 Every case ends with every written pattern read back and the catalog matching the disks.
 """
@@ -22,6 +23,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -578,3 +580,94 @@ def test_sigkill_at_every_step_boundary_of_an_external_delete(tmp_path, capsys, 
         print(f"\ncrash matrix, external delete ({path}): {len(boundaries)} step boundaries, "
               f"{crashes} SIGKILLs injected, {len(failures)} failures")
     assert not failures, failures
+
+
+# --- SIGKILL while qemu-img is copying ----------------------------------------------------------------
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below ``pid``: pid -> command name."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    names = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+                name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+                children[int(rest[1])].append(int(entry))
+                names[int(entry)] = name
+    out, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out[child] = names[child]
+            todo.append(child)
+    return out
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    """True once ``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+BIG = 512 * MIB
+MID_SCRIPTS = {  # what to write and snapshot, the snapshot whose delete copies 512 MiB, its first step
+    # s2's file holds 1 GiB, its only child 512 MiB: commit the child into it
+    "commit": ([(0x11, 0, KIB64), "s1", (0x12, MIB, 2 * BIG), "s2", (0x13, 2 * BIG + 2 * MIB, BIG), "s3"],
+               "s2", "commit "),
+    # mid's file holds 512 MiB and has two children: stream it into each
+    "stream": ([(0x11, 0, KIB64), "s1", (0x12, MIB, BIG), "mid", (0x13, BIG + 2 * MIB, KIB64), "left",
+                ("revert", "mid"), (0x14, BIG + 3 * MIB, KIB64), "right"], "mid", "stream "),
+}
+
+
+@pytest.mark.parametrize("path", sorted(MID_SCRIPTS))
+def test_sigkill_while_qemu_img_copies(env, path):
+    """snapfw dies while its qemu-img is half way through a merge: the qemu-img dies with it (no orphan
+    that goes on writing and holds the image lock), and `check --repair` at once finishes the delete."""
+    script, victim, first = MID_SCRIPTS[path]
+    env.make_domain("web", disks=(("vda", "qcow2"),), size="2G", backends={"vda": "external"})
+    written, held = [], {}
+    for token in script:
+        if isinstance(token, str):
+            env.run("create", "web", token)
+            held[token] = list(written)
+        elif token[0] == "revert":
+            env.run("revert", "web", token[1])
+            written = list(held[token[1]])
+        else:
+            written.append(put(env, *token))
+    assert env.json("delete", "web", victim, "--dry-run")["plan"]["steps"][0]["describe"].startswith(first)
+    proc = subprocess.Popen([sys.executable, "-m", "snapfw", "--connect", env.uri, "delete", "--json", "web",
+                             victim], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        percent = None
+        for line in proc.stderr:  # kill on the first sign of copying
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "progress" and 0 < event["percent"] < 50:
+                percent = event["percent"]
+                break
+        assert percent is not None, f"qemu-img reported no progress: {line}"
+        copying = [pid for pid, name in descendants(proc.pid).items() if name == "qemu-img"]
+        assert copying, descendants(proc.pid)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert proc.returncode == -9
+    assert all(gone_within(pid, 1.0) for pid in copying), "qemu-img outlived snapfw"
+    assert "finished delete" in env.run("check", "--repair").stdout
+    no_problems(env)
+    assert victim not in env.snapshot_names()
+    reads_all(env, written)
+    env.assert_consistent()
+    for name in env.snapshot_names():
+        env.run("revert", "web", name)
+        reads_all(env, held[name])
+    env.assert_consistent()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import resource
 import shutil
+import signal
 
 from ..errors import ImageInUse, ToolError
 
@@ -17,9 +19,25 @@ LIMIT_WALL_SECONDS = 60
 PACKAGE_HINT = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils"}
 
 
-def _limit_resources():
-    resource.setrlimit(resource.RLIMIT_CPU, (LIMIT_CPU_SECONDS, LIMIT_CPU_SECONDS))
-    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_ADDRESS_SPACE, LIMIT_ADDRESS_SPACE))
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int):
+    """In the child: get SIGTERM when snapfw dies, even by SIGKILL.
+
+    An orphaned qemu-img would go on writing and hold the image lock, so `snapfw check --repair` right
+    after a crash would find the image "in use". SIGTERM, not SIGKILL: coreutils `timeout` passes it on.
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # snapfw died before prctl took effect
+        os._exit(128 + signal.SIGTERM)
+
+
+def _child_setup(parent: int, limited: bool):
+    _die_with_parent(parent)
+    if limited:
+        resource.setrlimit(resource.RLIMIT_CPU, (LIMIT_CPU_SECONDS, LIMIT_CPU_SECONDS))
+        resource.setrlimit(resource.RLIMIT_AS, (LIMIT_ADDRESS_SPACE, LIMIT_ADDRESS_SPACE))
 
 
 def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float | None = None) -> str:
@@ -36,8 +54,8 @@ def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float
     # _tty_out=False: a pipe, not a pseudo-terminal, for stdout; saves ~10 ms per run
     kwargs = {"_env": {**os.environ, "LC_ALL": "C"}, "_return_cmd": True, "_tty_out": False}
     wall = timeout or (LIMIT_WALL_SECONDS if limited else None)
-    if limited:
-        kwargs["_preexec_fn"] = _limit_resources
+    parent = os.getpid()
+    kwargs["_preexec_fn"] = lambda: _child_setup(parent, limited)
     # coreutils timeout, not sh's _timeout: sh polls its timer every 0.1 s, which costs that much per run
     full = ["timeout", "-k", "5", str(wall), *argv] if wall else argv
     cmd = sh.Command(full[0])
