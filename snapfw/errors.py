@@ -16,7 +16,17 @@
 
 
 class SnapfwError(Exception):
-    """Base of every error snapfw raises on purpose."""
+    """Base of every error snapfw raises on purpose.
+
+    ``step`` is the plan step that failed, if one did: with several disks, the one-line error must say
+    which file the program failed on.
+    """
+
+    step: str | None = None
+
+    def __str__(self):
+        text = super().__str__()
+        return f"{self.step}: {text}" if self.step else text
 
 
 class BadInput(SnapfwError):

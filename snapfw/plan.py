@@ -107,7 +107,11 @@ def execute(plan: Plan, catalog, ctx) -> None:
             catalog.mark_step(plan_id, "prepare", i, "started")
             started.append(step)
             ctx.step(step)
-            step.do(ctx)
+            try:
+                step.do(ctx)
+            except SnapfwError as e:
+                e.step = e.step or step.describe()
+                raise
             catalog.mark_step(plan_id, "prepare", i, "done")
         _fault("commit", 0)
         with catalog.write() as changes:

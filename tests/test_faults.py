@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IN_CI, KIB64, Env, check_image, qemu_io, require, write
+from conftest import IN_CI, KIB64, Env, check_image, info_chain, qemu_io, require, write
 
 MIB = 1024 * 1024
 
@@ -154,6 +154,41 @@ def test_enospc_creating_overlays_rolls_back(env, small, operation):
     os.unlink(filler)
     env.run(*args)
     reads_all(env, gens[1] + (gens[2] if operation == "create" else [zero(p) for p in gens[2]]))
+    env.assert_consistent()
+
+
+def tags(path) -> list[str]:
+    """The internal snapshot tags in a qcow2 file."""
+    return [tag["name"] for tag in info_chain(path, "qcow2")[0].get("snapshots", [])]
+
+
+@pytest.mark.parametrize("operation", ["create", "revert"])
+def test_enospc_writing_an_internal_tag_rolls_back(env, small, operation):
+    """vda's tag is written, vdb's does not fit (its file is on the full filesystem): vda's goes again."""
+    for target, folder in (("vda", env.dir), ("vdb", small)):
+        subprocess.run([require("qemu-img"), "create", "-q", "-f", "qcow2", os.path.join(folder, f"web-{target}.qcow2"),
+                        "4M"], check=True)
+    env.write_domain("web", {"disks": [
+        {"target": "vda", "path": "web-vda.qcow2", "format": "qcow2", "backend": "qcow2"},
+        {"target": "vdb", "path": "small/web-vdb.qcow2", "format": "qcow2", "backend": "qcow2"}]})
+    gens = {}
+    for g, name in enumerate(["s1", "s2"], 1):
+        gens[g] = [put(env, 0x10 + g, g * MIB, MIB), put(env, 0x80 + g, g * MIB, MIB, target="vdb")]
+        env.run("create", "web", name)
+    now = [put(env, 0x33, 3 * MIB, MIB), put(env, 0x93, 3 * MIB, MIB, target="vdb")]
+    args = ["create", "web", "s3"] if operation == "create" else ["revert", "web", "s1"]
+    state = {"tags": {t: tags(p) for t, (p, _) in env.domain().items()}, "catalog": env.run("export", "web").stdout}
+    filler = fill(small, 0)
+    r = env.run(*args, check=False)
+    one_error_line(r, "small/web-vdb.qcow2", "No space left on device")
+    assert {"tags": {t: tags(p) for t, (p, _) in env.domain().items()}, "catalog": env.run("export", "web").stdout} == state
+    reads_all(env, gens[1] + gens[2] + now)
+    for path, _ in env.domain().values():
+        assert check_image(path, "qcow2") == 0, path
+    no_problems(env)
+    os.unlink(filler)
+    env.run(*args)
+    reads_all(env, gens[1] + (gens[2] + now if operation == "create" else [zero(p) for p in gens[2] + now]))
     env.assert_consistent()
 
 
