@@ -78,10 +78,18 @@ class _Reporter:
     close = _close
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"snapfw: warning: {message}", err=True)
+
+
 class _Group(click.Group):
-    """Turns snapfw's own errors into one line on stderr and an exit code, never a traceback."""
+    """Turns snapfw's own errors into one line on stderr and an exit code, never a traceback; warnings
+    (a broken plugin skipped) into one `snapfw: warning:` line."""
 
     def invoke(self, ctx):
+        import warnings
+
+        warnings.showwarning = _warning_line
         try:
             return super().invoke(ctx)
         except SnapfwError as e:

@@ -107,7 +107,9 @@ def test_entry_point_plugins_are_listed_with_their_versions(env, site):
 
 def test_a_plugin_that_fails_to_import_is_skipped_with_a_warning_naming_it(env, site):
     r = env.run("plugins", "--json", env=plugin_env(site, "broken", "demo"))
-    assert "snapfw plugin 'broken' (testplugin_broken) skipped: ModuleNotFoundError" in r.stderr
+    assert r.stderr.startswith("snapfw: warning: snapfw plugin 'broken' (testplugin_broken) skipped: "
+                               "ModuleNotFoundError"), r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
     assert {"demo", "qcow2"} <= {row["name"] for row in json.loads(r.stdout)}
 
 
