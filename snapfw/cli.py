@@ -87,9 +87,13 @@ class _Group(click.Group):
     (a broken plugin skipped) into one `snapfw: warning:` line."""
 
     def invoke(self, ctx):
+        import signal
         import warnings
 
         warnings.showwarning = _warning_line
+        # SIGTERM (systemd, kill) unwinds like Ctrl-C: an unrecorded change rolls back, a recorded one
+        # says to run check --repair, and the program being run is stopped first
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return super().invoke(ctx)
         except SnapfwError as e:

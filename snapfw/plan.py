@@ -83,14 +83,16 @@ class Plan:
 
 
 def _fault(phase: str, idx: int):
-    """Test hook: SNAPFW_FAULT=PHASE:INDEX:raise|kill fails or dies just before that step."""
+    """Test hook: SNAPFW_FAULT=PHASE:INDEX:raise|kill|term fails, dies, or gets SIGTERM (as from a service
+    manager or Ctrl-C) just before that step."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     want_phase, want_idx, action = (spec.split(":") + ["raise"])[:3]
     if want_phase == phase and int(want_idx) == idx:
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if action in ("kill", "term"):
+            os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
+            return  # SIGTERM: the CLI's handler raises KeyboardInterrupt at once
         raise SnapfwError(f"injected fault before {phase} step {idx}")
 
 
@@ -144,9 +146,10 @@ def _finish(plan_id, steps, catalog, ctx, already_done):
             catalog.mark_step(plan_id, "finish", i, "started")
             ctx.step(step)
             step.do(ctx)
-        except Exception as e:
-            raise Inconsistent(f"the change is recorded, but finishing it failed at '{step.describe()}' "
-                               f"({e}): run `snapfw check --repair` to finish it") from e
+        except (Exception, KeyboardInterrupt) as e:
+            why = "was interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({e})"
+            raise Inconsistent(f"the change is recorded, but finishing it {why} at '{step.describe()}': "
+                               "run `snapfw check --repair` to finish it") from e
         catalog.mark_step(plan_id, "finish", i, "done")
 
 

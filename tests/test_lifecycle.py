@@ -251,10 +251,10 @@ OPERATIONS = {  # args, and the generations the disks hold once the operation is
 }
 
 
-@pytest.mark.parametrize("action", ["raise", "kill"])
+@pytest.mark.parametrize("action", ["raise", "kill", "term"])
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))
 def test_failure_at_every_step_boundary(tmp_path, operation, action):
-    """Fail (or SIGKILL) before each step: before the commit the operation rolls back, after it
+    """Fail, SIGKILL or SIGTERM before each step: before the commit the operation rolls back, after it
     `snapfw check --repair` finishes it; either way every expected pattern reads back."""
     from conftest import Env
 
@@ -280,9 +280,12 @@ def test_failure_at_every_step_boundary(tmp_path, operation, action):
         r = env.run(*args, check=False, env={"SNAPFW_FAULT": f"{fault}:{action}"})
         assert r.returncode != 0 and "Traceback" not in r.stderr, fault
         committed = fault.startswith("finish")
-        if action == "raise":
+        if action == "term":
+            assert r.returncode == (1 if committed else 130), (fault, r.stderr)
+            assert ("was interrupted" if committed else "interrupted") in r.stderr, (fault, r.stderr)
+        if action != "kill":
             assert ("check --repair" in r.stderr) == committed, (fault, r.stderr)
-        if action == "raise" and not committed:
+        if action != "kill" and not committed:
             assert env.run("check").stdout.strip() == "No problems found."
         else:
             assert env.run("check", check=False).returncode == 1

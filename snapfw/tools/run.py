@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -71,8 +72,15 @@ def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float
                     progress(float(m.group(1)))
 
         kwargs.update(_out=feed, _out_bufsize=0)
+    running = cmd(*full[1:], _bg=True, _bg_exc=False, **kwargs)
     try:
-        done = cmd(*full[1:], **kwargs)
+        done = running.wait()
+    except (KeyboardInterrupt, SystemExit):
+        # interrupted: stop the program before the caller undoes what it was writing
+        running.terminate()
+        with contextlib.suppress(sh.ErrorReturnCode, sh.SignalException):
+            running.wait()
+        raise
     except sh.ErrorReturnCode as e:
         if wall and e.exit_code in (124, 137):
             raise ToolError(f"{' '.join(argv[:2])} did not finish within {wall:g} s", argv) from None
