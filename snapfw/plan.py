@@ -84,16 +84,15 @@ class Plan:
 
 def _fault(phase: str, idx: int):
     """Test hook: SNAPFW_FAULT=PHASE:INDEX:raise|kill|term fails, dies, or gets SIGTERM (as from a service
-    manager or Ctrl-C) just before that step."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    want_phase, want_idx, action = (spec.split(":") + ["raise"])[:3]
-    if want_phase == phase and int(want_idx) == idx:
-        if action in ("kill", "term"):
-            os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
-            return  # SIGTERM: the CLI's handler raises KeyboardInterrupt at once
-        raise SnapfwError(f"injected fault before {phase} step {idx}")
+    manager or Ctrl-C) just before that step. PHASE is prepare, commit, undo or finish; several faults
+    are separated by commas (to fail a step and then die while undoing it)."""
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        want_phase, want_idx, action = (spec.split(":") + ["raise"])[:3]
+        if want_phase == phase and int(want_idx) == idx:
+            if action in ("kill", "term"):
+                os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
+                return  # SIGTERM: the CLI's handler raises KeyboardInterrupt at once
+            raise SnapfwError(f"injected fault before {phase} step {idx}")
 
 
 def execute(plan: Plan, catalog, ctx) -> None:
@@ -128,8 +127,9 @@ def execute(plan: Plan, catalog, ctx) -> None:
 
 
 def _undo(started, ctx, plan_id, catalog, failure):
-    for step in reversed(started):
+    for i, step in enumerate(reversed(started)):
         try:
+            _fault("undo", i)
             step.undo(ctx)
         except Exception as e:
             raise Inconsistent(f"{failure}; and undoing '{step.describe()}' failed too ({e}): "

@@ -251,31 +251,69 @@ OPERATIONS = {  # args, and the generations the disks hold once the operation is
 }
 
 
+def three_generations(folder):
+    """A mixed domain (vda qcow2 internal, vdb raw external) with s1, s2 and generations 1-3 written."""
+    from conftest import Env
+
+    env = Env(folder)
+    os.mkdir(env.dir)
+    env.make_domain("web", backends={"vda": "qcow2", "vdb": "external"})
+    gen(env, 1)
+    env.run("create", "web", "s1")
+    gen(env, 2)
+    env.run("create", "web", "s2")
+    gen(env, 3)
+    return env
+
+
+def phases(env, args) -> tuple[int, int]:
+    steps = env.json(*args, "--dry-run")["plan"]["steps"]
+    n_prepare = sum(1 for st in steps if st["phase"] == "prepare")
+    return n_prepare, len(steps) - n_prepare
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+def test_a_crash_while_undoing_or_repairing_is_repaired(tmp_path, capsys, operation):
+    """Recovery is itself interruptible: SIGKILL before each undo step of a failed operation, and before
+    each finish step of a repair; the next `snapfw check --repair` rolls back or finishes all the same."""
+    args, after_gens = OPERATIONS[operation]
+    n_prepare, n_finish = phases(three_generations(tmp_path / "probe"), args)
+    cases = ([("undo", f"commit:0:raise,undo:{j}:kill", None) for j in range(n_prepare)]
+             + [("finish", f"finish:{k}:kill", f"finish:{k + 1}:kill") for k in range(n_finish - 1)])
+    assert cases
+    for n, (kind, fault, repair_fault) in enumerate(cases):
+        env = three_generations(tmp_path / f"c{n}")
+        listed, before = env.json("list", "web"), env.layout()
+        assert env.run(*args, check=False, env={"SNAPFW_FAULT": fault}).returncode == -9, fault
+        if repair_fault:
+            r = env.run("check", "--repair", check=False, env={"SNAPFW_FAULT": repair_fault})
+            assert r.returncode == -9, (fault, r.stderr)
+        env.run("check", "--repair")
+        assert env.run("check").stdout.strip() == "No problems found.", fault
+        if kind == "undo":
+            assert env.json("list", "web") == listed and env.layout() == before, fault
+            holds(env, {1, 2, 3})
+        else:
+            holds(env, after_gens)
+    with capsys.disabled():
+        print(f"\n{operation}: {n_prepare} SIGKILLs while undoing, {max(n_finish - 1, 0)} while repairing")
+
+
 @pytest.mark.parametrize("action", ["raise", "kill", "term"])
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))
 def test_failure_at_every_step_boundary(tmp_path, operation, action):
     """Fail, SIGKILL or SIGTERM before each step: before the commit the operation rolls back, after it
     `snapfw check --repair` finishes it; either way every expected pattern reads back."""
-    from conftest import Env
-
     args, after_gens = OPERATIONS[operation]
     boundaries = None
     i = 0
     while boundaries is None or i < len(boundaries):
-        env = Env(tmp_path / f"b{i}")
-        os.mkdir(env.dir)
-        env.make_domain("web", backends={"vda": "qcow2", "vdb": "external"})
-        gen(env, 1)
-        env.run("create", "web", "s1")
-        gen(env, 2)
-        env.run("create", "web", "s2")
-        gen(env, 3)
+        env = three_generations(tmp_path / f"b{i}")
         listed, before = env.json("list", "web"), env.layout()
         if boundaries is None:
-            steps = env.json(*args, "--dry-run")["plan"]["steps"]
-            n_prepare = sum(1 for st in steps if st["phase"] == "prepare")
+            n_prepare, n_finish = phases(env, args)
             boundaries = ([f"prepare:{k}" for k in range(n_prepare)] + ["commit:0"]
-                          + [f"finish:{k}" for k in range(len(steps) - n_prepare)])
+                          + [f"finish:{k}" for k in range(n_finish)])
         fault = boundaries[i]
         r = env.run(*args, check=False, env={"SNAPFW_FAULT": f"{fault}:{action}"})
         assert r.returncode != 0 and "Traceback" not in r.stderr, fault
