@@ -14,7 +14,7 @@ import time
 from . import connection, plugins
 from .backend import OFFLINE_CREATE, DiskGraph, DiskOp
 from .catalog import Catalog, ImageFile
-from .errors import BadInput, Inconsistent, NotSupported, PluginError, SnapfwError, UnknownSnapshot
+from .errors import BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, SnapfwError, UnknownSnapshot
 from .model import Disk, DiskRecord, Domain, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
@@ -74,14 +74,15 @@ class Inspector:
     """``qemu-img info --backing-chain`` once per file, refusing chains that leave the allowed roots,
     that let qemu guess a backing format, or that disagree with the catalog."""
 
-    def __init__(self, roots, files: dict[str, ImageFile]):
+    def __init__(self, roots, files: dict[str, ImageFile], shared: bool = False):
         self.roots = [os.path.realpath(r) for r in roots]
         self.files = files
+        self.shared = shared
         self.cache: dict[str, dict] = {}
 
     def __call__(self, path: str, fmt: str) -> dict:
         if path not in self.cache:
-            chain = qemuimg.info(path, fmt, chain=True)
+            chain = qemuimg.info(path, fmt, chain=True, shared=self.shared)
             for node in chain:
                 self._check_node(path, node)
             self.cache[path] = chain[0]
@@ -431,13 +432,19 @@ def _disagreements(session: Session, name: str) -> list[str]:
     tree = session.catalog.tree(name)
     files = session.catalog.files(name)
     inspect = Inspector(dom.allowed_roots, files)
+    advisory = Inspector(dom.allowed_roots, files, shared=True)
     out = []
     for path, f in sorted(files.items()):
         if not os.path.exists(path):
             out.append(f"{f.target}: {path} is in the catalog but missing on disk")
             continue
         try:
-            info = inspect(path, f.format)
+            try:
+                info = inspect(path, f.format)
+            except ImageInUse:
+                session.reporter.warn(f"{name}: {f.target}: {path} is in use by a running process; compared "
+                                      "from an advisory read (qemu-img -U), changes are refused while it runs")
+                info = advisory(path, f.format)
         except SnapfwError as e:
             out.append(f"{f.target}: {e}")
             continue

@@ -524,6 +524,9 @@ def test_image_held_by_a_running_qemu_is_in_use(env, web, tmp_path):
                      ("delete", "web", "s1")]
             for r in run_all(env, cases):
                 refused(r, "in use", vda)
+            checked = env.run("check")  # a running domain is no problem: compared from an advisory read
+            assert checked.stdout.strip() == "No problems found.", checked.stdout
+            assert f"{vda} is in use by a running process" in checked.stderr, checked.stderr
     finally:
         os.kill(pid, signal.SIGTERM)
         for i in range(200):

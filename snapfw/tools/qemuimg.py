@@ -34,12 +34,15 @@ def _extent(e) -> bool:
     return isinstance(e, dict) and all(isinstance(e.get(k), int) for k in ("length", "depth", "data"))
 
 
-def info(path: str, fmt: str, chain: bool = False, limited: bool = True):
+def info(path: str, fmt: str, chain: bool = False, limited: bool = True, shared: bool = False):
     """``qemu-img info --output=json``: a dict, or with ``chain`` the list top first.
 
-    Without ``-U`` this takes the image lock, so an image a running QEMU writes raises ImageInUse.
+    Without ``shared`` (``-U``) this takes the image lock, so an image a running QEMU writes raises
+    ImageInUse; with it the read is advisory (rule 1), for reports only.
     """
     argv = [QEMU_IMG, "info", "--output=json", "-f", fmt]
+    if shared:
+        argv.append("-U")
     if chain:
         argv.append("--backing-chain")
     argv.append(path)
