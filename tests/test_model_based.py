@@ -10,6 +10,10 @@ model, and the catalog must match the image files.
 
 The only refusal the model accepts is reverting to an internal snapshot whose file later states read
 through: it checks in the catalog that this is so, and that the refusal changed no byte of any file.
+
+A third of the operations get a failure injected before one of their steps (SNAPFW_FAULT, when the plan
+has that step), then `check --repair` runs as a user would: a failure before the commit must leave the
+model's state, one after it the operation's.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from conftest import Env, require
-from snapfw.errors import BadInput, Refused
+from snapfw.errors import BadInput, Inconsistent, Refused, SnapfwError
+from snapfw.plan import FAULT_ENV
 
 SLOT = 16 * 1024
 SLOTS = 16
@@ -35,6 +40,7 @@ TARGETS = ("vda", "vdb")
 NAMES = ("a", "b", "c", "d", "e", "f")  # a small pool, so names of deleted snapshots come back
 BACKENDS = st.sampled_from(["qcow2", "external", None])  # None: let snapfw pick
 SLOT_PER_DISK = st.tuples(st.integers(0, SLOTS - 1), st.integers(0, SLOTS - 1))
+FAULTS = st.one_of(st.none(), st.none(), st.tuples(st.sampled_from(["prepare", "commit", "finish"]), st.integers(0, 3)))
 # tmpfs when there is one: the catalog fsyncs every journal entry, the slowest part on a real disk
 SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
@@ -160,9 +166,29 @@ class Snapshots(RuleBasedStateMachine):
         for target, (slot, byte) in writes.items():
             self.active[target][slot] = byte
 
+    def attempt(self, fault, operation, *args, **kwargs) -> bool:
+        """Run a lifecycle operation on ``web`` with ``fault`` injected before that step if the plan has
+        it, then repair. Returns whether the operation took effect."""
+        os.environ[FAULT_ENV] = "%s:%d:raise" % fault if fault else ""
+        try:
+            operation(self.session, "web", *args, **kwargs)
+            interrupted, took = False, True
+        except Inconsistent as e:  # failed after the commit: recorded, to be finished
+            assert "injected fault before finish" in str(e), e
+            interrupted, took = True, True
+        except SnapfwError as e:
+            if "injected fault" not in str(e):
+                raise
+            interrupted, took = False, False
+        finally:
+            del os.environ[FAULT_ENV]
+        repaired = self.lc.check(self.session, "web", repair=True)
+        assert repaired == ([f"web: finished {operation.__name__} of web"] if interrupted else []), repaired
+        return took
+
     # --- steps ---------------------------------------------------------------------------------------
-    @rule(name=st.sampled_from(NAMES), vda=BACKENDS, vdb=BACKENDS, slots=SLOT_PER_DISK)
-    def create(self, name, vda, vdb, slots):
+    @rule(name=st.sampled_from(NAMES), vda=BACKENDS, vdb=BACKENDS, slots=SLOT_PER_DISK, fault=FAULTS)
+    def create(self, name, vda, vdb, slots, fault):
         formats = {t: fmt for t, (_path, fmt) in self.env.domain("web").items()}
         wanted = {t: b for t, b in (("vda", vda), ("vdb", vdb)) if b and (b != "qcow2" or formats[t] == "qcow2")}
         if name in self.parents:
@@ -172,8 +198,7 @@ class Snapshots(RuleBasedStateMachine):
                 assert "already has a snapshot" in str(e), e
             else:
                 raise AssertionError(f"a second snapshot named {name} was created")
-        else:
-            self.lc.create(self.session, "web", name, backends=wanted)
+        elif self.attempt(fault, self.lc.create, name, backends=wanted):
             self.parents[name] = self.current
             self.saved[name] = {t: dict(d) for t, d in self.active.items()}
             self.current = name
@@ -182,25 +207,30 @@ class Snapshots(RuleBasedStateMachine):
         self.settle(slots)
 
     @precondition(lambda self: self.parents)
-    @rule(data=st.data(), slots=SLOT_PER_DISK)
-    def revert(self, data, slots):
+    @rule(data=st.data(), slots=SLOT_PER_DISK, fault=FAULTS)
+    def revert(self, data, slots, fault):
         name = data.draw(st.sampled_from(sorted(self.parents)), label="revert to")
         before = self.env.state()
         try:
-            self.lc.revert(self.session, "web", name)
+            took = self.attempt(fault, self.lc.revert, name)
         except Refused as e:
             self.legitimate_refusal(name, str(e))
             assert self.env.state() == before, "a refused revert changed files"
         else:
+            if not took:
+                self.settle(slots)
+                return
             self.current = name
             self.active = {t: dict(d) for t, d in self.saved[name].items()}
         self.settle(slots)
 
     @precondition(lambda self: self.parents)
-    @rule(data=st.data(), children=st.booleans(), slots=SLOT_PER_DISK)
-    def delete(self, data, children, slots):
+    @rule(data=st.data(), children=st.booleans(), slots=SLOT_PER_DISK, fault=FAULTS)
+    def delete(self, data, children, slots, fault):
         name = data.draw(st.sampled_from(sorted(self.parents)), label="delete")
-        self.lc.delete(self.session, "web", name, children=children)
+        if not self.attempt(fault, self.lc.delete, name, children=children):
+            self.settle(slots)
+            return
         gone = {name}
         while children and {n for n, p in self.parents.items() if p in gone} - gone:
             gone |= {n for n, p in self.parents.items() if p in gone}
