@@ -21,6 +21,7 @@ PACKAGE_HINT = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils"}
 
 
 _PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: no dlopen between fork and exec
 
 
 def _die_with_parent(parent: int):
@@ -28,8 +29,9 @@ def _die_with_parent(parent: int):
 
     An orphaned qemu-img would go on writing and hold the image lock, so `snapfw check --repair` right
     after a crash would find the image "in use". SIGTERM, not SIGKILL: coreutils `timeout` passes it on.
+    The kernel sends it when the forking thread ends, so programs are run from long-lived threads only.
     """
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # snapfw died before prctl took effect
         os._exit(128 + signal.SIGTERM)
 
