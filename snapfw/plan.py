@@ -123,7 +123,18 @@ def execute(plan: Plan, catalog, ctx) -> None:
         _undo(started, ctx, plan_id, catalog, failure)
         raise
     _finish(plan_id, plan.finish, catalog, ctx, set())
-    catalog.forget_plan(plan_id)
+    _forget(catalog, plan_id, "the change is done")
+
+
+def _forget(catalog, plan_id, outcome: str, failure: BaseException | None = None):
+    """Clear the journal entry; if the catalog cannot be written (its filesystem is full), the entry
+    stays for `check --repair`, which redoes only idempotent steps, and the error says so."""
+    try:
+        catalog.forget_plan(plan_id)
+    except SnapfwError as e:
+        cause = f"{failure or 'interrupted'}; " if failure is not None else ""
+        raise Inconsistent(f"{cause}{outcome}, but its journal entry could not be cleared ({e}): run "
+                           "`snapfw check --repair` once the catalog can be written") from (failure or e)
 
 
 def _undo(started, ctx, plan_id, catalog, failure):
@@ -134,7 +145,7 @@ def _undo(started, ctx, plan_id, catalog, failure):
         except Exception as e:
             raise Inconsistent(f"{failure}; and undoing '{step.describe()}' failed too ({e}): "
                                "run `snapfw check --repair`") from failure
-    catalog.forget_plan(plan_id)
+    _forget(catalog, plan_id, "rolled back", failure)
 
 
 def _finish(plan_id, steps, catalog, ctx, already_done):
@@ -146,11 +157,11 @@ def _finish(plan_id, steps, catalog, ctx, already_done):
             catalog.mark_step(plan_id, "finish", i, "started")
             ctx.step(step)
             step.do(ctx)
+            catalog.mark_step(plan_id, "finish", i, "done")
         except (Exception, KeyboardInterrupt) as e:
             why = "was interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({e})"
             raise Inconsistent(f"the change is recorded, but finishing it {why} at '{step.describe()}': "
                                "run `snapfw check --repair` to finish it") from e
-        catalog.mark_step(plan_id, "finish", i, "done")
 
 
 def recover(catalog, ctx, plan: dict) -> str:
@@ -160,7 +171,7 @@ def recover(catalog, ctx, plan: dict) -> str:
         steps = [Step.from_json(s) for s in plan["steps"]["finish"]]
         done = {i for (ph, i), st in marks.items() if ph == "finish" and st == "done"}
         _finish(plan["id"], steps, catalog, ctx, done)
-        catalog.forget_plan(plan["id"])
+        _forget(catalog, plan["id"], "finished")
         return f"finished {plan['operation']} of {plan['domain']}"
     steps = [Step.from_json(s) for s in plan["steps"]["prepare"]]
     started = [s for i, s in enumerate(steps) if ("prepare", i) in marks]

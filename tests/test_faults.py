@@ -6,6 +6,7 @@
 - EIO from the base file while a delete streams from it or commits into it: snapfw passes plain file
   names, so the failing disk is a qcow2 exported as a raw file over FUSE by qemu-storage-daemon through
   blkdebug;
+- the catalog's own filesystem full at open, and filling up while an operation journals its steps;
 - qemu-img missing from PATH, or printing garbage;
 - 4 processes hammering one domain, and 4 working on 4 domains at once;
 - SIGKILL at every step boundary of an external delete, on its commit path and its stream path, and in
@@ -286,6 +287,56 @@ def test_catalog_on_a_full_filesystem_is_refused_without_harm(tmp_path):
         reads_all(env, pats)
         no_problems(env)
         env.run("create", "web", "s3")
+        env.assert_consistent()
+
+
+CATALOG_FULL = {  # args; whether it took effect, from the listing; the generations the disks then hold
+    "create": (["create", "web", "s3"], lambda listed: "s3" in {s["name"] for s in listed}, (1, 2, 3)),
+    "revert": (["revert", "web", "s1"], lambda listed: any(s["current"] and s["name"] == "s1" for s in listed),
+               (1,)),
+    "delete": (["delete", "web", "s1"], lambda listed: "s1" not in {s["name"] for s in listed}, (1, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("operation", sorted(CATALOG_FULL))
+def test_catalog_filling_up_during_an_operation(env, tmp_path, monkeypatch, operation):
+    """The catalog's filesystem has less and less room left, from none up, until the operation fits:
+    every failure is one clear error, and the disks are rolled back or the change is finished by
+    `check --repair` once there is room, the catalog always matching the disks."""
+    args, took_effect, holds_after = CATALOG_FULL[operation]
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setenv("SNAPFW_STATE_DIR", str(state))
+    with tmpfs(state):
+        env.make_domain("web", backends={"vdb": "external"})
+        gens = {}
+        for g, name in enumerate(["s1", "s2", None], 1):
+            gens[g] = [put(env, 0x10 + g, g * KIB64), put(env, 0x80 + g, g * KIB64, target="vdb")]
+            if name:
+                env.run("create", "web", name)
+        seen = collections.Counter()
+        for leave in range(0, 1024 * 1024, 8 * 1024):
+            filler = fill(str(state), leave)
+            r = env.run(*args, check=False)
+            os.unlink(filler)
+            if r.returncode == 0:
+                seen["done"] += 1
+                break
+            line = one_error_line(r)
+            if "check --repair" in line:
+                seen["repaired"] += 1
+                env.run("check", "--repair")
+            else:
+                assert "catalog" in line and "full" in line, line
+                seen["refused"] += 1
+            assert env.run("check").stdout.strip() == "No problems found."
+            if took_effect(env.json("list", "web")):
+                break
+        print(f"catalog filling up during {operation}: {dict(seen)}")
+        assert seen["refused"] and (seen["done"] or seen["repaired"]), seen
+        listed = env.json("list", "web")
+        assert took_effect(listed), listed
+        reads_all(env, [p for g in (1, 2, 3) for p in (gens[g] if g in holds_after else map(zero, gens[g]))])
         env.assert_consistent()
 
 
