@@ -1,16 +1,16 @@
 """Faults (TESTING.md 6, 7, 8 and 13; issue 7), through the real `snapfw` command on real images.
 
-- ENOSPC while creating overlays (prepare phase: rolled back, no partial file) and while committing or
-  streaming (finish phase: `snapfw check --repair` finishes it once there is room), on a small tmpfs;
-  and a catalog whose own filesystem is full;
+- ENOSPC while creating overlays or writing internal tags (prepare phase: rolled back, no partial file,
+  no tag left on the other disk) and while committing or streaming (finish phase: `snapfw check --repair`
+  finishes it once there is room), on a small tmpfs;
 - EIO from the base file while a delete streams from it or commits into it: snapfw passes plain file
   names, so the failing disk is a qcow2 exported as a raw file over FUSE by qemu-storage-daemon through
   blkdebug;
 - the catalog's own filesystem full at open, and filling up while an operation journals its steps;
 - qemu-img missing from PATH, or printing garbage;
 - 4 processes hammering one domain, and 4 working on 4 domains at once;
-- SIGKILL at every step boundary of an external delete, on its commit path and its stream path, and in
-  the middle of the qemu-img that commits or streams 512 MiB.
+- SIGKILL at every step boundary of an external delete, on its commit path and its stream path; SIGKILL
+  or SIGTERM in the middle of the qemu-img that commits or streams 512 MiB.
 
 Every case ends with every written pattern read back and the catalog matching the disks.
 """
