@@ -408,7 +408,9 @@ class BackendConformance:
     def test_failure_at_every_step_boundary(self, snapfw_rig, operation, monkeypatch):
         """SNAPFW_FAULT fails the operation before each step. Before the commit everything rolls back (and
         undoing a step that never ran changes nothing); after it `check --repair` finishes the operation,
-        even when a finish step runs twice. A dry run changes nothing; every step survives the journal."""
+        even when a finish step runs twice. A rollback that fails before its last undo is completed by
+        `check --repair`, which undoes every step again. A dry run changes nothing; every step survives
+        the journal."""
         from . import lifecycle
         from .errors import Inconsistent, SnapfwError
         from .plan import FAULT_ENV, Step
@@ -428,14 +430,18 @@ class BackendConformance:
             assert Step.from_json(json.loads(json.dumps(step.to_json()))) == step, \
                 f"{step!r} does not survive the journal: its fields must be JSON values"
         boundaries = ([("prepare", i) for i in range(len(plan.prepare))] + [("commit", 0)]
+                      + [("undo", len(plan.prepare) - 1)] * bool(plan.prepare)
                       + [("finish", i) for i in range(len(plan.finish))])
         for phase, i in boundaries:
             rig = rig or scenario()  # after a committed fault, start again
-            monkeypatch.setenv(FAULT_ENV, f"{phase}:{i}:raise")
+            monkeypatch.setenv(FAULT_ENV, f"{phase}:{i}:raise" if phase != "undo" else f"commit:0:raise,undo:{i}:raise")
             with pytest.raises(SnapfwError) as failed:
                 getattr(rig, operation)(name)
             monkeypatch.delenv(FAULT_ENV)
             where = f"{operation}, fault before {phase} step {i}"
+            if phase == "undo":
+                assert isinstance(failed.value, Inconsistent) and "check --repair" in str(failed.value), where
+                assert lifecycle.check(rig.session, DOMAIN, repair=True), where
             if phase != "finish":
                 assert not rig.session.catalog.unfinished_plans(DOMAIN), f"{where}: the journal kept the plan"
                 if i == 0 and phase == "prepare":  # no step ran: undoing any of them must change nothing
