@@ -217,11 +217,9 @@ class Snapshots(RuleBasedStateMachine):
             self.legitimate_refusal(name, str(e))
             assert self.env.state() == before, "a refused revert changed files"
         else:
-            if not took:
-                self.settle(slots)
-                return
-            self.current = name
-            self.active = {t: dict(d) for t, d in self.saved[name].items()}
+            if took:
+                self.current = name
+                self.active = {t: dict(d) for t, d in self.saved[name].items()}
         self.settle(slots)
 
     @precondition(lambda self: self.parents)
