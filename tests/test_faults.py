@@ -178,6 +178,7 @@ def test_enospc_writing_an_internal_tag_rolls_back(env, small, operation):
         env.run("create", "web", name)
     now = [put(env, 0x33, 3 * MIB, MIB), put(env, 0x93, 3 * MIB, MIB, target="vdb")]
     args = ["create", "web", "s3"] if operation == "create" else ["revert", "web", "s1"]
+
     def state():
         return {"tags": {t: tags(p) for t, (p, _) in env.domain().items()}, "catalog": env.run("export", "web").stdout}
 
