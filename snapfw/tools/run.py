@@ -79,7 +79,8 @@ def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float
         done = running.wait()
     except (KeyboardInterrupt, SystemExit):
         # interrupted: stop the program before the caller undoes what it was writing
-        running.terminate()
+        with contextlib.suppress(ProcessLookupError):  # it may have ended and been reaped already
+            running.terminate()
         with contextlib.suppress(sh.ErrorReturnCode, sh.SignalException):
             running.wait()
         raise
