@@ -132,9 +132,14 @@ def _forget(catalog, plan_id, outcome: str, failure: BaseException | None = None
     try:
         catalog.forget_plan(plan_id)
     except SnapfwError as e:
-        cause = f"{failure or 'interrupted'}; " if failure is not None else ""
+        cause = f"{_reason(failure)}; " if failure is not None else ""
         raise Inconsistent(f"{cause}{outcome}, but its journal entry could not be cleared ({e}): run "
                            "`snapfw check --repair` once the catalog can be written") from (failure or e)
+
+
+def _reason(failure: BaseException) -> str:
+    """What went wrong, in words; a KeyboardInterrupt (Ctrl-C, SIGTERM) has none of its own."""
+    return str(failure) or "interrupted"
 
 
 def _undo(started, ctx, plan_id, catalog, failure):
@@ -143,7 +148,7 @@ def _undo(started, ctx, plan_id, catalog, failure):
             _fault("undo", i)
             step.undo(ctx)
         except Exception as e:
-            raise Inconsistent(f"{failure}; and undoing '{step.describe()}' failed too ({e}): "
+            raise Inconsistent(f"{_reason(failure)}; and undoing '{step.describe()}' failed too ({e}): "
                                "run `snapfw check --repair`") from failure
     _forget(catalog, plan_id, "rolled back", failure)
 
