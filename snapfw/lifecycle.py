@@ -74,15 +74,23 @@ class Inspector:
     """``qemu-img info --backing-chain`` once per file, refusing chains that leave the allowed roots,
     that let qemu guess a backing format, or that disagree with the catalog."""
 
-    def __init__(self, roots, files: dict[str, ImageFile], shared: bool = False):
+    def __init__(self, roots, files: dict[str, ImageFile], in_use=None):
+        """``in_use(path)``, for reports only: called for an image a running QEMU holds, which is then
+        read with ``-U`` (advisory, rule 1) instead of raising ImageInUse."""
         self.roots = [os.path.realpath(r) for r in roots]
         self.files = files
-        self.shared = shared
+        self.in_use = in_use
         self.cache: dict[str, dict] = {}
 
     def __call__(self, path: str, fmt: str) -> dict:
         if path not in self.cache:
-            chain = qemuimg.info(path, fmt, chain=True, shared=self.shared)
+            try:
+                chain = qemuimg.info(path, fmt, chain=True)
+            except ImageInUse:
+                if self.in_use is None:
+                    raise
+                self.in_use(path)
+                chain = qemuimg.info(path, fmt, chain=True, shared=True)
             for node in chain:
                 self._check_node(path, node)
             self.cache[path] = chain[0]
@@ -431,20 +439,19 @@ def _disagreements(session: Session, name: str) -> list[str]:
         return [str(e)]
     tree = session.catalog.tree(name)
     files = session.catalog.files(name)
-    inspect = Inspector(dom.allowed_roots, files)
-    advisory = Inspector(dom.allowed_roots, files, shared=True)
+
+    def in_use(path):
+        session.reporter.warn(f"{name}: {files[path].target}: {path} is in use by a running process; compared "
+                              "from an advisory read (qemu-img -U), changes are refused while it runs")
+
+    inspect = Inspector(dom.allowed_roots, files, in_use)
     out = []
     for path, f in sorted(files.items()):
         if not os.path.exists(path):
             out.append(f"{f.target}: {path} is in the catalog but missing on disk")
             continue
         try:
-            try:
-                info = inspect(path, f.format)
-            except ImageInUse:
-                session.reporter.warn(f"{name}: {f.target}: {path} is in use by a running process; compared "
-                                      "from an advisory read (qemu-img -U), changes are refused while it runs")
-                info = advisory(path, f.format)
+            info = inspect(path, f.format)
         except SnapfwError as e:
             out.append(f"{f.target}: {e}")
             continue
