@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -48,6 +49,21 @@ def info_chain(path: str, fmt: str) -> list[dict]:
     out = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain", "-f", fmt, path],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)
+
+
+def exited_within(pid: int, seconds: float) -> bool:
+    """True once process ``pid`` has exited within ``seconds``; a zombie counts as exited (PID 1 here
+    may never reap a daemonized QEMU or an orphaned qemu-img)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def check_image(path: str, fmt: str) -> int:

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import KIB64, info_chain, qemu_io, require
+from conftest import KIB64, exited_within, info_chain, qemu_io, require
 
 EXIT_BAD_INPUT = 2
 LONG = "n" * 256  # one byte too many
@@ -529,12 +529,9 @@ def test_image_held_by_a_running_qemu_is_in_use(env, web, tmp_path):
             assert f"{vda} is in use by a running process" in checked.stderr, checked.stderr
     finally:
         os.kill(pid, signal.SIGTERM)
-        for i in range(200):
-            try:
-                os.kill(pid, signal.SIGKILL if i == 100 else 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
+        if not exited_within(pid, 5):
+            os.kill(pid, signal.SIGKILL)
+            exited_within(pid, 5)
     for target, byte, offset in web:
         assert env.reads("web", target, byte, offset)
     env.run("create", "web", "s2")  # once QEMU is gone the same command works

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IN_CI, KIB64, Env, check_image, info_chain, qemu_io, require, write
+from conftest import IN_CI, KIB64, Env, check_image, exited_within, info_chain, qemu_io, require, write
 
 MIB = 1024 * 1024
 
@@ -693,20 +693,6 @@ def descendants(pid: int) -> dict[int, str]:
     return out
 
 
-def gone_within(pid: int, seconds: float) -> bool:
-    """True once ``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.01)
-    return False
-
-
 BIG = 512 * MIB
 MID_SCRIPTS = {  # what to write and snapshot, the snapshot whose delete copies 512 MiB, its first step
     # s2's file holds 1 GiB, its only child 512 MiB: commit the child into it
@@ -756,7 +742,7 @@ def test_a_signal_while_qemu_img_copies(env, path, signal):
         assert proc.returncode == -9
     else:
         assert proc.returncode == 1 and "finishing it was interrupted" in stderr and "check --repair" in stderr
-    assert all(gone_within(pid, 1.0) for pid in copying), "qemu-img outlived snapfw"
+    assert all(exited_within(pid, 1.0) for pid in copying), "qemu-img outlived snapfw"
     assert "finished delete" in env.run("check", "--repair").stdout
     no_problems(env)
     assert victim not in env.snapshot_names()
