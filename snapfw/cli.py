@@ -293,14 +293,12 @@ def _snapshot_dict(tree, name, files) -> dict:
 def show(ctx, domain, name, as_json):
     """Show one snapshot: its place in the tree and each disk's files."""
     from . import lifecycle
-    from .errors import UnknownSnapshot
     from .model import check_name
 
     check_name("snapshot", name)
     session = _session(ctx)
     tree = lifecycle.snapshots(session, domain)
-    if name not in tree:
-        raise UnknownSnapshot(f"domain {domain} has no snapshot {name!r}")
+    lifecycle.find_snapshot(tree, domain, name)
     d = _snapshot_dict(tree, name, session.catalog.files(domain))
     if as_json:
         _emit(d)

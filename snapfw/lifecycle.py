@@ -339,7 +339,7 @@ def revert(session: Session, domain: str, name: str, dry_run: bool = False) -> P
     check_name("snapshot", name)
     with session.lock(o.name):
         o.load()
-        snap = _snapshot(o, name)
+        snap = find_snapshot(o.tree, o.name, name)
         targets = {r.target for r in snap.disks}
         ops = o.start([d for d in o.domain.disks if d.target in targets])
         for op in ops:
@@ -361,7 +361,7 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
     check_name("snapshot", name)
     with session.lock(o.name):
         o.load()
-        _snapshot(o, name)
+        find_snapshot(o.tree, o.name, name)
         names = [name] + (o.tree.descendants(name) if children else [])
         targets = {r.target for n in names for r in o.tree.by_name[n].disks}
         ops = o.start([d for d in o.domain.disks if d.target in targets])
@@ -386,29 +386,29 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
                      lambda: h.snapfw_post_delete(domain=o.domain, names=names))
 
 
-def _snapshot(o: _Operation, name: str) -> Snapshot:
-    if name not in o.tree:
-        raise UnknownSnapshot(f"domain {o.name} has no snapshot {name!r}")
-    return o.tree.by_name[name]
+def find_snapshot(tree: Tree, domain: str, name: str) -> Snapshot:
+    """``name`` in ``domain``'s tree, or UnknownSnapshot."""
+    if name not in tree:
+        raise UnknownSnapshot(f"domain {domain} has no snapshot {name!r}")
+    return tree.by_name[name]
 
 
 # --- reading -----------------------------------------------------------------------------------------
 def snapshots(session: Session, domain: str) -> Tree:
     """The snapshot tree of ``domain``; an unknown domain is an error, a domain without snapshots is not."""
+    catalog = ensure_domain(session, domain)
+    return catalog.tree(domain) if catalog is not None else Tree([])
+
+
+def ensure_domain(session: Session, domain: str) -> Catalog | None:
+    """Raise UnknownDomain unless the catalog or the driver knows ``domain``; return the catalog if it
+    knows it (without creating a catalog just to read)."""
     check_name("domain", domain)
     catalog = Catalog.open(session.state, create=False)
     if catalog is not None and catalog.has_domain(domain):
-        return catalog.tree(domain)
+        return catalog
     session.driver.domain(domain)  # raises UnknownDomain
-    return Tree([])
-
-
-def ensure_domain(session: Session, domain: str) -> None:
-    """Raise UnknownDomain unless the catalog or the driver knows ``domain``."""
-    check_name("domain", domain)
-    catalog = Catalog.open(session.state, create=False)
-    if catalog is None or not catalog.has_domain(domain):
-        session.driver.domain(domain)
+    return None
 
 
 def check(session: Session, domain: str | None = None, repair: bool = False) -> list[str]:
