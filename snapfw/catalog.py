@@ -265,10 +265,14 @@ class Catalog:
         self._q("BEGIN IMMEDIATE")
         try:
             yield Changes(self)
+            self._q("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # also after a failed COMMIT: SQLite may leave the transaction open on SQLITE_FULL or IOERR,
+            # and the next write (clearing the journal after an undo) must not find it still there
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
             raise
-        self._q("COMMIT")
 
     # journal: each call is its own fsynced transaction, written before the step it announces
     def begin_plan(self, plan_id: str, domain: str, operation: str, steps: dict):
