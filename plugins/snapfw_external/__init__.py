@@ -61,15 +61,17 @@ class ExternalBackend(DiskBackend):
         options = []
         if len(children) == 1 and frozen not in g.pinned:  # never write into a base others read
             options.append((_bytes(children[0], g.format(children[0]), 0), "commit"))
+        streamed = {}  # child -> bytes it would copy from ``frozen``
         if frozen in g.pinned or not [n for n in g.referrers(frozen) if n != snapshot]:
-            options.append((sum(_bytes(c, g.format(c), 1) for c in children), "stream"))
+            streamed = {c: _bytes(c, g.format(c), 1) for c in children}
+            options.append((sum(streamed.values()), "stream"))
         if not options:
             return
         cost, how = min(options)
         if how == "commit":
             self._commit(op, frozen, children[0], cost)
         else:
-            self._stream(op, frozen, children, op.inspect(frozen, fmt))
+            self._stream(op, frozen, streamed, op.inspect(frozen, fmt))
 
     def _commit(self, op, base, top, cost):
         """``top`` (the only child) is written into ``base``, which then stands for whatever ``top`` was."""
@@ -84,13 +86,13 @@ class ExternalBackend(DiskBackend):
             g.active, g.active_format = base, g.format(base)
             op.define_after_finish = True
 
-    def _stream(self, op, base, children, info):
-        """Each child first copies what it read from ``base``, then is backed by ``base``'s own backing."""
+    def _stream(self, op, base, streamed, info):
+        """Each child first copies what it read from ``base`` (``streamed``: child -> bytes), then is
+        backed by ``base``'s own backing."""
         g = op.graph
         below = g.files[base].backing
         below_fmt = info.get("backing-filename-format") if below else None
-        for child in children:
-            cost = _bytes(child, g.format(child), 1)
+        for child, cost in streamed.items():
             op.finish.append(Rebase(child, g.format(child), below, below_fmt, bytes_to_copy=cost))
             g.files[child].backing = below
 
