@@ -15,6 +15,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from .connection import fsync_dir
 from .errors import CatalogError, UnknownSnapshot
 from .model import DiskRecord, Snapshot, Tree
 
@@ -156,11 +157,7 @@ class Catalog:
                 os.link(tmp, path)
             except FileExistsError:
                 pass
-            dfd = os.open(os.path.dirname(path), os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(os.path.dirname(path))
         except sqlite3.DatabaseError as e:
             raise CatalogError(f"cannot create catalog {path}: {e}") from None
         finally:

@@ -80,3 +80,12 @@ def domain_lock(state: str, domain: str, timeout: float, waiting):
         yield
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or link into directory ``path`` durable (after a crash the new name is there)."""
+    fd = os.open(path, os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

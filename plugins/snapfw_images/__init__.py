@@ -21,7 +21,7 @@ import tempfile
 import yaml
 
 from snapfw.backend import HypervisorDriver
-from snapfw.connection import local_dir
+from snapfw.connection import fsync_dir, local_dir
 from snapfw.errors import BadInput, UnknownDomain
 from snapfw.hookspecs import hookimpl
 from snapfw.model import FORMATS, Disk, Domain, check_name
@@ -122,11 +122,7 @@ class ImagesDriver(HypervisorDriver):
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        dfd = os.open(self.dir, os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.dir)
 
 
 @hookimpl
