@@ -18,6 +18,12 @@ def _tags(path: str) -> set[str]:
     return {s["name"] for s in qemuimg.info(path, "qcow2").get("snapshots", [])}
 
 
+def _delete_tag(path: str, tag: str):
+    """Delete ``tag`` if it is there: a step may run again after a crash."""
+    if os.path.exists(path) and tag in _tags(path):
+        qemuimg.snapshot("-d", path, tag)
+
+
 def _remove(path: str):
     try:
         os.unlink(path)
@@ -73,8 +79,7 @@ class CreateTag(Step):
         qemuimg.snapshot("-c", self.path, self.tag)
 
     def undo(self, ctx):
-        if os.path.exists(self.path) and self.tag in _tags(self.path):
-            qemuimg.snapshot("-d", self.path, self.tag)
+        _delete_tag(self.path, self.tag)
 
     def describe(self):
         return f"create internal snapshot {self.tag!r} in {self.path}"
@@ -114,8 +119,7 @@ class DeleteTag(Step):
     tag: str
 
     def do(self, ctx):
-        if os.path.exists(self.path) and self.tag in _tags(self.path):
-            qemuimg.snapshot("-d", self.path, self.tag)
+        _delete_tag(self.path, self.tag)
 
     def describe(self):
         return f"delete internal snapshot {self.tag!r} from {self.path}"
