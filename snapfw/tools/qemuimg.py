@@ -105,14 +105,3 @@ def map_extents(path: str, fmt: str) -> list[dict]:
     argv = [QEMU_IMG, "map", "--output=json", "-f", fmt, path]
     return _json(argv, run(argv, limited=True), lambda d: isinstance(d, list) and all(map(_extent, d)))
 
-
-def check(path: str, fmt: str) -> int:
-    """``qemu-img check``'s exit code: 0 clean, 2 corrupt, 3 leaked clusters only."""
-    argv = [QEMU_IMG, "check", "-q", "-f", fmt, path]
-    try:
-        run(argv)
-    except ToolError as e:
-        if e.returncode in (2, 3):
-            return e.returncode
-        raise
-    return 0
