@@ -68,6 +68,13 @@ def test_readme_test_command_is_what_ci_runs():
     assert ci_last.strip() == commands[1][1].strip()
 
 
+def test_readme_install_command_installs_what_ci_installs():
+    """A fresh machine that ran command 1 has every program the suite needs (command 2 then skips nothing)."""
+    install = re.findall(r"^# 1\. .*\n(.+)$", _read("README.md"), re.M)[0]
+    ci = re.search(r"^for p in (.+); do$", _read(".ci/run"), re.M).group(1).split()
+    assert set(ci) <= set(install.split()), f"README command 1 lacks {sorted(set(ci) - set(install.split()))}"
+
+
 def test_quickstart_runs_and_shows_what_the_readme_says(tmp_path):
     require("qemu-img")
     bindir = os.path.dirname(sys.executable)
