@@ -7,9 +7,11 @@ Every step is idempotent and its undo tolerates a partial or missing ``do``, bec
 from __future__ import annotations
 
 import os
+import secrets
 import struct
 from dataclasses import dataclass
 
+from .model import fit_file_name
 from .plan import Step
 from .tools import qemuimg
 
@@ -24,6 +26,14 @@ def _delete_tag(path: str, tag: str):
         qemuimg.snapshot("-d", path, tag)
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        x, y = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
+
+
 def _remove(path: str):
     try:
         os.unlink(path)
@@ -33,28 +43,47 @@ def _remove(path: str):
 
 @dataclass
 class CreateOverlay(Step):
-    """A new qcow2 overlay on ``backing``: the external snapshot's new active file."""
+    """A new qcow2 overlay on ``backing``: the external snapshot's new active file.
+
+    ``qemu-img create`` writes it under ``work``, a hidden name drawn when the plan is made and journaled
+    with it, and only then is it linked to ``path`` (a link never replaces a file somebody else made
+    there). So whatever state qemu-img died in, the file is provably this step's: by its journaled name
+    until it is whole, by being the same file as ``work`` once linked.
+    """
 
     path: str
     backing: str
     backing_format: str
+    work: str = ""
+
+    def __post_init__(self):
+        if not self.work:
+            folder, name = os.path.split(self.path)
+            token = secrets.token_hex(6)  # `.<name>.<token>.tmp` within NAME_MAX
+            self.work = os.path.join(folder, f".{fit_file_name(name, 255 - 18)}.{token}.tmp")
 
     def do(self, ctx):
-        os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # claim the name first
-        qemuimg.create_overlay(self.path, self.backing, self.backing_format)
+        os.close(os.open(self.work, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # guest data: owner only
+        qemuimg.create_overlay(self.work, self.backing, self.backing_format)
+        os.link(self.work, self.path)
+        os.unlink(self.work)
 
     def undo(self, ctx):
         if self._ours():
             _remove(self.path)
+        _remove(self.work)
 
     def _ours(self) -> bool:
-        """Whether the file at ``path`` is this step's (claimed, partial, or an overlay on ``backing``),
-        so an undo after ``do`` found the name taken never removes somebody else's file."""
+        """Whether the file at ``path`` is this step's, so an undo after ``do`` found the name taken never
+        removes somebody else's file: while ``work`` is there, only if it is the same file; after ``do``
+        removed ``work``, only the whole overlay on ``backing`` that ``do`` leaves."""
+        if os.path.lexists(self.work):
+            return _same_file(self.work, self.path)
         try:
             with open(self.path, "rb") as f:
                 header = f.read(20)
                 if len(header) < 20 or header[:4] != b"QFI\xfb":
-                    return len(header) == 0
+                    return False
                 offset, size = struct.unpack(">QI", header[8:20])
                 f.seek(offset)
                 return f.read(size) == os.fsencode(self.backing)

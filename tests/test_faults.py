@@ -752,3 +752,49 @@ def test_a_signal_while_qemu_img_copies(env, path, signal):
         env.run("revert", "web", name)
         reads_all(env, held[name])
     env.assert_consistent()
+
+
+# --- SIGKILL leaving half-made files (issue 16) ---------------------------------------------------------
+HALF_MADE = {  # how far qemu-img got when snapfw died: a shell command making that file from "$img"
+    # qemu-img writes the backing file name last: a whole qcow2 header that names no backing file yet
+    "no-backing-name": f'{require("qemu-img")} create -q -f qcow2 "$img" 4M',
+    "half-a-header": 'printf "QFI\\373\\0\\0" > "$img"',
+    "empty": ': > "$img"',
+}
+
+
+@pytest.mark.parametrize("operation", [["create", "web", "s3"], ["revert", "web", "s1"]])
+@pytest.mark.parametrize("made", sorted(HALF_MADE))
+def test_sigkill_while_qemu_img_creates_an_overlay(env, tmp_path, made, operation):
+    """snapfw dies while its `qemu-img create` has made only part of an overlay: `check` reports the
+    interrupted plan, `check --repair` removes the half-made file as its own, and the name is free again."""
+    env.make_domain("web", backends={"vda": "external", "vdb": "external"})
+    pats = [put(env, 0x21, 0), put(env, 0x31, 0, target="vdb")]
+    env.run("create", "web", "s1")
+    pats += [put(env, 0x22, KIB64), put(env, 0x32, KIB64, target="vdb")]
+    env.run("create", "web", "s2")
+    listed, layout = env.json("list", "web"), env.layout()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "qemu-img"
+    fake.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        if [ "$1" = create ]; then
+            for img; do :; done
+            {HALF_MADE[made]}
+            kill -KILL $PPID
+            sleep 10
+        fi
+        exec {require("qemu-img")} "$@"
+        """))
+    fake.chmod(0o755)
+    r = env.run(*operation, check=False, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert r.returncode == -9, r.stderr
+    assert f"interrupted {operation[0]}" in env.run("check", check=False).stdout
+    assert f"rolled back {operation[0]}" in env.run("check", "--repair").stdout
+    no_problems(env)
+    assert env.json("list", "web") == listed and env.layout() == layout
+    reads_all(env, pats[2:] if operation[0] == "create" else pats)
+    env.run(*operation)
+    no_problems(env)
+    env.assert_consistent()
