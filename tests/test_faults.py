@@ -798,3 +798,41 @@ def test_sigkill_while_qemu_img_creates_an_overlay(env, tmp_path, made, operatio
     env.run(*operation)
     no_problems(env)
     env.assert_consistent()
+
+
+KILL_BEFORE_RENAME = """\
+import os, signal
+_replace = os.replace
+
+
+def replace(src, dst, *args, **kwargs):  # SIGKILL once the new domain file is written, before its rename
+    if str(dst).endswith(".yaml"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(src, dst, *args, **kwargs)
+
+
+os.replace = replace
+"""
+
+
+@pytest.mark.parametrize("operation", [["create", "web", "s3"], ["delete", "web", "s2"]])
+def test_sigkill_while_the_domain_file_is_rewritten(env, tmp_path, operation):
+    """snapfw dies between writing the new domain file and renaming it into place (a create points the
+    domain at new overlays before its commit, a delete of the current external snapshot after it):
+    `check --repair` rolls back or finishes, and no temporary file of the domain's is left behind."""
+    env.make_domain("web", disks=(("vda", "qcow2"),), backends={"vda": "external"})
+    pats = [put(env, 0x41, 0)]
+    env.run("create", "web", "s1")
+    pats.append(put(env, 0x42, KIB64))
+    env.run("create", "web", "s2")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_BEFORE_RENAME)
+    r = env.run(*operation, check=False, env={"PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}"})
+    assert r.returncode == -9, r.stderr
+    assert f"interrupted {operation[0]}" in env.run("check", check=False).stdout
+    env.run("check", "--repair")
+    no_problems(env)
+    assert sorted(n for n in os.listdir(env.dir) if n.startswith(".")) == [".snapfw"]
+    reads_all(env, pats)
+    env.assert_consistent()

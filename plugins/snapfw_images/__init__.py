@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 
 import yaml
 
@@ -24,7 +23,7 @@ from snapfw.backend import HypervisorDriver
 from snapfw.connection import fsync_dir, local_dir
 from snapfw.errors import BadInput, UnknownDomain
 from snapfw.hookspecs import hookimpl
-from snapfw.model import FORMATS, Disk, Domain, check_name
+from snapfw.model import FORMATS, Disk, Domain, check_name, fit_file_name
 
 
 class ImagesDriver(HypervisorDriver):
@@ -101,7 +100,12 @@ class ImagesDriver(HypervisorDriver):
         return Domain(name, out, running=False, allowed_roots=tuple(dict.fromkeys(roots)))
 
     def define(self, domain: dict) -> None:
-        """Rewrite the domain file with the new disk paths: temp file, fsync, rename, fsync the directory."""
+        """Rewrite the domain file with the new disk paths: temp file, fsync, rename, fsync the directory.
+
+        The temp file has one fixed name per domain, written only under the domain's lock: a copy left by
+        a crash is written over by the next define, and `check --repair` runs again (undoes or finishes)
+        any define a crash cut short, so nothing is left to sweep.
+        """
         name = domain["name"]
         data = self._load(name)
         by_target = {d["target"]: d for d in domain["disks"]}
@@ -111,7 +115,8 @@ class ImagesDriver(HypervisorDriver):
             rel = os.path.relpath(path, self.dir)
             d["path"] = path if rel.startswith("..") else rel
             d["format"] = new["format"]
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
+        tmp = os.path.join(self.dir, f".{fit_file_name(name, 255 - 12)}.snapfw.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 yaml.safe_dump(data, f, sort_keys=False)
