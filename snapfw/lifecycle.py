@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 
 from . import connection, plugins
@@ -469,4 +470,33 @@ def _disagreements(session: Session, name: str) -> list[str]:
         for r in snap.disks:
             if r.data.get("file") not in files:
                 out.append(f"{r.target}: snapshot {snap.name}'s file {r.data.get('file')} is not in the catalog")
+    known = set(session.catalog.files()) | {d.path for d in dom.disks}
+    for path in _leftovers(dom, {f.target for f in files.values()} | {d.target for d in dom.disks},
+                           {os.path.dirname(p) for p in files}, known):
+        out.append(f"{path} is named like a file snapfw makes, but no catalog entry or disk uses it; snapfw "
+                   "cannot prove it made it, so `check --repair` leaves it: remove it if nothing needs it")
+    return out
+
+
+def _leftovers(dom: Domain, targets: set[str], folders: set[str], known: set[str]) -> list[str]:
+    """Files in the domain's directories, not in ``known``, named as snapfw names its own: an overlay
+    ``<domain>-<target>.<label>[.N].qcow2`` (DiskOp.new_image_path), one still being written
+    ``.<domain>-<target>.<label>[.N].qcow2.<random>.tmp`` (CreateOverlay), a domain definition being
+    rewritten ``.<domain>.<anything>.tmp`` (drivers).
+
+    A name proves nothing (the user may have made the file), so these are only reported. The files
+    snapfw provably made are those an interrupted plan's journal names; `check --repair` removes them
+    when it rolls that plan back.
+    """
+    d, disks = re.escape(dom.name), "|".join(re.escape(t) for t in sorted(targets))
+    ours = re.compile(rf"{d}-(?:{disks})\..+\.qcow2|\.{d}-(?:{disks})\..+\.tmp|\.{d}\..+\.tmp", re.DOTALL)
+    out = []
+    for folder in sorted({os.path.normpath(f) for f in set(dom.allowed_roots) | folders}):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for path in (os.path.join(folder, n) for n in sorted(names) if ours.fullmatch(n)):
+            if path not in known and os.path.isfile(path) and not os.path.islink(path):
+                out.append(path)
     return out
