@@ -239,7 +239,7 @@ class _Operation:
             plan.prepare += op.prepare
             plan.finish += op.finish
             plan.notes += op.notes
-            collect += _collect(op.graph)
+            collect += _collect(op.graph, plan.notes)
         old = {"name": self.domain.name, "disks": [d.as_dict() for d in self.domain.disks]}
         new = {"name": self.domain.name, "disks": [dict(d) for d in old["disks"]]}
         for op in self.ops:
@@ -266,10 +266,11 @@ class _Operation:
         return plan
 
 
-def _collect(graph: DiskGraph) -> list:
+def _collect(graph: DiskGraph, notes: list[str]) -> list:
     """Remove what nothing needs any more: unreferenced leaf files, and pending tags in leaf files.
 
-    A file snapfw did not create is only forgotten, never removed; its pending tags are deleted first.
+    A file snapfw did not create is only forgotten, never removed; its pending tags are deleted first,
+    and ``notes`` gets a line naming it, since the user may want it back or may want the space.
     """
     steps = []
     changed = True
@@ -280,6 +281,9 @@ def _collect(graph: DiskGraph) -> list:
                 continue
             tags = sorted(t for p, t in graph.garbage if p == path)
             steps += [RemoveFile(path)] if f.owned else [DeleteTag(path, t) for t in tags]
+            if not f.owned:
+                notes.append(f"{path} is not snapfw's file: it is left where it is, but no snapshot and no "
+                             "disk uses it any more")
             graph.garbage -= {(path, t) for t in tags}
             del graph.files[path]
             changed = True

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from conftest import KIB64, info_chain
+from conftest import KIB64, check_image, info_chain, write
 
 BYTES = {"vda": 0x10, "vdb": 0x80}
 BACKENDS = [
@@ -199,19 +199,66 @@ def test_internal_revert_under_overlays_is_refused(env):
 def test_trap_child_with_internal_snapshots_keeps_hidden_backing_file(env):
     """DESIGN rule 5's trap: streaming or committing would corrupt the child's internal snapshot."""
     env.make_domain("web", disks=(("vda", "qcow2"),))
+    own, _fmt = env.domain()["vda"]
     gen(env, 1)
     env.run("create", "web", "e1", "--disk", "vda=external")
     gen(env, 2)
     env.run("create", "web", "i2", "--disk", "vda=qcow2")   # tag inside the overlay, reads through e1's file
     gen(env, 3)
     r = env.json("delete", "web", "e1")
-    assert any("hidden" in n for n in r["plan"]["notes"])
+    assert [n for n in r["plan"]["notes"] if own in n] == [f"{own} stays as a hidden backing file: "
+                                                          f"{env.domain()['vda'][0]} hold internal snapshots "
+                                                          "that read through it"]  # the user's own image too
     assert env.snapshot_names() == ["i2"]
     holds(env, {1, 2, 3})
     env.run("revert", "web", "i2")
     holds(env, {1, 2})
     env.run("delete", "web", "i2")
     holds(env, {1, 2})
+
+
+@pytest.mark.parametrize("order", [("b", "a"), ("a", "b")], ids=["last-first", "first-first"])
+def test_deleting_every_external_snapshot_gives_the_disks_their_own_files_back(env, order):
+    """Issue 16.3: streaming the user's image into the overlay is cheaper here, but would leave it
+    stale and the domain on a snapfw file; it is committed into instead (raw and qcow2 alike)."""
+    env.make_domain("web", backends={"vda": "external", "vdb": "external"})
+    own, files = env.domain(), env.files()
+    gen(env, 1)
+    create(env, "a")
+    gen(env, 2)
+    create(env, "b")
+    gen(env, 3)
+    notes = []
+    for name in order:
+        notes += env.json("delete", "web", name)["plan"]["notes"]
+    assert env.domain() == own and env.files() == files and notes == []
+    assert env.snapshot_names() == []
+    holds(env, {1, 2, 3})
+    assert check_image(*own["vda"]) in (0, 3)
+
+
+def test_own_image_is_streamed_and_named_when_committing_copies_far_more(env):
+    """Committing 1 GiB + 64 KiB into the user's image against streaming its 64 KiB: over 1 GiB and
+    over 4 times as much, so the overlay takes the data, and the plan says the user's file is left."""
+    env.make_domain("web", disks=(("vda", "qcow2"),), size="2G", backends={"vda": "external"})
+    own, _fmt = env.domain()["vda"]
+    gen(env, 1)
+    create(env, "a")
+    overlay, _fmt = env.domain()["vda"]
+    big = (1 << 30) + KIB64
+    write(overlay, "qcow2", 0x22, 2 * KIB64, big)
+    layout = env.layout()
+    dry = env.run("delete", "web", "a", "--dry-run").stdout
+    assert env.layout() == layout and env.snapshot_names() == ["a"]
+    real = env.run("delete", "web", "a").stdout
+    for out in (dry, real):
+        assert f"Note: {own} is streamed into {overlay}, not committed into" in out and "far more" in out
+        assert f"Note: {own} is not snapfw's file: it is left where it is" in out
+    assert env.domain()["vda"] == (overlay, "qcow2") and os.path.exists(own)
+    assert not info_chain(overlay, "qcow2")[0].get("backing-filename")
+    for byte, offset in ((0, 0), (0x11, KIB64), (0x22, 2 * KIB64), (0x22, big + KIB64), (0, big + 2 * KIB64)):
+        assert env.reads("web", "vda", byte, offset), (byte, offset)
+    env.assert_consistent()
 
 
 def test_dry_run_changes_nothing_and_shows_commands(domain):

@@ -3,7 +3,8 @@
 Create freezes the active file and puts an overlay on it. Revert to any snapshot puts a fresh overlay on
 that snapshot's frozen file, so every other branch stays. Delete merges the frozen file's data away:
 commit its only child into it, or stream it into each child (``qemu-img rebase``), whichever copies
-fewer allocated bytes. A child holding internal snapshots reads their unallocated clusters through the
+fewer allocated bytes, except that the user's own image is committed into unless that copies far more
+(``_keep_own_image``). A child holding internal snapshots reads their unallocated clusters through the
 file; neither merge would keep those intact, so then the file stays as a hidden node of the tree.
 """
 
@@ -15,10 +16,30 @@ from snapfw.hookspecs import hookimpl
 from snapfw.steps import Commit, CreateOverlay, Rebase
 from snapfw.tools import qemuimg
 
+# Committing into the user's own image copies "far more" than streaming, and then streams instead,
+# when it copies over FAR_MORE_BYTES in all and over FAR_MORE_RATIO times what streaming copies.
+FAR_MORE_BYTES = 1 << 30
+FAR_MORE_RATIO = 4
+
 
 def _bytes(path: str, fmt: str, depth: int) -> int:
     """Bytes of ``path``'s view that come from the layer ``depth`` below it (0: the file itself)."""
     return sum(e["length"] for e in qemuimg.map_extents(path, fmt) if e["depth"] == depth and e["data"])
+
+
+def _keep_own_image(op, frozen: str, child: str, commit: int, stream: int) -> bool:
+    """Whether to commit ``child`` into ``frozen`` although streaming copies less: streaming would leave
+    ``frozen`` read by nothing, and if snapfw did not create it, it is the user's own image, stale from
+    then on, while committing makes it stand for ``child`` (the domain ends on its own file, as with
+    ``virsh blockcommit --active --pivot``). Not when that copies far more: then the plan says so."""
+    if op.graph.files[frozen].owned:
+        return False
+    if commit > FAR_MORE_BYTES and commit > FAR_MORE_RATIO * stream:
+        op.notes.append(f"{frozen} is streamed into {child}, not committed into: committing would keep the "
+                        f"disk on its own image but copy {commit} bytes, far more than streaming's {stream} "
+                        f"(over {FAR_MORE_BYTES >> 30} GiB and over {FAR_MORE_RATIO} times as much)")
+        return False
+    return True
 
 
 class ExternalBackend(DiskBackend):
@@ -58,19 +79,17 @@ class ExternalBackend(DiskBackend):
             op.notes.append(f"{frozen} stays as a hidden backing file: {', '.join(with_tags)} hold internal "
                             "snapshots that read through it")
             return
-        options = []
+        commit = stream = None
         if len(children) == 1 and frozen not in g.pinned:  # never write into a base others read
-            options.append((_bytes(children[0], g.format(children[0]), 0), "commit"))
+            commit = _bytes(children[0], g.format(children[0]), 0)
         streamed = {}  # child -> bytes it would copy from ``frozen``
         if frozen in g.pinned or not [n for n in g.referrers(frozen) if n != snapshot]:
             streamed = {c: _bytes(c, g.format(c), 1) for c in children}
-            options.append((sum(streamed.values()), "stream"))
-        if not options:
-            return
-        cost, how = min(options)
-        if how == "commit":
-            self._commit(op, frozen, children[0], cost)
-        else:
+            stream = sum(streamed.values())
+        if commit is not None and (stream is None or commit <= stream
+                                   or _keep_own_image(op, frozen, children[0], commit, stream)):
+            self._commit(op, frozen, children[0], commit)
+        elif stream is not None:
             self._stream(op, frozen, streamed, op.inspect(frozen, fmt))
 
     def _commit(self, op, base, top, cost):
