@@ -74,18 +74,20 @@ class Inspector:
     """``qemu-img info --backing-chain`` once per file, refusing chains that leave the allowed roots,
     that let qemu guess a backing format, or that disagree with the catalog."""
 
-    def __init__(self, roots, files: dict[str, ImageFile], in_use=None):
+    def __init__(self, roots, files: dict[str, ImageFile], in_use=None, live=None):
         """``in_use(path)``, for reports only: called for an image a running QEMU holds, which is then
-        read with ``-U`` (advisory, rule 1) instead of raising ImageInUse."""
+        read with ``-U`` (advisory, rule 1) instead of raising ImageInUse. ``live``: path -> chain as a
+        running hypervisor reports it (:attr:`Domain.live_chains`), checked here like qemu-img's."""
         self.roots = [os.path.realpath(r) for r in roots]
         self.files = files
         self.in_use = in_use
+        self.live = live or {}
         self.cache: dict[str, dict] = {}
 
     def __call__(self, path: str, fmt: str) -> dict:
         if path not in self.cache:
             try:
-                chain = qemuimg.info(path, fmt, chain=True)
+                chain = self.live.get(path) or qemuimg.info(path, fmt, chain=True)
             except ImageInUse:
                 if self.in_use is None:
                     raise
@@ -217,7 +219,7 @@ class _Operation:
         self.files = s.catalog.files(self.name)
         self.garbage = s.catalog.garbage_tags(self.name)
         self.pinned = s.catalog.backing_used_by_others(self.name)
-        self.inspect = Inspector(self.domain.allowed_roots, self.files)
+        self.inspect = Inspector(self.domain.allowed_roots, self.files, live=self.domain.live_chains)
 
     def start(self, disks) -> list[DiskOp]:
         """One DiskOp per disk, remembering each graph as it was so the plan can store the difference."""
@@ -444,7 +446,7 @@ def _disagreements(session: Session, name: str) -> list[str]:
         session.reporter.warn(f"{name}: {files[path].target}: {path} is in use by a running process; compared "
                               "from an advisory read (qemu-img -U), changes are refused while it runs")
 
-    inspect = Inspector(dom.allowed_roots, files, in_use)
+    inspect = Inspector(dom.allowed_roots, files, in_use, dom.live_chains)
     out = []
     for path, f in sorted(files.items()):
         if not os.path.exists(path):
