@@ -12,9 +12,10 @@ import os
 import time
 
 from . import connection, plugins
-from .backend import OFFLINE_CREATE, DiskGraph, DiskOp
+from .backend import LIVE_CREATE, OFFLINE_CREATE, DiskGraph, DiskOp
 from .catalog import Catalog, ImageFile
 from .errors import BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, SnapfwError, UnknownSnapshot
+from .live import LiveSnapshot
 from .model import Disk, DiskRecord, Domain, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
@@ -175,25 +176,31 @@ def _backend(name: str):
     return backends[name][0]()
 
 
-def _pick_backend(disk: Disk, tree: Tree, wanted: str | None):
-    """--disk flag, else the domain file, else the backend of the disk's current snapshot, else the best."""
+def _pick_backend(disk: Disk, tree: Tree, wanted: str | None, capability: str = OFFLINE_CREATE):
+    """--disk flag, else the domain file, else the backend of the disk's current snapshot, else the best;
+    only a backend with ``capability`` (live.create for a running domain)."""
     backends = plugins.disk_backends()
     choice = wanted or disk.backend
     if choice is None and tree.current:
         r = tree.by_name[tree.current].record(disk.target)
         choice = r.backend if r else None
-        if choice and (choice not in backends or backends[choice][0]().usable(disk)):
+        if choice and (choice not in backends or backends[choice][0]().usable(disk)
+                       or capability not in backends[choice][0].capabilities):
             choice = None
     if choice is None:
         usable = sorted((cls.priority, n) for n, (cls, _) in backends.items()
-                        if OFFLINE_CREATE in cls.capabilities and cls().usable(disk) is None)
+                        if capability in cls.capabilities and cls().usable(disk) is None)
         if not usable:
-            raise NotSupported(f"no installed backend can snapshot disk {disk.target} ({disk.format})")
+            raise NotSupported(f"no installed backend can snapshot disk {disk.target} ({disk.format})"
+                               + (" while the domain runs" if capability == LIVE_CREATE else ""))
         choice = usable[0][1]
     backend = _backend(choice)
     why = backend.usable(disk)
     if why:
         raise NotSupported(f"backend {choice} cannot snapshot disk {disk.target}: {why}")
+    if capability not in backend.capabilities:
+        why = " (the domain runs)" if capability == LIVE_CREATE else ""
+        raise NotSupported(f"backend {choice} cannot snapshot disk {disk.target}: it has no {capability}{why}")
     return backend
 
 
@@ -213,8 +220,9 @@ class _Operation:
             raise Inconsistent(f"an interrupted {plans[0]['operation']} of {self.name} is unfinished; "
                                "run `snapfw check --repair` first")
         self.domain = s.driver.domain(self.name)
-        if self.domain.running:
-            raise NotSupported(f"domain {self.name} is running; snapfw handles offline domains only so far")
+        if self.domain.running and self.operation != "create":
+            raise NotSupported(f"domain {self.name} is {self.domain.state}: live revert/delete: not yet "
+                               "(shut it down first)")
         self.tree = s.catalog.tree(self.name)
         self.files = s.catalog.files(self.name)
         self.garbage = s.catalog.garbage_tags(self.name)
@@ -241,6 +249,9 @@ class _Operation:
             plan.finish += op.finish
             plan.notes += op.notes
             collect += _collect(op.graph)
+        live = [a for op in self.ops for a in op.live]
+        if live:  # every disk's live action in one atomic step, after the disks' own preparations
+            plan.prepare.append(LiveSnapshot(self.name, live))
         old = {"name": self.domain.name, "disks": [d.as_dict() for d in self.domain.disks]}
         new = {"name": self.domain.name, "disks": [dict(d) for d in old["disks"]]}
         for op in self.ops:
@@ -320,7 +331,8 @@ def create(session: Session, domain: str, name: str, description: str = "",
             raise BadInput(f"domain {o.name} already has a snapshot named {name!r}")
         for target in backends:
             o.domain.disk(target)
-        chosen = {d.target: _pick_backend(d, o.tree, backends.get(d.target)) for d in o.domain.disks}
+        capability = LIVE_CREATE if o.domain.running else OFFLINE_CREATE
+        chosen = {d.target: _pick_backend(d, o.tree, backends.get(d.target), capability) for d in o.domain.disks}
         ops = o.start(o.domain.disks)
         records = [DiskRecord(op.disk.target, chosen[op.disk.target].name,
                               chosen[op.disk.target].create(op, name)) for op in ops]
