@@ -55,4 +55,5 @@ class LiveSnapshot(Step):
         ctx.driver.undo_live_snapshot(self.domain, self.actions, progress=ctx.progress)
 
     def describe(self):
-        return f"snapshot the disks of running {self.domain} at once: " + "; ".join(map(describe_action, self.actions))
+        actions = "; ".join(map(describe_action, self.actions))
+        return f"snapshot the disks of running {self.domain} at once: {actions}"

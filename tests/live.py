@@ -21,7 +21,7 @@ class Qemu:
     """``qemu-system-x86_64 -name NAME`` with one virtio-blk disk per ``(id, format)`` in ``disks``."""
 
     def __init__(self, folder: str, name: str = "web", disks=(("vda", "qcow2"), ("vdb", "raw")),
-                 size: str = "4M"):
+                 size: str = "4M", extra: tuple[str, ...] = ()):
         require("qemu-img")
         self.binary = require("qemu-system-x86_64")
         self.dir, self.name = folder, name
@@ -32,6 +32,7 @@ class Qemu:
             path = os.path.join(folder, f"{name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
             self.images[target] = (path, fmt)
+        self.extra = list(extra)  # more QEMU arguments: devices the harness does not make
         self.pid = None
 
     def argv(self) -> list[str]:
@@ -42,7 +43,7 @@ class Qemu:
             argv += ["-blockdev", f"driver=file,filename={path},node-name=file{i}",
                      "-blockdev", f"driver={fmt},file=file{i},node-name=disk{i}",
                      "-device", f"virtio-blk-pci,drive=disk{i},id={target}"]
-        return argv
+        return argv + self.extra
 
     def start(self) -> "Qemu":
         subprocess.run(self.argv(), check=True, capture_output=True, timeout=60)

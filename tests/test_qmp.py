@@ -107,6 +107,19 @@ def test_list_show_check_on_a_running_domain(live, qemu):
     assert r.returncode == 2 and "is named 'web'" in r.stderr
 
 
+def test_a_disk_that_is_not_a_local_file_is_refused_by_name(tmp_path):
+    qemu = Qemu(str(tmp_path), extra=("-blockdev", "driver=null-co,node-name=net0,size=4194304",
+                                      "-device", "virtio-blk-pci,drive=net0,id=vdc")).start()
+    try:
+        live = LiveEnv(tmp_path, qemu)
+        before = live.files()
+        r = live.run("create", "web", "s1", check=False)
+        assert r.returncode == 1 and "disk vdc is on 'json:{\"driver\": \"null-co\"" in r.stderr, r.stderr
+        assert "not a local file" in r.stderr and live.files() == before
+    finally:
+        qemu.kill()
+
+
 def test_revert_and_delete_of_a_running_domain_are_refused(live, qemu):
     live.run("create", "web", "s1")
     for args in (("revert", "web", "s1"), ("delete", "web", "s1")):
@@ -122,7 +135,10 @@ def test_live_create_external_then_internal_plus_external(live, qemu, tmp_path):
     after1 = live.domain()
     assert after1["vda"][0] != vda0 and after1["vdb"][0] != vdb0
     gen(live, 2)
+    qemu.qmp("stop")  # a paused guest is snapshotted the same way, and stays paused
     live.run("create", "web", "s2", "--disk", "vda=qcow2", "--disk", "vdb=external")
+    assert qemu.qmp("query-status")["status"] == "paused"
+    qemu.qmp("cont")
     after2 = live.domain()
     assert after2["vda"] == after1["vda"] and after2["vdb"][0] != after1["vdb"][0]
     gen(live, 3)
