@@ -169,4 +169,3 @@ class HypervisorDriver:
         """Reverse whatever of :meth:`live_snapshot` took effect; idempotent. ``progress(percent)`` for
         block jobs it waits for."""
         raise NotSupported(f"driver {self.scheme} cannot snapshot running domains")
-
