@@ -76,6 +76,8 @@ class DiskOp:
         self.finish: list = []
         self.notes: list[str] = []
         self.define_after_finish = False  # the active file changes only once finish steps have run
+        # a running domain: the backend appends live actions (snapfw.live) here instead of prepare steps
+        self.live: list[dict] = []
 
     def new_image_path(self, label: str, suffix: str = ".qcow2", folder: str | None = None) -> str:
         """A free name ``<domain>-<target>.<label>[.N]<suffix>``, in ``folder`` or next to the disk's base
@@ -158,3 +160,12 @@ class HypervisorDriver:
     def resume(self, domain: Domain) -> None:
         raise NotSupported(f"driver {self.scheme} cannot resume domains")
 
+    def live_snapshot(self, domain: str, actions: list[dict]) -> None:
+        """Run every disk's live action (snapfw.live) of running ``domain`` as ONE atomic operation:
+        all take effect or none does."""
+        raise NotSupported(f"driver {self.scheme} cannot snapshot running domains")
+
+    def undo_live_snapshot(self, domain: str, actions: list[dict], progress=None) -> None:
+        """Reverse whatever of :meth:`live_snapshot` took effect; idempotent. ``progress(percent)`` for
+        block jobs it waits for."""
+        raise NotSupported(f"driver {self.scheme} cannot snapshot running domains")

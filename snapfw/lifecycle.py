@@ -13,9 +13,10 @@ import re
 import time
 
 from . import connection, plugins
-from .backend import OFFLINE_CREATE, DiskGraph, DiskOp
+from .backend import LIVE_CREATE, OFFLINE_CREATE, DiskGraph, DiskOp
 from .catalog import Catalog, ImageFile
 from .errors import BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, SnapfwError, UnknownSnapshot
+from .live import LiveSnapshot
 from .model import Disk, DiskRecord, Domain, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
@@ -75,18 +76,20 @@ class Inspector:
     """``qemu-img info --backing-chain`` once per file, refusing chains that leave the allowed roots,
     that let qemu guess a backing format, or that disagree with the catalog."""
 
-    def __init__(self, roots, files: dict[str, ImageFile], in_use=None):
+    def __init__(self, roots, files: dict[str, ImageFile], in_use=None, live=None):
         """``in_use(path)``, for reports only: called for an image a running QEMU holds, which is then
-        read with ``-U`` (advisory, rule 1) instead of raising ImageInUse."""
+        read with ``-U`` (advisory, rule 1) instead of raising ImageInUse. ``live``: path -> chain as a
+        running hypervisor reports it (:attr:`Domain.live_chains`), checked here like qemu-img's."""
         self.roots = [os.path.realpath(r) for r in roots]
         self.files = files
         self.in_use = in_use
+        self.live = live or {}
         self.cache: dict[str, dict] = {}
 
     def __call__(self, path: str, fmt: str) -> dict:
         if path not in self.cache:
             try:
-                chain = qemuimg.info(path, fmt, chain=True)
+                chain = self.live.get(path) or qemuimg.info(path, fmt, chain=True)
             except ImageInUse:
                 if self.in_use is None:
                     raise
@@ -174,25 +177,31 @@ def _backend(name: str):
     return backends[name][0]()
 
 
-def _pick_backend(disk: Disk, tree: Tree, wanted: str | None):
-    """--disk flag, else the domain file, else the backend of the disk's current snapshot, else the best."""
+def _pick_backend(disk: Disk, tree: Tree, wanted: str | None, capability: str = OFFLINE_CREATE):
+    """--disk flag, else the domain file, else the backend of the disk's current snapshot, else the best;
+    only a backend with ``capability`` (live.create for a running domain)."""
     backends = plugins.disk_backends()
     choice = wanted or disk.backend
     if choice is None and tree.current:
         r = tree.by_name[tree.current].record(disk.target)
         choice = r.backend if r else None
-        if choice and (choice not in backends or backends[choice][0]().usable(disk)):
+        if choice and (choice not in backends or backends[choice][0]().usable(disk)
+                       or capability not in backends[choice][0].capabilities):
             choice = None
     if choice is None:
         usable = sorted((cls.priority, n) for n, (cls, _) in backends.items()
-                        if OFFLINE_CREATE in cls.capabilities and cls().usable(disk) is None)
+                        if capability in cls.capabilities and cls().usable(disk) is None)
         if not usable:
-            raise NotSupported(f"no installed backend can snapshot disk {disk.target} ({disk.format})")
+            raise NotSupported(f"no installed backend can snapshot disk {disk.target} ({disk.format})"
+                               + (" while the domain runs" if capability == LIVE_CREATE else ""))
         choice = usable[0][1]
     backend = _backend(choice)
     why = backend.usable(disk)
     if why:
         raise NotSupported(f"backend {choice} cannot snapshot disk {disk.target}: {why}")
+    if capability not in backend.capabilities:
+        why = " (the domain runs)" if capability == LIVE_CREATE else ""
+        raise NotSupported(f"backend {choice} cannot snapshot disk {disk.target}: it has no {capability}{why}")
     return backend
 
 
@@ -212,13 +221,14 @@ class _Operation:
             raise Inconsistent(f"an interrupted {plans[0]['operation']} of {self.name} is unfinished; "
                                "run `snapfw check --repair` first")
         self.domain = s.driver.domain(self.name)
-        if self.domain.running:
-            raise NotSupported(f"domain {self.name} is running; snapfw handles offline domains only so far")
+        if self.domain.running and self.operation != "create":
+            raise NotSupported(f"domain {self.name} is {self.domain.state}: live revert/delete: not yet "
+                               "(shut it down first)")
         self.tree = s.catalog.tree(self.name)
         self.files = s.catalog.files(self.name)
         self.garbage = s.catalog.garbage_tags(self.name)
         self.pinned = s.catalog.backing_used_by_others(self.name)
-        self.inspect = Inspector(self.domain.allowed_roots, self.files)
+        self.inspect = Inspector(self.domain.allowed_roots, self.files, live=self.domain.live_chains)
 
     def start(self, disks) -> list[DiskOp]:
         """One DiskOp per disk, remembering each graph as it was so the plan can store the difference."""
@@ -240,6 +250,9 @@ class _Operation:
             plan.finish += op.finish
             plan.notes += op.notes
             collect += _collect(op.graph, plan.notes)
+        live = [a for op in self.ops for a in op.live]
+        if live:  # every disk's live action in one atomic step, after the disks' own preparations
+            plan.prepare.append(LiveSnapshot(self.name, live))
         old = {"name": self.domain.name, "disks": [d.as_dict() for d in self.domain.disks]}
         new = {"name": self.domain.name, "disks": [dict(d) for d in old["disks"]]}
         for op in self.ops:
@@ -323,7 +336,8 @@ def create(session: Session, domain: str, name: str, description: str = "",
             raise BadInput(f"domain {o.name} already has a snapshot named {name!r}")
         for target in backends:
             o.domain.disk(target)
-        chosen = {d.target: _pick_backend(d, o.tree, backends.get(d.target)) for d in o.domain.disks}
+        capability = LIVE_CREATE if o.domain.running else OFFLINE_CREATE
+        chosen = {d.target: _pick_backend(d, o.tree, backends.get(d.target), capability) for d in o.domain.disks}
         ops = o.start(o.domain.disks)
         records = [DiskRecord(op.disk.target, chosen[op.disk.target].name,
                               chosen[op.disk.target].create(op, name)) for op in ops]
@@ -449,7 +463,7 @@ def _disagreements(session: Session, name: str) -> list[str]:
         session.reporter.warn(f"{name}: {files[path].target}: {path} is in use by a running process; compared "
                               "from an advisory read (qemu-img -U), changes are refused while it runs")
 
-    inspect = Inspector(dom.allowed_roots, files, in_use)
+    inspect = Inspector(dom.allowed_roots, files, in_use, dom.live_chains)
     out = []
     for path, f in sorted(files.items()):
         if not os.path.exists(path):

@@ -48,12 +48,14 @@ def fit_file_name(name: str, room: int) -> str:
 
 @dataclass
 class Disk:
-    """One disk of a domain as its definition names it: the active image file."""
+    """One disk of a domain as its definition names it: the active image file. ``node``: the hypervisor's
+    name for the disk's top block node while it runs (QMP node-name), for live actions."""
 
     target: str
     path: str
     format: str
     backend: str | None = None
+    node: str | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -61,12 +63,23 @@ class Disk:
 
 @dataclass
 class Domain:
-    """A guest as its hypervisor driver defines it."""
+    """A guest as its hypervisor driver defines it.
+
+    ``running``: a hypervisor process holds its images (``state`` says "running" or "paused"; "shut off"
+    when not). ``live_chains``: for each file a running disk's chain holds, that chain from the file down
+    (top first, in ``qemu-img info`` form) as the hypervisor reports it; inspection reads it instead of
+    opening an image the guest holds (rule 1).
+    """
 
     name: str
     disks: list[Disk]
     running: bool = False
     allowed_roots: tuple[str, ...] = ()
+    state: str = ""
+    live_chains: dict[str, list[dict]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.state = self.state or ("running" if self.running else "shut off")
 
     def disk(self, target: str) -> Disk:
         for d in self.disks:

@@ -10,9 +10,10 @@ file; neither merge would keep those intact, so then the file stays as a hidden 
 
 from __future__ import annotations
 
-from snapfw.backend import OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
+from snapfw.backend import LIVE_CREATE, OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
 from snapfw.catalog import ImageFile
 from snapfw.hookspecs import hookimpl
+from snapfw.live import external_action
 from snapfw.steps import Commit, CreateOverlay, Rebase
 from snapfw.tools import qemuimg
 
@@ -45,7 +46,7 @@ def _keep_own_image(op, frozen: str, child: str, commit: int, stream: int) -> bo
 class ExternalBackend(DiskBackend):
     name = "external"
     description = "external snapshots: frozen image + qcow2 overlay (qemu-img create -b, commit, rebase)"
-    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE})
+    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE, LIVE_CREATE})
     priority = 20
     cost = {"create": "metadata only", "revert": "metadata only",
             "delete": "copies the smaller side's allocated bytes", "space": "one overlay file per branch"}
@@ -53,7 +54,10 @@ class ExternalBackend(DiskBackend):
     def _overlay(self, op, label, backing):
         g = op.graph
         path = op.new_image_path(label)
-        op.prepare.append(CreateOverlay(path, backing, g.format(backing)))
+        if op.domain.running:  # the running QEMU makes the overlay and switches to it (blockdev-snapshot-sync)
+            op.live.append(external_action(op, path))
+        else:
+            op.prepare.append(CreateOverlay(path, backing, g.format(backing)))
         g.files[path] = ImageFile(path, g.target, "qcow2", backing, True)
         g.active, g.active_format = path, "qcow2"
 

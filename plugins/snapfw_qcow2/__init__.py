@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import uuid
 
-from snapfw.backend import OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
+from snapfw.backend import LIVE_CREATE, OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
 from snapfw.errors import Refused
 from snapfw.hookspecs import hookimpl
+from snapfw.live import internal_action
 from snapfw.steps import ApplyTag, CreateTag, DeleteTag
 
 
 class InternalBackend(DiskBackend):
     name = "qcow2"
     description = "internal snapshots inside the qcow2 file (qemu-img snapshot -c/-a/-d)"
-    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE})
+    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE, LIVE_CREATE})
     priority = 10
     cost = {"create": "metadata only", "revert": "metadata only", "delete": "metadata only",
             "space": "inside the disk file"}
@@ -29,7 +30,10 @@ class InternalBackend(DiskBackend):
         g = op.graph
         if snapshot in {s["name"] for s in op.inspect(g.active, g.active_format).get("snapshots", [])}:
             raise Refused(f"{g.active} already holds an internal snapshot named {snapshot!r}")
-        op.prepare.append(CreateTag(g.active, snapshot))
+        if op.domain.running:  # the running QEMU takes the tag (blockdev-snapshot-internal-sync)
+            op.live.append(internal_action(op, snapshot))
+        else:
+            op.prepare.append(CreateTag(g.active, snapshot))
         return {"file": g.active, "tag": snapshot}
 
     def revert(self, op, snapshot, record):

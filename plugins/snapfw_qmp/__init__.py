@@ -1,0 +1,210 @@
+"""The ``qmp`` driver: a bare running QEMU reached through its QMP socket, ``qmp:///PATH/TO/SOCKET``.
+
+The domain is the QEMU listening there, named by its ``-name``. Its disks, their chains and internal
+snapshots come from QEMU's own view (``query-block``), never from a ``qemu-img`` on an image QEMU holds.
+Such a QEMU has no persistent definition: its running block graph is the truth, so ``define`` has nothing
+to write. Live snapshots of all disks are one QMP ``transaction``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+
+from snapfw.backend import HypervisorDriver
+from snapfw.errors import BadInput, Inconsistent, NotSupported, UnknownDomain
+from snapfw.hookspecs import hookimpl
+from snapfw.live import INTERNAL
+from snapfw.model import FORMATS, Disk, Domain
+from snapfw.steps import CreateOverlay
+from snapfw.tools.qmp import QMP
+
+# how long undoing an external snapshot may wait for its commit job (the data the guest wrote since)
+UNDO_JOB_SECONDS = 600.0
+# keys of QEMU's ImageInfo that inspection reads (the same names qemu-img info --output=json prints)
+CHAIN_KEYS = ("filename", "format", "backing-filename", "full-backing-filename", "backing-filename-format",
+              "snapshots", "format-specific", "virtual-size")
+
+
+def _node_name(overlay: str, prefix: str) -> str:
+    """A QEMU node or job name for an overlay, stable across runs (recovery finds it again), <= 31 bytes."""
+    return f"{prefix}-{hashlib.sha256(os.fsencode(overlay)).hexdigest()[:20]}"
+
+
+def _target(block: dict) -> str | None:
+    """The disk's device id: ``/machine/peripheral/ID/...`` for -device id=ID, else the -drive id."""
+    parts = (block.get("qdev") or "").split("/")
+    if len(parts) > 3 and parts[1:3] == ["machine", "peripheral"]:
+        return parts[3]
+    return block.get("device") or None
+
+
+def _chain(image: dict) -> list[dict]:
+    """QEMU's nested ImageInfo (``backing-image``) as a list, top first, in qemu-img info's form."""
+    out = []
+    while image:
+        out.append({k: image[k] for k in CHAIN_KEYS if k in image})
+        image = image.get("backing-image")
+    return out
+
+
+def _local_file_problem(name: str) -> str | None:
+    if not name.startswith("/"):
+        return f"is on {name[:60]!r}, not a local file (network and json: disks are not supported)"
+    try:
+        mode = os.stat(name).st_mode
+    except OSError as e:
+        return f"is on {name}, which snapfw cannot see ({e.strerror})"
+    if not stat.S_ISREG(mode):
+        return f"is on {name}, not a regular file (block devices are not supported yet)"
+    return None
+
+
+class QMPDriver(HypervisorDriver):
+    scheme = "qmp"
+    description = "a running QEMU reached through its QMP socket: qmp:///PATH/TO/SOCKET"
+
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        rest = uri.partition("://")[2]
+        if not rest.startswith("/"):
+            raise BadInput(f"invalid connection URI {uri!r}: qmp:// needs the absolute path of a QMP socket")
+        self.socket = os.path.normpath(rest)
+        self._qmp: QMP | None = None
+
+    @property
+    def qmp(self) -> QMP:
+        """One connection for the whole process (QEMU's monitor serves one client at a time)."""
+        if self._qmp is None:
+            self._qmp = QMP(self.socket).connect()
+        return self._qmp
+
+    def _name(self) -> str:
+        name = self.qmp.execute("query-name").get("name")
+        if not name:
+            raise NotSupported(f"the QEMU at {self.socket} has no -name; snapfw names domains by it")
+        return name
+
+    def _check(self, name: str):
+        actual = self._name()
+        if actual != name:
+            raise UnknownDomain(f"no domain {name!r}: the QEMU at {self.socket} is named {actual!r}")
+
+    def list_domains(self) -> list[str]:
+        return [self._name()]
+
+    def _blocks(self) -> dict[str, dict]:
+        """target -> query-block entry, for every drive with a medium."""
+        out = {}
+        for b in self.qmp.execute("query-block"):
+            if not b.get("inserted"):
+                continue  # an empty drive (a CD-ROM without a disc) holds no image
+            target = _target(b)
+            if target is None:
+                raise NotSupported(f"a disk of the QEMU at {self.socket} has neither a device id nor a drive "
+                                   f"id (node {b['inserted'].get('node-name')}); give its -device an id=")
+            out[target] = b
+        return out
+
+    def domain(self, name: str) -> Domain:
+        self._check(name)
+        status = self.qmp.execute("query-status").get("status", "running")
+        disks, chains, roots = [], {}, []
+        for target, b in self._blocks().items():
+            chain = _chain(b["inserted"]["image"])
+            for node in chain:
+                problem = _local_file_problem(node["filename"])
+                if problem:
+                    raise NotSupported(f"disk {target} {problem}; snapfw cannot snapshot it")
+                roots.append(os.path.dirname(node["filename"]))
+            for i, node in enumerate(chain):
+                chains[node["filename"]] = chain[i:]
+            fmt = chain[0]["format"]
+            if fmt not in FORMATS:
+                raise NotSupported(f"disk {target} is a {fmt} node, not one of {', '.join(FORMATS)}; snapfw "
+                                   "cannot snapshot it")
+            disks.append(Disk(target, chain[0]["filename"], fmt, node=b["inserted"]["node-name"]))
+        return Domain(name, disks, running=True, allowed_roots=tuple(dict.fromkeys(roots)),
+                      state="running" if status == "running" else "paused", live_chains=chains)
+
+    def define(self, domain: dict) -> None:
+        """Nothing to write: a bare QEMU has no persistent definition, its running block graph is the truth."""
+
+    # --- live snapshots --------------------------------------------------------------------------------
+    def live_snapshot(self, domain: str, actions: list[dict]) -> None:
+        self._check(domain)
+        blocks = self._blocks()
+        commands = []
+        for a in actions:
+            b = blocks.get(a["target"])
+            active = b and b["inserted"]["image"]["filename"]
+            if active != a["file"]:  # the plan was made under the lock: someone changed QEMU behind it
+                raise Inconsistent(f"disk {a['target']} now runs on {active}, not {a['file']} as planned")
+            node = b["inserted"]["node-name"]
+            if a["kind"] == INTERNAL:
+                commands.append({"type": "blockdev-snapshot-internal-sync",
+                                 "data": {"device": node, "name": a["tag"]}})
+            else:
+                commands.append({"type": "blockdev-snapshot-sync",
+                                 "data": {"node-name": node, "snapshot-file": a["overlay"], "format": "qcow2",
+                                          "snapshot-node-name": _node_name(a["overlay"], "snapfw"),
+                                          "mode": "absolute-paths"}})
+        self.qmp.execute("transaction", {"actions": commands})
+
+    def undo_live_snapshot(self, domain: str, actions: list[dict], progress=None) -> None:
+        self._check(domain)
+        for a in reversed(actions):
+            if a["kind"] == INTERNAL:
+                self._undo_internal(a)
+            else:
+                self._undo_external(a, progress)
+
+    def _active(self, target: str) -> dict:
+        b = self._blocks().get(target)
+        if b is None:
+            raise Inconsistent(f"disk {target} is gone from the running QEMU")
+        return b["inserted"]
+
+    def _undo_internal(self, a: dict):
+        inserted = self._active(a["target"])
+        image = inserted["image"]
+        if image["filename"] != a["file"]:
+            raise Inconsistent(f"disk {a['target']} runs on {image['filename']}, not {a['file']} that holds "
+                               f"internal snapshot {a['tag']!r}")
+        if a["tag"] in {s["name"] for s in image.get("snapshots", [])}:
+            self.qmp.execute("blockdev-snapshot-delete-internal-sync",
+                             {"device": inserted["node-name"], "name": a["tag"]})
+
+    def _undo_external(self, a: dict, progress):
+        """Commit the overlay (and what the guest wrote to it) back into the frozen file, pivot, verify
+        from QEMU's view, then remove the overlay. Each part checks first whether it is already done."""
+        job = _node_name(a["overlay"], "snapfw-undo")
+        deadline = time.monotonic() + UNDO_JOB_SECONDS
+        if self.qmp.job(job) is not None:  # a previous run died while its commit ran: finish that one
+            self.qmp.run_job(job, deadline, progress, complete=True)
+        inserted = self._active(a["target"])
+        if inserted["image"]["filename"] == a["overlay"]:
+            base = self._format_node(a["file"])
+            self.qmp.execute("block-commit", {"job-id": job, "device": inserted["node-name"], "base-node": base,
+                                              "auto-dismiss": False})
+            self.qmp.run_job(job, deadline, progress, complete=True)
+            inserted = self._active(a["target"])
+        if inserted["image"]["filename"] != a["file"]:
+            raise Inconsistent(f"disk {a['target']} runs on {inserted['image']['filename']}, expected "
+                               f"{a['file']} after undoing its snapshot")
+        if any(n.get("file") == a["overlay"] for n in self.qmp.execute("query-named-block-nodes", {"flat": True})):
+            raise Inconsistent(f"{a['overlay']} is still open in QEMU after the pivot; not removed")
+        CreateOverlay(a["overlay"], a["file"], a["format"]).undo(None)  # removes it only if it is that overlay
+
+    def _format_node(self, path: str) -> str:
+        for n in self.qmp.execute("query-named-block-nodes", {"flat": True}):
+            if n.get("file") == path and n.get("drv") != "file":
+                return n["node-name"]
+        raise Inconsistent(f"QEMU has no node for {path}")
+
+
+@hookimpl
+def snapfw_hypervisor_drivers():
+    return [QMPDriver]

@@ -1,0 +1,117 @@
+"""A real running QEMU for live tests: firmware-only guest, disks as -blockdev, a QMP socket.
+
+Guest data is written while it runs through HMP ``qemu-io`` on each disk's own device backend (as the
+guest would write); reads are verified offline with qemu-io once QEMU has quit (HMP qemu-io prints its
+result on QEMU's side, not in the monitor reply).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+from conftest import KIB64, Env, exited_within, require
+
+from snapfw.connection import STATE_DIR_ENV
+from snapfw.tools.qmp import QMP
+
+
+class Qemu:
+    """``qemu-system-x86_64 -name NAME`` with one virtio-blk disk per ``(id, format)`` in ``disks``."""
+
+    def __init__(self, folder: str, name: str = "web", disks=(("vda", "qcow2"), ("vdb", "raw")),
+                 size: str = "4M", extra: tuple[str, ...] = ()):
+        require("qemu-img")
+        self.binary = require("qemu-system-x86_64")
+        self.dir, self.name = folder, name
+        self.sock = os.path.join(folder, f"{name}.qmp")
+        self.pidfile = os.path.join(folder, f"{name}.pid")
+        self.images = {}
+        for target, fmt in disks:
+            path = os.path.join(folder, f"{name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
+            self.images[target] = (path, fmt)
+        self.extra = list(extra)  # more QEMU arguments: devices the harness does not make
+        self.pid = None
+
+    def argv(self) -> list[str]:
+        argv = [self.binary, "-machine", "q35,accel=kvm:tcg", "-m", "64", "-nodefaults", "-display", "none",
+                "-qmp", f"unix:{self.sock},server=on,wait=off", "-name", self.name, "-daemonize",
+                "-pidfile", self.pidfile]
+        for i, (target, (path, fmt)) in enumerate(self.images.items()):
+            argv += ["-blockdev", f"driver=file,filename={path},node-name=file{i}",
+                     "-blockdev", f"driver={fmt},file=file{i},node-name=disk{i}",
+                     "-device", f"virtio-blk-pci,drive=disk{i},id={target}"]
+        return argv + self.extra
+
+    def start(self) -> "Qemu":
+        subprocess.run(self.argv(), check=True, capture_output=True, timeout=60)
+        with open(self.pidfile) as f:
+            self.pid = int(f.read())
+        return self
+
+    def qmp(self, command: str, args: dict | None = None):
+        """One command on a fresh connection, closed at once: QEMU's monitor serves one client at a time."""
+        with QMP(self.sock) as q:
+            return q.execute(command, args)
+
+    def write(self, target: str, byte: int, offset: int, length: int = KIB64):
+        """Write as the guest would, through the device's own block backend."""
+        cmd = f'qemu-io -d /machine/peripheral/{target}/virtio-backend "write -P {byte:#x} {offset} {length}"'
+        out = self.qmp("human-monitor-command", {"command-line": cmd})
+        assert out == "", out
+
+    def active(self) -> dict:
+        """target -> (active file, format), from QEMU's own view."""
+        out = {}
+        for b in self.qmp("query-block"):
+            target = b["qdev"].split("/")[3]
+            out[target] = (b["inserted"]["image"]["filename"], b["inserted"]["image"]["format"])
+        return out
+
+    def quit(self):
+        """Quit QEMU and wait until it has released its images."""
+        if self.pid is None:
+            return
+        try:
+            self.qmp("quit")
+        except Exception:
+            os.kill(self.pid, signal.SIGKILL)
+        assert exited_within(self.pid, 30), "QEMU did not exit"
+        self.pid = None
+
+    def kill(self):
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            exited_within(self.pid, 30)
+            self.pid = None
+
+
+class LiveEnv(Env):
+    """The `snapfw` command on ``qmp:///SOCK`` of a running :class:`Qemu`, with its catalog in the temp dir.
+
+    ``domain()`` is what QEMU runs on while it runs, and what it last ran on once it has quit.
+    """
+
+    def __init__(self, root, qemu: Qemu):
+        super().__init__(root)
+        self.qemu = qemu
+        self.uri = f"qmp://{qemu.sock}"
+        self.state_dir = os.path.join(self.dir, ".snapfw")
+        self.last_active = dict(qemu.images)
+
+    def run(self, *args, check: bool = True, env: dict | None = None, timeout: float = 120):
+        return super().run(*args, check=check, env={STATE_DIR_ENV: self.state_dir, **(env or {})},
+                           timeout=timeout)
+
+    def domain(self, name: str = "web") -> dict:
+        if self.qemu.pid is not None:
+            self.last_active = self.qemu.active()
+        return dict(self.last_active)
+
+    def write(self, domain: str, target: str, byte: int, offset: int):
+        self.qemu.write(target, byte, offset)
