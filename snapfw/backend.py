@@ -42,7 +42,6 @@ class DiskGraph:
     active_format: str
     files: dict[str, ImageFile]
     records: dict[str, dict]
-    backends: dict[str, str]
     garbage: set[tuple[str, str]] = field(default_factory=set)
     pinned: frozenset[str] = frozenset()
 

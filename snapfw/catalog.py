@@ -346,9 +346,6 @@ class Changes:
         self._q("INSERT OR REPLACE INTO files(path, domain_id, target, format, backing, owned) "
                 "VALUES (?,?,?,?,?,?)", (f.path, did, f.target, f.format, f.backing, int(f.owned)))
 
-    def set_backing(self, path: str, backing: str | None):
-        self._q("UPDATE files SET backing = ? WHERE path = ?", (backing, path))
-
     def remove_file(self, path: str):
         self._q("DELETE FROM files WHERE path = ?", (path,))
         self._q("DELETE FROM garbage_tags WHERE path = ?", (path,))

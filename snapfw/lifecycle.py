@@ -137,11 +137,11 @@ def _backing_of(path: str, info: dict) -> str | None:
 
 def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned, inspect) -> DiskGraph:
     mine = {p: f for p, f in files.items() if f.target == disk.target}
-    records, backends = {}, {}
+    records = {}
     for snap in tree:
         r = snap.record(disk.target)
         if r is not None:
-            records[snap.name], backends[snap.name] = dict(r.data), r.backend
+            records[snap.name] = dict(r.data)
     info = inspect(disk.path, disk.format)
     if not mine:
         mine = {disk.path: ImageFile(disk.path, disk.target, disk.format, _backing_of(disk.path, info), False)}
@@ -149,7 +149,7 @@ def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned,
         problem = _active_problem(disk, mine)
         if problem:
             raise Inconsistent(f"{problem}; run `snapfw check`")
-    return DiskGraph(disk.target, disk.path, disk.format, mine, records, backends,
+    return DiskGraph(disk.target, disk.path, disk.format, mine, records,
                      {(p, t) for p, t in garbage if p in mine}, frozenset(pinned))
 
 
@@ -323,7 +323,7 @@ def create(session: Session, domain: str, name: str, description: str = "",
         records = [DiskRecord(op.disk.target, chosen[op.disk.target].name,
                               chosen[op.disk.target].create(op, name)) for op in ops]
         for op, r in zip(ops, records):
-            op.graph.records[name], op.graph.backends[name] = r.data, r.backend
+            op.graph.records[name] = r.data
         snap = Snapshot(name, o.tree.current, time.time(), description, True, records, o.domain.config())
         disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
         plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
@@ -376,7 +376,6 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
                 else:
                     backend.delete(op, n, r.data)
                 del op.graph.records[n]
-                del op.graph.backends[n]
         what = f"snapshot {name}" + (f" and its {len(names) - 1} descendants" if children else "")
         plan = o.assemble(f"delete {what} of {o.name}")
         for n in reversed(names):

@@ -135,6 +135,3 @@ class Tree:
             out.append(n)
             queue.extend(self.by_name[n].children)
         return out
-
-    def roots(self) -> list[Snapshot]:
-        return [s for s in self.by_name.values() if s.parent is None]
