@@ -19,9 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .catalog import ImageFile
 from .errors import NotSupported, Refused
-from .model import Disk, Domain, Tree, fit_file_name
+from .model import Disk, Domain, ImageFile, Tree, fit_file_name
 
 OFFLINE_CREATE = "offline.create"
 OFFLINE_REVERT = "offline.revert"

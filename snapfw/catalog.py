@@ -13,11 +13,10 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
 
 from .connection import fsync_dir
 from .errors import CatalogError, UnknownSnapshot
-from .model import DiskRecord, Snapshot, Tree
+from .model import DiskRecord, ImageFile, Snapshot, Tree
 
 FILENAME = "catalog.sqlite"
 # SQLite errors that come from the file system, not from the database (a full disk leaves no room for
@@ -87,17 +86,6 @@ SELECT s.name, p.name, s.created, s.description, s.id = d.current_id,
   LEFT JOIN snapshots p ON p.id = s.parent_id
  WHERE d.name = ? ORDER BY s.created, s.id
 """
-
-
-@dataclass
-class ImageFile:
-    """An image file snapfw manages for one disk of a domain."""
-
-    path: str
-    target: str
-    format: str
-    backing: str | None
-    owned: bool
 
 
 class Catalog:

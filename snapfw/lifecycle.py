@@ -13,9 +13,9 @@ import time
 
 from . import connection, plugins
 from .backend import OFFLINE_CREATE, DiskGraph, DiskOp
-from .catalog import Catalog, ImageFile
+from .catalog import Catalog
 from .errors import BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, SnapfwError, UnknownSnapshot
-from .model import Disk, DiskRecord, Domain, Snapshot, Tree, check_name
+from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
 from .tools import qemuimg

@@ -1,4 +1,4 @@
-"""Domains, disks, snapshots and the snapshot tree: plain data, no I/O."""
+"""Domains, disks, snapshots, the snapshot tree and the image files snapfw manages: plain data, no I/O."""
 
 from __future__ import annotations
 
@@ -77,6 +77,17 @@ class Domain:
     def config(self) -> dict:
         """What a snapshot keeps of the domain so a revert can rebuild it."""
         return {"name": self.name, "disks": [{"target": d.target, "format": d.format} for d in self.disks]}
+
+
+@dataclass
+class ImageFile:
+    """An image file snapfw manages for one disk of a domain; ``owned``: snapfw made it (may remove it)."""
+
+    path: str
+    target: str
+    format: str
+    backing: str | None
+    owned: bool
 
 
 @dataclass

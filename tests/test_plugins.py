@@ -15,7 +15,7 @@ import snapfw
 
 PLUGINS = {  # entry point name -> module source
     "demo": '''
-from snapfw.hookspecs import hookimpl
+from snapfw.api import hookimpl
 from snapfw_external import ExternalBackend
 
 class Demo(ExternalBackend):
@@ -26,7 +26,7 @@ def snapfw_disk_backends():
     return [Demo]
 ''',
     "audit": '''
-from snapfw.hookspecs import hookimpl
+from snapfw.api import hookimpl
 
 @hookimpl
 def snapfw_pre_snapshot(domain, name):
@@ -36,7 +36,7 @@ def snapfw_pre_snapshot(domain, name):
 import snapfw_no_such_library
 ''',
     "dup": '''
-from snapfw.hookspecs import hookimpl
+from snapfw.api import hookimpl
 from snapfw_external import ExternalBackend
 
 class Dup(ExternalBackend):
@@ -47,16 +47,14 @@ def snapfw_disk_backends():
     return [Dup]
 ''',
     "notaclass": '''
-from snapfw.hookspecs import hookimpl
+from snapfw.api import hookimpl
 
 @hookimpl
 def snapfw_disk_backends():
     return ["qcow2"]
 ''',
     "liars": '''
-from snapfw.backend import OFFLINE_CREATE, OFFLINE_DELETE
-from snapfw.errors import NotSupported
-from snapfw.hookspecs import hookimpl
+from snapfw.api import OFFLINE_CREATE, OFFLINE_DELETE, NotSupported, hookimpl
 from snapfw_external import ExternalBackend
 
 class Hides(ExternalBackend):
@@ -153,7 +151,7 @@ class TestClaims(BackendConformance):
                        env={**os.environ, **plugin_env(site, "liars")})
     assert "2 failed, 1 passed, 1 skipped" in r.stdout, r.stdout
     assert ("revert worked on backend hides although 'offline.revert' is not in its capabilities: declare it, "
-            "or raise snapfw.errors.NotSupported") in r.stdout
+            "or raise snapfw.api.NotSupported") in r.stdout
     assert "FAILED test_liars.py::TestHides::test_operations_not_declared_raise_not_supported" in r.stdout
     assert "FAILED test_liars.py::TestClaims::test_chain" in r.stdout
     assert "snapfw.errors.NotSupported: claims cannot revert after all" in r.stdout

@@ -9,11 +9,18 @@ file; neither merge would keep those intact, so then the file stays as a hidden 
 
 from __future__ import annotations
 
-from snapfw.backend import OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
-from snapfw.catalog import ImageFile
-from snapfw.hookspecs import hookimpl
-from snapfw.steps import Commit, CreateOverlay, Rebase
-from snapfw.tools import qemuimg
+from snapfw.api import (
+    OFFLINE_CREATE,
+    OFFLINE_DELETE,
+    OFFLINE_REVERT,
+    Commit,
+    CreateOverlay,
+    DiskBackend,
+    ImageFile,
+    Rebase,
+    hookimpl,
+    qemuimg,
+)
 
 
 def _bytes(path: str, fmt: str, depth: int) -> int:

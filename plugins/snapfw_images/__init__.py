@@ -20,11 +20,18 @@ import tempfile
 
 import yaml
 
-from snapfw.backend import HypervisorDriver
-from snapfw.connection import fsync_dir, local_dir
-from snapfw.errors import BadInput, UnknownDomain
-from snapfw.hookspecs import hookimpl
-from snapfw.model import FORMATS, Disk, Domain, check_name
+from snapfw.api import (
+    FORMATS,
+    BadInput,
+    Disk,
+    Domain,
+    HypervisorDriver,
+    UnknownDomain,
+    check_name,
+    fsync_dir,
+    hookimpl,
+)
+from snapfw.connection import local_dir
 
 
 class ImagesDriver(HypervisorDriver):

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import uuid
 
-from snapfw.backend import OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
-from snapfw.errors import Refused
-from snapfw.hookspecs import hookimpl
-from snapfw.steps import ApplyTag, CreateTag, DeleteTag
+from snapfw.api import (
+    OFFLINE_CREATE,
+    OFFLINE_DELETE,
+    OFFLINE_REVERT,
+    ApplyTag,
+    CreateTag,
+    DeleteTag,
+    DiskBackend,
+    Refused,
+    hookimpl,
+)
 
 
 class InternalBackend(DiskBackend):

@@ -1,0 +1,89 @@
+"""The public plugin API: everything a plugin (built-in, contrib or third-party) may import, in one place.
+
+Plugins import from here only (``from snapfw.api import DiskBackend, hookimpl``), never from the modules
+behind it: those are the core's own and change with it. An import-linter contract in pyproject.toml
+holds the plugins to this, and tests/test_architecture.py keeps ``__all__``, this module and PLUGINS.md
+in step. Nothing in the core imports this module, so ``snapfw list`` never pays for it.
+"""
+
+from .backend import (
+    CAPABILITIES,
+    LIVE_CREATE,
+    LIVE_DELETE,
+    LIVE_REVERT,
+    OFFLINE_CREATE,
+    OFFLINE_DELETE,
+    OFFLINE_REVERT,
+    DiskBackend,
+    DiskGraph,
+    DiskOp,
+    HypervisorDriver,
+)
+from .connection import fsync_dir
+from .errors import (
+    BadInput,
+    CatalogError,
+    ImageInUse,
+    Inconsistent,
+    LockTimeout,
+    NotSupported,
+    PluginError,
+    Refused,
+    SnapfwError,
+    ToolError,
+    UnknownDomain,
+    UnknownSnapshot,
+)
+from .hookspecs import hookimpl
+from .model import FORMATS, Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
+from .plan import Plan, Step
+from .steps import ApplyTag, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile
+from .tools import qemuimg
+from .tools.run import run
+
+__all__ = [
+    "ApplyTag",
+    "BadInput",
+    "CAPABILITIES",
+    "CatalogError",
+    "check_name",
+    "Commit",
+    "CreateOverlay",
+    "CreateTag",
+    "DeleteTag",
+    "Disk",
+    "DiskBackend",
+    "DiskGraph",
+    "DiskOp",
+    "DiskRecord",
+    "Domain",
+    "FORMATS",
+    "fsync_dir",
+    "hookimpl",
+    "HypervisorDriver",
+    "ImageFile",
+    "ImageInUse",
+    "Inconsistent",
+    "LIVE_CREATE",
+    "LIVE_DELETE",
+    "LIVE_REVERT",
+    "LockTimeout",
+    "NotSupported",
+    "OFFLINE_CREATE",
+    "OFFLINE_DELETE",
+    "OFFLINE_REVERT",
+    "Plan",
+    "PluginError",
+    "qemuimg",
+    "Rebase",
+    "Refused",
+    "RemoveFile",
+    "run",
+    "SnapfwError",
+    "Snapshot",
+    "Step",
+    "ToolError",
+    "Tree",
+    "UnknownDomain",
+    "UnknownSnapshot",
+]
