@@ -26,8 +26,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shlex
-import subprocess
 
 import pytest
 import yaml
@@ -86,9 +84,10 @@ def make_image(directory: str, name: str, size: int, fmt: str = "qcow2") -> tupl
 
 
 def _run(argv: list[str]) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True)
-    assert r.returncode == 0, f"{shlex.join(argv)} failed: {r.stderr.strip()}"
-    return r.stdout
+    """Programs run through snapfw.tools, as everywhere in snapfw; a failure is a ToolError naming it."""
+    from .tools.run import run
+
+    return run(argv)
 
 
 # --- the model ------------------------------------------------------------------------------------------
