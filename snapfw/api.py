@@ -19,7 +19,7 @@ from .backend import (
     DiskOp,
     HypervisorDriver,
 )
-from .connection import fsync_dir
+from .connection import fsync_dir, uri_path
 from .errors import (
     BadInput,
     CatalogError,
@@ -86,4 +86,5 @@ __all__ = [
     "Tree",
     "UnknownDomain",
     "UnknownSnapshot",
+    "uri_path",
 ]

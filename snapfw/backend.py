@@ -137,6 +137,10 @@ class HypervisorDriver:
 
     scheme: ClassVar[str]
     description: ClassVar[str] = ""
+    # Where a connection's catalog (and lock files) live: None for snapfw's data directory, or a template
+    # with ``{path}`` for the absolute path the URI names (``scheme:///path``). Data, not code, so that
+    # ``snapfw list`` finds the catalog without loading any plugin (see connection.remember_state_dir).
+    state_dir: ClassVar[str | None] = None
 
     def __init__(self, uri: str):
         self.uri = uri

@@ -12,7 +12,7 @@ import os
 import time
 
 from . import connection, plugins
-from .backend import OFFLINE_CREATE, DiskGraph, DiskOp
+from .backend import OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
 from .catalog import Catalog
 from .errors import BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, SnapfwError, UnknownSnapshot
 from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
@@ -43,17 +43,31 @@ class Session:
     def __init__(self, uri: str | None = None, state_dir: str | None = None, lock_timeout: float = 30.0,
                  reporter: Reporter | None = None):
         self.uri = connection.resolve_uri(uri)
-        self.state = connection.state_dir(self.uri, state_dir)
+        self._state_override = state_dir
         self.lock_timeout = lock_timeout
         self.reporter = reporter or Reporter()
 
     @functools.cached_property
-    def driver(self):
+    def driver_class(self) -> type[HypervisorDriver]:
         scheme = self.uri.partition("://")[0]
         drivers = plugins.hypervisor_drivers()
         if scheme not in drivers:
             raise BadInput(f"no hypervisor driver for {scheme}:// (have: {', '.join(sorted(drivers))})")
-        return drivers[scheme][0](self.uri)
+        return drivers[scheme][0]
+
+    @functools.cached_property
+    def driver(self) -> HypervisorDriver:
+        return self.driver_class(self.uri)
+
+    @functools.cached_property
+    def state(self) -> str:
+        """The state directory (catalog, locks): the user's choice, else where the driver keeps it."""
+        override = connection.state_override(self._state_override)
+        if override:
+            return override
+        template = self.driver_class.state_dir
+        connection.remember_state_dir(self.uri, template)
+        return connection.state_dir(self.uri, template)
 
     @functools.cached_property
     def catalog(self) -> Catalog:

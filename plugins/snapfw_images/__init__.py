@@ -30,17 +30,18 @@ from snapfw.api import (
     check_name,
     fsync_dir,
     hookimpl,
+    uri_path,
 )
-from snapfw.connection import local_dir
 
 
 class ImagesDriver(HypervisorDriver):
     scheme = "images"
     description = "plain image files described by DIR/<domain>.yaml; no hypervisor"
+    state_dir = "{path}/.snapfw"  # the catalog travels with the directory
 
     def __init__(self, uri: str):
         super().__init__(uri)
-        self.dir = local_dir(uri)
+        self.dir = uri_path(uri)
 
     def _file(self, name: str) -> str:
         return os.path.join(self.dir, f"{check_name('domain', name)}.yaml")
