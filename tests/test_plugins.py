@@ -71,6 +71,18 @@ class Claims(ExternalBackend):
 def snapfw_disk_backends():
     return [Hides, Claims]
 ''',
+    "elsewhere": '''
+from snapfw.api import hookimpl
+from snapfw_images import ImagesDriver
+
+class Elsewhere(ImagesDriver):
+    scheme = "elsewhere"
+    state_dir = "{path}-state"  # next to the directory, not in it
+
+@hookimpl
+def snapfw_hypervisor_drivers():
+    return [Elsewhere]
+''',
 }
 
 
@@ -155,3 +167,21 @@ class TestClaims(BackendConformance):
     assert "FAILED test_liars.py::TestHides::test_operations_not_declared_raise_not_supported" in r.stdout
     assert "FAILED test_liars.py::TestClaims::test_chain" in r.stdout
     assert "snapfw.errors.NotSupported: claims cannot revert after all" in r.stdout
+
+
+def test_a_driver_says_where_its_catalog_lives_and_list_finds_it_without_loading_plugins(env, site):
+    """The core knows no driver's state directory: it takes the driver's ``state_dir``, and `list` reads
+    the note a session made of it instead of loading pluggy and the plugins."""
+    env.make_domain("web")
+
+    def snapfw(*args):
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                           env={**os.environ, **plugin_env(site, "elsewhere")})
+        assert r.returncode == 0, r.stderr
+        return r
+
+    snapfw("-m", "snapfw", "--connect", f"elsewhere://{env.dir}", "create", "web", "s1")
+    assert os.path.exists(f"{env.dir}-state/catalog.sqlite") and not os.path.exists(f"{env.dir}/.snapfw")
+    r = snapfw("-X", "importtime", "-m", "snapfw", "--connect", f"elsewhere://{env.dir}", "list", "web")
+    assert "s1" in r.stdout
+    assert "pluggy" not in {ln.split("|")[-1].strip() for ln in r.stderr.splitlines()}
