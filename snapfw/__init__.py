@@ -1,7 +1,7 @@
 """snapfw: pluggable whole-domain snapshots for KVM and Xen guests.
 
-The public API lives in :mod:`snapfw.lifecycle` (operations), :mod:`snapfw.backend` (what plugins
-implement), :mod:`snapfw.steps` (steps plugins may reuse) and :mod:`snapfw.errors`. This module stays
+The public API lives in :mod:`snapfw.api` (everything a plugin may import), :mod:`snapfw.lifecycle`
+(operations), :mod:`snapfw.testing` (the conformance kit) and :mod:`snapfw.errors`. This module stays
 empty of imports so that ``snapfw list`` starts fast.
 """
 

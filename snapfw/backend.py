@@ -19,9 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .catalog import ImageFile
 from .errors import NotSupported, Refused
-from .model import Disk, Domain, Tree, fit_file_name
+from .model import Disk, Domain, ImageFile, Tree, fit_file_name
 
 OFFLINE_CREATE = "offline.create"
 OFFLINE_REVERT = "offline.revert"
@@ -42,7 +41,6 @@ class DiskGraph:
     active_format: str
     files: dict[str, ImageFile]
     records: dict[str, dict]
-    backends: dict[str, str]
     garbage: set[tuple[str, str]] = field(default_factory=set)
     pinned: frozenset[str] = frozenset()
 
@@ -141,6 +139,10 @@ class HypervisorDriver:
 
     scheme: ClassVar[str]
     description: ClassVar[str] = ""
+    # Where a connection's catalog (and lock files) live: None for snapfw's data directory, or a template
+    # with ``{path}`` for the absolute path the URI names (``scheme:///path``). Data, not code, so that
+    # ``snapfw list`` finds the catalog without loading any plugin (see connection.remember_state_dir).
+    state_dir: ClassVar[str | None] = None
 
     def __init__(self, uri: str):
         self.uri = uri

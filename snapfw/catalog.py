@@ -13,11 +13,10 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
 
 from .connection import fsync_dir
 from .errors import CatalogError, UnknownSnapshot
-from .model import DiskRecord, Snapshot, Tree
+from .model import DiskRecord, ImageFile, Snapshot, Tree
 
 FILENAME = "catalog.sqlite"
 # SQLite errors that come from the file system, not from the database (a full disk leaves no room for
@@ -87,17 +86,6 @@ SELECT s.name, p.name, s.created, s.description, s.id = d.current_id,
   LEFT JOIN snapshots p ON p.id = s.parent_id
  WHERE d.name = ? ORDER BY s.created, s.id
 """
-
-
-@dataclass
-class ImageFile:
-    """An image file snapfw manages for one disk of a domain."""
-
-    path: str
-    target: str
-    format: str
-    backing: str | None
-    owned: bool
 
 
 class Catalog:
@@ -345,9 +333,6 @@ class Changes:
         did = self._domain_id(domain)
         self._q("INSERT OR REPLACE INTO files(path, domain_id, target, format, backing, owned) "
                 "VALUES (?,?,?,?,?,?)", (f.path, did, f.target, f.format, f.backing, int(f.owned)))
-
-    def set_backing(self, path: str, backing: str | None):
-        self._q("UPDATE files SET backing = ? WHERE path = ?", (backing, path))
 
     def remove_file(self, path: str):
         self._q("DELETE FROM files WHERE path = ?", (path,))

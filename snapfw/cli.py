@@ -224,7 +224,9 @@ def list_(ctx, domain, tree, as_json):
     check_name("domain", domain)
     o = ctx.obj
     uri = connection.resolve_uri(o["uri"])
-    catalog = Catalog.open(connection.state_dir(uri, o["state_dir"]), create=False)
+    # the driver (and the plugin manager) only when snapfw has never noted where its catalogs are
+    state = connection.state_override(o["state_dir"]) or connection.known_state_dir(uri) or _session(ctx).state
+    catalog = Catalog.open(state, create=False)
     rows = catalog.list_rows(domain) if catalog is not None else []
     if not rows:
         from . import lifecycle

@@ -4,48 +4,118 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import time
 
-from .errors import BadInput, LockTimeout, SnapfwError
+from .errors import BadInput, LockTimeout, PluginError, SnapfwError
 from .model import fit_file_name
 
 CONNECT_ENV = "SNAPFW_CONNECT"
 STATE_DIR_ENV = "SNAPFW_STATE_DIR"
-LOCAL_SCHEME = "images"
+# in cache_home(): scheme -> its driver's ``state_dir`` template, as a process that loaded the driver noted it
+KNOWN_STATE_DIRS = "state-dirs.json"
 
 
 def data_home() -> str:
     """/var/lib/snapfw for root, else $XDG_DATA_HOME/snapfw (~/.local/share/snapfw)."""
+    return _home("/var/lib/snapfw", "XDG_DATA_HOME", os.path.join(".local", "share"))
+
+
+def cache_home() -> str:
+    """/var/cache/snapfw for root, else $XDG_CACHE_HOME/snapfw (~/.cache/snapfw): what snapfw may lose."""
+    return _home("/var/cache/snapfw", "XDG_CACHE_HOME", ".cache")
+
+
+def _home(as_root: str, xdg_variable: str, under_home: str) -> str:
     if os.geteuid() == 0:
-        return "/var/lib/snapfw"
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(xdg, "snapfw")
+        return as_root
+    return os.path.join(os.environ.get(xdg_variable) or os.path.join(os.path.expanduser("~"), under_home), "snapfw")
 
 
 def resolve_uri(uri: str | None) -> str:
-    uri = uri or os.environ.get(CONNECT_ENV) or f"{LOCAL_SCHEME}://{os.path.join(data_home(), 'images')}"
+    """The connection: ``uri``, else $SNAPFW_CONNECT, else the embedded default (the images driver on the
+    data directory, as the README says)."""
+    uri = uri or os.environ.get(CONNECT_ENV) or f"images://{os.path.join(data_home(), 'images')}"
     if "\0" in uri or "://" not in uri:
         raise BadInput(f"invalid connection URI {uri!r}: expected SCHEME://..., e.g. images:///srv/vms")
     return uri
 
 
-def local_dir(uri: str) -> str | None:
-    """The directory of a local ``images:///DIR`` connection, whose catalog lives inside DIR."""
+def uri_path(uri: str) -> str:
+    """The directory or file a ``SCHEME:///PATH`` URI names; BadInput unless PATH is absolute."""
     scheme, _, rest = uri.partition("://")
-    if scheme != LOCAL_SCHEME:
-        return None
     if not rest.startswith("/"):
-        raise BadInput(f"invalid connection URI {uri!r}: {LOCAL_SCHEME}:// needs an absolute directory")
+        raise BadInput(f"invalid connection URI {uri!r}: {scheme}:// needs an absolute path, "
+                       f"e.g. {scheme}:///srv/vms")
     return os.path.normpath(rest)
 
 
-def state_dir(uri: str, override: str | None = None) -> str:
+def state_override(override: str | None) -> str | None:
+    """The state directory the user chose (--state-dir, else $SNAPFW_STATE_DIR), if any."""
     override = override or os.environ.get(STATE_DIR_ENV)
-    if override:
-        return os.path.abspath(override)
-    local = local_dir(uri)
-    return os.path.join(local, ".snapfw") if local else data_home()
+    return os.path.abspath(override) if override else None
+
+
+def state_dir(uri: str, template: str | None) -> str:
+    """Where the driver whose ``state_dir`` is ``template`` keeps the catalog of ``uri``: the data directory
+    for None, else the template with ``{path}`` the path the URI names."""
+    if template is None:
+        return data_home()
+    try:
+        folder = template.format(path=uri_path(uri))
+    except (KeyError, IndexError, ValueError):
+        folder = ""
+    if not os.path.isabs(folder):
+        raise PluginError(f"the driver for {uri.partition('://')[0]}:// has an invalid state_dir {template!r}: "
+                          "expected an absolute path, {path} standing for the path the URI names")
+    return os.path.normpath(folder)
+
+
+def remember_state_dir(uri: str, template: str | None) -> None:
+    """Note the ``state_dir`` template of ``uri``'s driver, so that ``snapfw list`` finds the catalog
+    without loading any plugin. Best effort: without the note, ``list`` asks the driver itself."""
+    scheme = uri.partition("://")[0]
+    known = _known_state_dirs()
+    if scheme in known and known[scheme] == template:
+        return
+    import tempfile
+
+    folder = cache_home()
+    tmp = None
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{KNOWN_STATE_DIRS}.", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({**known, scheme: template}, f)
+        os.replace(tmp, os.path.join(folder, KNOWN_STATE_DIRS))
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def known_state_dir(uri: str) -> str | None:
+    """The state directory of ``uri`` if its driver's ``state_dir`` is noted; None: ask the driver."""
+    known = _known_state_dirs()
+    scheme = uri.partition("://")[0]
+    if scheme not in known:
+        return None
+    try:
+        return state_dir(uri, known[scheme])
+    except PluginError:
+        return None
+
+
+def _known_state_dirs() -> dict[str, str | None]:
+    try:
+        with open(os.path.join(cache_home(), KNOWN_STATE_DIRS), encoding="utf-8") as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {k: v for k, v in known.items() if v is None or isinstance(v, str)}
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ hookimpl = pluggy.HookimplMarker("snapfw")
 # --- registration: called once when the plugin manager is built -----------------------------------
 @hookspec
 def snapfw_disk_backends():
-    """Return a list of :class:`snapfw.backend.DiskBackend` subclasses this plugin provides.
+    """Return a list of :class:`snapfw.api.DiskBackend` subclasses this plugin provides.
 
     Called once per process when backends are first needed. All results are collected; two backends
     with the same ``name``, or anything but a DiskBackend subclass, are a PluginError naming the plugin(s).
@@ -23,7 +23,7 @@ def snapfw_disk_backends():
 
 @hookspec
 def snapfw_hypervisor_drivers():
-    """Return a list of :class:`snapfw.backend.HypervisorDriver` subclasses this plugin provides.
+    """Return a list of :class:`snapfw.api.HypervisorDriver` subclasses this plugin provides.
 
     Called once per process when a connection is opened; drivers are chosen by URI ``scheme``. All results
     are collected; two drivers with the same scheme, or anything but a HypervisorDriver subclass, are a

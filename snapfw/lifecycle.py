@@ -13,11 +13,11 @@ import re
 import time
 
 from . import connection, plugins
-from .backend import LIVE_CREATE, OFFLINE_CREATE, DiskGraph, DiskOp
-from .catalog import Catalog, ImageFile
+from .backend import LIVE_CREATE, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
+from .catalog import Catalog
 from .errors import BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, SnapfwError, UnknownSnapshot
 from .live import LiveSnapshot
-from .model import Disk, DiskRecord, Domain, Snapshot, Tree, check_name
+from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
 from .tools import qemuimg
@@ -45,17 +45,31 @@ class Session:
     def __init__(self, uri: str | None = None, state_dir: str | None = None, lock_timeout: float = 30.0,
                  reporter: Reporter | None = None):
         self.uri = connection.resolve_uri(uri)
-        self.state = connection.state_dir(self.uri, state_dir)
+        self._state_override = state_dir
         self.lock_timeout = lock_timeout
         self.reporter = reporter or Reporter()
 
     @functools.cached_property
-    def driver(self):
+    def driver_class(self) -> type[HypervisorDriver]:
         scheme = self.uri.partition("://")[0]
         drivers = plugins.hypervisor_drivers()
         if scheme not in drivers:
             raise BadInput(f"no hypervisor driver for {scheme}:// (have: {', '.join(sorted(drivers))})")
-        return drivers[scheme][0](self.uri)
+        return drivers[scheme][0]
+
+    @functools.cached_property
+    def driver(self) -> HypervisorDriver:
+        return self.driver_class(self.uri)
+
+    @functools.cached_property
+    def state(self) -> str:
+        """The state directory (catalog, locks): the user's choice, else where the driver keeps it."""
+        override = connection.state_override(self._state_override)
+        if override:
+            return override
+        template = self.driver_class.state_dir
+        connection.remember_state_dir(self.uri, template)
+        return connection.state_dir(self.uri, template)
 
     @functools.cached_property
     def catalog(self) -> Catalog:
@@ -141,11 +155,11 @@ def _backing_of(path: str, info: dict) -> str | None:
 
 def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned, inspect) -> DiskGraph:
     mine = {p: f for p, f in files.items() if f.target == disk.target}
-    records, backends = {}, {}
+    records = {}
     for snap in tree:
         r = snap.record(disk.target)
         if r is not None:
-            records[snap.name], backends[snap.name] = dict(r.data), r.backend
+            records[snap.name] = dict(r.data)
     info = inspect(disk.path, disk.format)
     if not mine:
         mine = {disk.path: ImageFile(disk.path, disk.target, disk.format, _backing_of(disk.path, info), False)}
@@ -153,7 +167,7 @@ def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned,
         problem = _active_problem(disk, mine)
         if problem:
             raise Inconsistent(f"{problem}; run `snapfw check`")
-    return DiskGraph(disk.target, disk.path, disk.format, mine, records, backends,
+    return DiskGraph(disk.target, disk.path, disk.format, mine, records,
                      {(p, t) for p, t in garbage if p in mine}, frozenset(pinned))
 
 
@@ -342,7 +356,7 @@ def create(session: Session, domain: str, name: str, description: str = "",
         records = [DiskRecord(op.disk.target, chosen[op.disk.target].name,
                               chosen[op.disk.target].create(op, name)) for op in ops]
         for op, r in zip(ops, records):
-            op.graph.records[name], op.graph.backends[name] = r.data, r.backend
+            op.graph.records[name] = r.data
         snap = Snapshot(name, o.tree.current, time.time(), description, True, records, o.domain.config())
         disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
         plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
@@ -395,7 +409,6 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
                 else:
                     backend.delete(op, n, r.data)
                 del op.graph.records[n]
-                del op.graph.backends[n]
         what = f"snapshot {name}" + (f" and its {len(names) - 1} descendants" if children else "")
         plan = o.assemble(f"delete {what} of {o.name}")
         for n in reversed(names):

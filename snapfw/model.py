@@ -1,4 +1,4 @@
-"""Domains, disks, snapshots and the snapshot tree: plain data, no I/O."""
+"""Domains, disks, snapshots, the snapshot tree and the image files snapfw manages: plain data, no I/O."""
 
 from __future__ import annotations
 
@@ -93,6 +93,17 @@ class Domain:
 
 
 @dataclass
+class ImageFile:
+    """An image file snapfw manages for one disk of a domain; ``owned``: snapfw made it (may remove it)."""
+
+    path: str
+    target: str
+    format: str
+    backing: str | None
+    owned: bool
+
+
+@dataclass
 class DiskRecord:
     """A snapshot's state of one disk, as the backend that took it describes it (``data``)."""
 
@@ -148,6 +159,3 @@ class Tree:
             out.append(n)
             queue.extend(self.by_name[n].children)
         return out
-
-    def roots(self) -> list[Snapshot]:
-        return [s for s in self.by_name.values() if s.parent is None]

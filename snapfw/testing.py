@@ -10,7 +10,7 @@ contract against any installed backend. A plugin's test module only names its ba
             return "mybackend"
 
 Each test makes a domain of the ``images`` driver whose two disks use that backend, runs snapfw's
-lifecycle in this process (so errors arrive as their snapfw.errors types), and after every operation
+lifecycle in this process (so errors arrive as their own snapfw.api types), and after every operation
 compares each disk's guest-visible bytes, the snapshot tree and the files on disk with a model of what
 they must be. ``snapfw_dir`` and ``snapfw_disk`` put the disks where the backend needs them (PLUGINS.md).
 Live operations join the kit when the core gets its live path.
@@ -26,8 +26,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shlex
-import subprocess
 
 import pytest
 import yaml
@@ -86,9 +84,10 @@ def make_image(directory: str, name: str, size: int, fmt: str = "qcow2") -> tupl
 
 
 def _run(argv: list[str]) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True)
-    assert r.returncode == 0, f"{shlex.join(argv)} failed: {r.stderr.strip()}"
-    return r.stdout
+    """Programs run through snapfw.tools, as everywhere in snapfw; a failure is a ToolError naming it."""
+    from .tools.run import run
+
+    return run(argv)
 
 
 # --- the model ------------------------------------------------------------------------------------------
@@ -398,10 +397,10 @@ class BackendConformance:
                 pass
             except Exception as e:
                 pytest.fail(f"{what} on backend {rig.backend} raised {type(e).__name__} ({e}); an operation not "
-                            f"in capabilities must raise snapfw.errors.NotSupported")
+                            f"in capabilities must raise snapfw.api.NotSupported")
             else:
                 pytest.fail(f"{what} worked on backend {rig.backend} although {capability!r} is not in its "
-                            "capabilities: declare it, or raise snapfw.errors.NotSupported")
+                            "capabilities: declare it, or raise snapfw.api.NotSupported")
             assert rig.state() == before, f"the refused {what} changed something"
 
     @pytest.mark.parametrize("operation", sorted(OPERATIONS))

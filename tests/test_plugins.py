@@ -15,7 +15,7 @@ import snapfw
 
 PLUGINS = {  # entry point name -> module source
     "demo": '''
-from snapfw.hookspecs import hookimpl
+from snapfw.api import hookimpl
 from snapfw_external import ExternalBackend
 
 class Demo(ExternalBackend):
@@ -26,7 +26,7 @@ def snapfw_disk_backends():
     return [Demo]
 ''',
     "audit": '''
-from snapfw.hookspecs import hookimpl
+from snapfw.api import hookimpl
 
 @hookimpl
 def snapfw_pre_snapshot(domain, name):
@@ -36,7 +36,7 @@ def snapfw_pre_snapshot(domain, name):
 import snapfw_no_such_library
 ''',
     "dup": '''
-from snapfw.hookspecs import hookimpl
+from snapfw.api import hookimpl
 from snapfw_external import ExternalBackend
 
 class Dup(ExternalBackend):
@@ -47,16 +47,14 @@ def snapfw_disk_backends():
     return [Dup]
 ''',
     "notaclass": '''
-from snapfw.hookspecs import hookimpl
+from snapfw.api import hookimpl
 
 @hookimpl
 def snapfw_disk_backends():
     return ["qcow2"]
 ''',
     "liars": '''
-from snapfw.backend import OFFLINE_CREATE, OFFLINE_DELETE
-from snapfw.errors import NotSupported
-from snapfw.hookspecs import hookimpl
+from snapfw.api import OFFLINE_CREATE, OFFLINE_DELETE, NotSupported, hookimpl
 from snapfw_external import ExternalBackend
 
 class Hides(ExternalBackend):
@@ -72,6 +70,18 @@ class Claims(ExternalBackend):
 @hookimpl
 def snapfw_disk_backends():
     return [Hides, Claims]
+''',
+    "elsewhere": '''
+from snapfw.api import hookimpl
+from snapfw_images import ImagesDriver
+
+class Elsewhere(ImagesDriver):
+    scheme = "elsewhere"
+    state_dir = "{path}-state"  # next to the directory, not in it
+
+@hookimpl
+def snapfw_hypervisor_drivers():
+    return [Elsewhere]
 ''',
 }
 
@@ -153,7 +163,25 @@ class TestClaims(BackendConformance):
                        env={**os.environ, **plugin_env(site, "liars")})
     assert "2 failed, 1 passed, 1 skipped" in r.stdout, r.stdout
     assert ("revert worked on backend hides although 'offline.revert' is not in its capabilities: declare it, "
-            "or raise snapfw.errors.NotSupported") in r.stdout
+            "or raise snapfw.api.NotSupported") in r.stdout
     assert "FAILED test_liars.py::TestHides::test_operations_not_declared_raise_not_supported" in r.stdout
     assert "FAILED test_liars.py::TestClaims::test_chain" in r.stdout
     assert "snapfw.errors.NotSupported: claims cannot revert after all" in r.stdout
+
+
+def test_a_driver_says_where_its_catalog_lives_and_list_finds_it_without_loading_plugins(env, site):
+    """The core knows no driver's state directory: it takes the driver's ``state_dir``, and `list` reads
+    the note a session made of it instead of loading pluggy and the plugins."""
+    env.make_domain("web")
+
+    def snapfw(*args):
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                           env={**os.environ, **plugin_env(site, "elsewhere")})
+        assert r.returncode == 0, r.stderr
+        return r
+
+    snapfw("-m", "snapfw", "--connect", f"elsewhere://{env.dir}", "create", "web", "s1")
+    assert os.path.exists(f"{env.dir}-state/catalog.sqlite") and not os.path.exists(f"{env.dir}/.snapfw")
+    r = snapfw("-X", "importtime", "-m", "snapfw", "--connect", f"elsewhere://{env.dir}", "list", "web")
+    assert "s1" in r.stdout
+    assert "pluggy" not in {ln.split("|")[-1].strip() for ln in r.stderr.splitlines()}

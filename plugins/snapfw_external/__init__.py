@@ -10,12 +10,20 @@ file; neither merge would keep those intact, so then the file stays as a hidden 
 
 from __future__ import annotations
 
-from snapfw.backend import LIVE_CREATE, OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
-from snapfw.catalog import ImageFile
-from snapfw.hookspecs import hookimpl
-from snapfw.live import external_action
-from snapfw.steps import Commit, CreateOverlay, Rebase
-from snapfw.tools import qemuimg
+from snapfw.api import (
+    LIVE_CREATE,
+    OFFLINE_CREATE,
+    OFFLINE_DELETE,
+    OFFLINE_REVERT,
+    Commit,
+    CreateOverlay,
+    DiskBackend,
+    ImageFile,
+    Rebase,
+    external_action,
+    hookimpl,
+    qemuimg,
+)
 
 # Committing into the user's own image copies "far more" than streaming, and then streams instead,
 # when it copies over FAR_MORE_BYTES in all and over FAR_MORE_RATIO times what streaming copies.

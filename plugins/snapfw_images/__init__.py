@@ -19,20 +19,29 @@ import os
 
 import yaml
 
-from snapfw.backend import HypervisorDriver
-from snapfw.connection import fsync_dir, local_dir
-from snapfw.errors import BadInput, UnknownDomain
-from snapfw.hookspecs import hookimpl
-from snapfw.model import FORMATS, Disk, Domain, check_name, fit_file_name
+from snapfw.api import (
+    FORMATS,
+    BadInput,
+    Disk,
+    Domain,
+    HypervisorDriver,
+    UnknownDomain,
+    check_name,
+    fit_file_name,
+    fsync_dir,
+    hookimpl,
+    uri_path,
+)
 
 
 class ImagesDriver(HypervisorDriver):
     scheme = "images"
     description = "plain image files described by DIR/<domain>.yaml; no hypervisor"
+    state_dir = "{path}/.snapfw"  # the catalog travels with the directory
 
     def __init__(self, uri: str):
         super().__init__(uri)
-        self.dir = local_dir(uri)
+        self.dir = uri_path(uri)
 
     def _file(self, name: str) -> str:
         return os.path.join(self.dir, f"{check_name('domain', name)}.yaml")

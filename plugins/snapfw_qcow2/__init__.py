@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import uuid
 
-from snapfw.backend import LIVE_CREATE, OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
-from snapfw.errors import Refused
-from snapfw.hookspecs import hookimpl
-from snapfw.live import internal_action
-from snapfw.steps import ApplyTag, CreateTag, DeleteTag
+from snapfw.api import (
+    LIVE_CREATE,
+    OFFLINE_CREATE,
+    OFFLINE_DELETE,
+    OFFLINE_REVERT,
+    ApplyTag,
+    CreateTag,
+    DeleteTag,
+    DiskBackend,
+    Refused,
+    hookimpl,
+    internal_action,
+)
 
 
 class InternalBackend(DiskBackend):

@@ -13,13 +13,20 @@ import os
 import stat
 import time
 
-from snapfw.backend import HypervisorDriver
-from snapfw.errors import BadInput, Inconsistent, NotSupported, UnknownDomain
-from snapfw.hookspecs import hookimpl
-from snapfw.live import INTERNAL
-from snapfw.model import FORMATS, Disk, Domain
-from snapfw.steps import CreateOverlay
-from snapfw.tools.qmp import QMP
+from snapfw.api import (
+    FORMATS,
+    INTERNAL,
+    QMP,
+    BadInput,
+    CreateOverlay,
+    Disk,
+    Domain,
+    HypervisorDriver,
+    Inconsistent,
+    NotSupported,
+    UnknownDomain,
+    hookimpl,
+)
 
 # how long undoing an external snapshot may wait for its commit job (the data the guest wrote since)
 UNDO_JOB_SECONDS = 600.0

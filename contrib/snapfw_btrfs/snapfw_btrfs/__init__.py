@@ -19,12 +19,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from snapfw.backend import OFFLINE_CREATE, OFFLINE_DELETE, OFFLINE_REVERT, DiskBackend
-from snapfw.catalog import ImageFile
-from snapfw.errors import SnapfwError
-from snapfw.hookspecs import hookimpl
-from snapfw.plan import Step
-from snapfw.tools.run import run
+from snapfw.api import (
+    OFFLINE_CREATE,
+    OFFLINE_DELETE,
+    OFFLINE_REVERT,
+    DiskBackend,
+    ImageFile,
+    SnapfwError,
+    Step,
+    hookimpl,
+    run,
+)
 
 SUBVOLUME_ROOT_INODE = 256  # what stat() says for the top directory of every btrfs subvolume
 TOP_LEVEL_ID = 5  # the subvolume a btrfs filesystem starts with
