@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import Inconsistent, SnapfwError
+from .errors import FileError, Inconsistent, SnapfwError
 
 FAULT_ENV = "SNAPFW_FAULT"
 
@@ -113,6 +113,10 @@ def execute(plan: Plan, catalog, ctx) -> None:
             except SnapfwError as e:
                 e.step = e.step or step.describe()
                 raise
+            except OSError as e:  # a step's own file operation (a name taken meanwhile, a full disk)
+                error = FileError.of(e)
+                error.step = step.describe()
+                raise error from e
             catalog.mark_step(plan_id, "prepare", i, "done")
         _fault("commit", 0)
         with catalog.write() as changes:

@@ -14,15 +14,18 @@ directories the file names, or under ``allowed_roots:`` it lists.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import errno
 import os
+import stat
 import tempfile
 
 import yaml
 
 from snapfw.backend import HypervisorDriver
 from snapfw.connection import fsync_dir, local_dir
-from snapfw.errors import BadInput, UnknownDomain
+from snapfw.errors import BadInput, FileError, UnknownDomain
 from snapfw.hookspecs import hookimpl
 from snapfw.model import FORMATS, Disk, Domain, check_name
 
@@ -101,9 +104,12 @@ class ImagesDriver(HypervisorDriver):
         return Domain(name, out, running=False, allowed_roots=tuple(dict.fromkeys(roots)))
 
     def define(self, domain: dict) -> None:
-        """Rewrite the domain file with the new disk paths: temp file, fsync, rename, fsync the directory."""
+        """Rewrite the domain file with the new disk paths: temp file with the file's mode and owner, fsync,
+        rename, fsync the directory. If it already says that, leave it: undoing a define that failed on a
+        full disk must not need the room it did not get."""
         name = domain["name"]
         data = self._load(name)
+        old = copy.deepcopy(data)
         by_target = {d["target"]: d for d in domain["disks"]}
         for d in data["disks"]:
             new = by_target[d["target"]]
@@ -111,18 +117,27 @@ class ImagesDriver(HypervisorDriver):
             rel = os.path.relpath(path, self.dir)
             d["path"] = path if rel.startswith("..") else rel
             d["format"] = new["format"]
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
+        if data == old:
+            return
+        target, tmp = self._file(name), None
         try:
+            st = os.stat(target)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
+                with contextlib.suppress(PermissionError):  # needs root; a user rewriting another's file owns it
+                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
                 yaml.safe_dump(data, f, sort_keys=False)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self._file(name))
-        except BaseException:
-            if os.path.exists(tmp):
+            os.replace(tmp, target)
+            tmp = None
+            fsync_dir(self.dir)
+        except OSError as e:
+            raise FileError.of(e, target) from e
+        finally:
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
-            raise
-        fsync_dir(self.dir)
 
 
 @hookimpl
