@@ -453,6 +453,32 @@ def test_broken_catalog_is_refused(env, web, damage):
         assert f.read() == damaged, "the damaged catalog was rewritten"
 
 
+JOURNALS = {  # a plan row another snapfw wrote -> words its refusal names
+    "newer": ({"format": 2, "plan": [{"step": "RemoveFile", "path": "/x"}]}, ["format 2", "upgrade snapfw"]),
+    "older": ({"format": 0, "finish": []}, ["format 0", "the snapfw version that started it"]),
+    "retired step": ({"prepare": [{"type": "snapfw.retired:Step", "args": {}}], "finish": []},
+                     ["'snapfw.retired:Step'", "the snapfw version that started it"]),
+}
+
+
+@pytest.mark.parametrize("journal", sorted(JOURNALS))
+def test_a_journal_written_by_another_version_is_refused_with_what_to_do(env, web, journal):
+    import json
+
+    steps, words = JOURNALS[journal]
+    db = sqlite3.connect(catalog_file(env))
+    db.execute("INSERT INTO plans(id, domain, operation, state, created, steps) VALUES (?, ?, ?, ?, ?, ?)",
+               ("p1", "web", "create", "running", time.time(), json.dumps(steps)))
+    db.commit()
+    db.close()
+    with Unchanged(env, web):
+        line = refused(env.run("check", "--repair", check=False), "interrupted create of web", *words)
+        assert "Traceback" not in line
+        refused(env.run("create", "web", "s2", check=False), "check --repair")
+        found = env.run("check", check=False)
+        assert found.returncode == 1 and "interrupted create" in found.stdout and not found.stderr
+
+
 def _rebase_overlay(env):
     overlay, _ = env.domain()["vda"]
     qemu_img("create", "-q", "-f", "raw", os.path.join(env.dir, "stranger.img"), "4M")
