@@ -142,6 +142,11 @@ def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned,
         r = snap.record(disk.target)
         if r is not None:
             records[snap.name], backends[snap.name] = dict(r.data), r.backend
+    if not os.path.exists(disk.path):
+        if disk.path in files:
+            raise Inconsistent(f"disk {disk.target}: {disk.path} is in the catalog but missing on disk; run "
+                               "`snapfw check`")
+        raise BadInput(f"disk {disk.target}: {disk.path}, named by the domain's definition, does not exist")
     info = inspect(disk.path, disk.format)
     if not mine:
         mine = {disk.path: ImageFile(disk.path, disk.target, disk.format, _backing_of(disk.path, info), False)}
@@ -177,6 +182,9 @@ def _pick_backend(disk: Disk, tree: Tree, wanted: str | None):
     """--disk flag, else the domain file, else the backend of the disk's current snapshot, else the best."""
     backends = plugins.disk_backends()
     choice = wanted or disk.backend
+    if choice is not None and choice not in backends:
+        named = f"--disk {disk.target}={choice}" if wanted else f"disk {disk.target} in the domain's definition"
+        raise BadInput(f"{named}: backend {choice!r} is not installed (have: {', '.join(sorted(backends))})")
     if choice is None and tree.current:
         r = tree.by_name[tree.current].record(disk.target)
         choice = r.backend if r else None
