@@ -23,6 +23,7 @@ from .connection import fsync_dir, uri_path
 from .errors import (
     BadInput,
     CatalogError,
+    FileError,
     ImageInUse,
     Inconsistent,
     LockTimeout,
@@ -62,6 +63,7 @@ __all__ = [
     "Domain",
     "EXTERNAL",
     "external_action",
+    "FileError",
     "fit_file_name",
     "FORMATS",
     "fsync_dir",

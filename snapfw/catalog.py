@@ -15,7 +15,7 @@ import sqlite3
 import time
 
 from .connection import fsync_dir
-from .errors import CatalogError, UnknownSnapshot
+from .errors import CatalogError, FileError, UnknownSnapshot
 from .model import DiskRecord, ImageFile, Snapshot, Tree
 
 FILENAME = "catalog.sqlite"
@@ -103,8 +103,11 @@ class Catalog:
         if not create and not os.path.exists(path):
             return None
         if create and not os.path.exists(path):
-            os.makedirs(state_dir, mode=0o700, exist_ok=True)
-            cls._create(path)
+            try:
+                os.makedirs(state_dir, mode=0o700, exist_ok=True)
+                cls._create(path)
+            except OSError as e:
+                raise CatalogError(f"cannot create catalog {path}: {FileError.of(e)}") from None
         elif os.path.getsize(path) == 0:  # a catalog is born whole (see _create): empty means damaged
             raise CatalogError(f"catalog {path} is empty (truncated?); restore it from a `snapfw export` "
                                "or move it away")

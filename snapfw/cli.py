@@ -82,9 +82,14 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
     click.echo(f"snapfw: warning: {message}", err=True)
 
 
+# the commands that change disks: an unexpected error in one of them may leave something for `check`
+_CHANGING = ("create", "revert", "delete")
+
+
 class _Group(click.Group):
     """Turns snapfw's own errors into one line on stderr and an exit code, never a traceback; warnings
-    (a broken plugin skipped) into one `snapfw: warning:` line."""
+    (a broken plugin skipped) into one `snapfw: warning:` line. Any other exception is a bug (in snapfw or
+    a plugin): one `internal error` line too, its traceback only with --debug."""
 
     def invoke(self, ctx):
         import signal
@@ -102,6 +107,20 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("snapfw: interrupted", err=True)
             ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+            raise  # click's own: usage errors, exit codes, and a closed stdout (`snapfw list web | head -1`)
+        except Exception as e:
+            line = f"snapfw: error: internal error: {type(e).__name__}: {e}"
+            if ctx.params["debug"]:
+                import traceback
+
+                traceback.print_exc()
+                click.echo(line, err=True)
+            else:
+                check = ("run `snapfw check` to see whether anything is left to repair; "
+                         if ctx.invoked_subcommand in _CHANGING else "")
+                click.echo(f"{line} ({check}--debug shows the traceback)", err=True)
+            ctx.exit(EXIT_ERROR)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,9 +129,11 @@ class _Group(click.Group):
 @click.option("--state-dir", metavar="DIR", help="Where the catalog lives (default depends on the connection).")
 @click.option("--lock-timeout", type=float, default=30.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another snapfw process working on the same domain.")
+@click.option("--debug", is_flag=True, envvar="SNAPFW_DEBUG",
+              help="Print the traceback of an internal error (also: SNAPFW_DEBUG=1).")
 @click.version_option(package_name="snapfw")
 @click.pass_context
-def main(ctx, uri, state_dir, lock_timeout):
+def main(ctx, uri, state_dir, lock_timeout, debug):
     """Whole-domain snapshots of KVM and Xen guests, whatever their disks are made of."""
     ctx.obj = {"uri": uri, "state_dir": state_dir, "lock_timeout": lock_timeout}
 

@@ -8,7 +8,7 @@ import json
 import os
 import time
 
-from .errors import BadInput, LockTimeout, PluginError, SnapfwError
+from .errors import BadInput, FileError, LockTimeout, PluginError, SnapfwError
 from .model import fit_file_name
 
 CONNECT_ENV = "SNAPFW_CONNECT"
@@ -127,9 +127,12 @@ def domain_lock(state: str, domain: str, timeout: float, waiting):
     import fcntl
 
     folder = os.path.join(state, "locks")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
     name = fit_file_name(domain, 250)  # `<name>.lock` within NAME_MAX
-    fd = os.open(os.path.join(folder, f"{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(folder, f"{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise FileError(f"cannot lock domain {domain}: {FileError.of(e)}") from None
     try:
         deadline = time.monotonic() + timeout
         announced = False

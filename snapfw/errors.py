@@ -7,6 +7,7 @@
     ├── NotSupported             a backend or driver cannot do what was asked (never a silent no-op)
     ├── Refused                  the request is valid but would lose data or break a chain
     ├── ImageInUse               another process (a running QEMU) holds the image's lock
+    ├── FileError                reading or writing a file failed (disk full, I/O error, no permission)
     ├── CatalogError             the catalog database is unreadable, corrupt or of a newer schema
     ├── Inconsistent             catalog and disks disagree, or a plan is unfinished: run `snapfw check`
     ├── LockTimeout              another snapfw process kept the domain's lock past --lock-timeout
@@ -51,6 +52,16 @@ class Refused(SnapfwError):
 
 class ImageInUse(SnapfwError):
     pass
+
+
+class FileError(SnapfwError):
+    """The system refused a file operation snapfw made after checking the request; names the file."""
+
+    @classmethod
+    def of(cls, error: OSError, path: str | None = None) -> "FileError":
+        """``error`` (ENOSPC, EIO, EACCES ...) as one line naming the file it concerns."""
+        where, what = path or error.filename, error.strerror or str(error)
+        return cls(f"{where}: {what}" if where else what)
 
 
 class CatalogError(SnapfwError):

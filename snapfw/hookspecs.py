@@ -50,7 +50,7 @@ def snapfw_pre_snapshot(domain, name):
 @hookspec
 def snapfw_post_snapshot(domain, snapshot):
     """Called after snapshot ``snapshot`` (a :class:`snapfw.model.Snapshot`) of ``domain`` is recorded.
-    Errors are reported as warnings; the snapshot stays. All implementations run.
+    Anything it raises is a warning naming the plugin; the snapshot stays. All implementations run.
     """
 
 

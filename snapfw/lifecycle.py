@@ -160,6 +160,11 @@ def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned,
         r = snap.record(disk.target)
         if r is not None:
             records[snap.name] = dict(r.data)
+    if not os.path.exists(disk.path):
+        if disk.path in files:
+            raise Inconsistent(f"disk {disk.target}: {disk.path} is in the catalog but missing on disk; run "
+                               "`snapfw check`")
+        raise BadInput(f"disk {disk.target}: {disk.path}, named by the domain's definition, does not exist")
     info = inspect(disk.path, disk.format)
     if not mine:
         mine = {disk.path: ImageFile(disk.path, disk.target, disk.format, _backing_of(disk.path, info), False)}
@@ -196,6 +201,9 @@ def _pick_backend(disk: Disk, tree: Tree, wanted: str | None, capability: str = 
     only a backend with ``capability`` (live.create for a running domain)."""
     backends = plugins.disk_backends()
     choice = wanted or disk.backend
+    if choice is not None and choice not in backends:
+        named = f"--disk {disk.target}={choice}" if wanted else f"disk {disk.target} in the domain's definition"
+        raise BadInput(f"{named}: backend {choice!r} is not installed (have: {', '.join(sorted(backends))})")
     if choice is None and tree.current:
         r = tree.by_name[tree.current].record(disk.target)
         choice = r.backend if r else None
@@ -280,17 +288,28 @@ class _Operation:
             plan.changes.append(functools.partial(_store_graph, self.name, self.befores[op.disk.target], op.graph))
         return plan
 
-    def run(self, plan: Plan, dry_run: bool, pre, post):
+    def run(self, plan: Plan, dry_run: bool, pre, post: functools.partial, done: str):
+        """Run ``plan`` between ``pre()`` and ``post``, a post hook with its arguments; ``done`` says what
+        the plan made, for the warning of a post hook that fails."""
         plugins.hook().snapfw_plan_built(operation=self.operation, domain=self.domain, plan=plan)
         if dry_run:
             return plan
         pre()
         execute(plan, self.s.catalog, self.s)
-        try:
-            post()
-        except SnapfwError as e:
-            self.s.reporter.warn(f"a post-{self.operation} hook failed: {e}")
+        _after(post.func, post.keywords, self.s.reporter, done)
         return plan
+
+
+def _after(hook, kwargs: dict, reporter: Reporter, done: str):
+    """Call each plugin's implementation of post hook ``hook`` on its own: the change is made, so one that
+    raises anything is a warning naming it (never a traceback), and the others still run."""
+    pm = plugins.get_plugin_manager()
+    for impl in reversed(hook.get_hookimpls()):  # pluggy's order
+        try:
+            pm.subset_hook_caller(hook.name, [p for p in pm.get_plugins() if p is not impl.plugin])(**kwargs)
+        except Exception as e:
+            why = e if isinstance(e, SnapfwError) else f"{type(e).__name__}: {e}"
+            reporter.warn(f"{done}, but the {hook.name} hook of plugin {impl.plugin_name!r} failed: {why}")
 
 
 def _collect(graph: DiskGraph, notes: list[str]) -> list:
@@ -363,7 +382,8 @@ def create(session: Session, domain: str, name: str, description: str = "",
         plan.changes += [lambda ch: ch.add_snapshot(o.name, snap), lambda ch: ch.set_current(o.name, name)]
         h = plugins.hook()
         return o.run(plan, dry_run, lambda: h.snapfw_pre_snapshot(domain=o.domain, name=name),
-                     lambda: h.snapfw_post_snapshot(domain=o.domain, snapshot=snap))
+                     functools.partial(h.snapfw_post_snapshot, domain=o.domain, snapshot=snap),
+                     f"snapshot {name} of {o.name} was created")
 
 
 def revert(session: Session, domain: str, name: str, dry_run: bool = False) -> Plan:
@@ -385,7 +405,8 @@ def revert(session: Session, domain: str, name: str, dry_run: bool = False) -> P
         plan.changes.append(lambda ch: ch.set_current(o.name, name))
         h = plugins.hook()
         return o.run(plan, dry_run, lambda: h.snapfw_pre_revert(domain=o.domain, name=name),
-                     lambda: h.snapfw_post_revert(domain=o.domain, name=name))
+                     functools.partial(h.snapfw_post_revert, domain=o.domain, name=name),
+                     f"{o.name} was reverted to snapshot {name}")
 
 
 def delete(session: Session, domain: str, name: str, children: bool = False, dry_run: bool = False) -> Plan:
@@ -415,7 +436,8 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
             plan.changes.append(functools.partial(lambda n, ch: ch.remove_snapshot(o.name, n), n))
         h = plugins.hook()
         return o.run(plan, dry_run, lambda: h.snapfw_pre_delete(domain=o.domain, names=names),
-                     lambda: h.snapfw_post_delete(domain=o.domain, names=names))
+                     functools.partial(h.snapfw_post_delete, domain=o.domain, names=names),
+                     f"{what} of {o.name} was deleted")
 
 
 def find_snapshot(tree: Tree, domain: str, name: str) -> Snapshot:

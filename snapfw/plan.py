@@ -19,9 +19,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import Inconsistent, SnapfwError
+from .errors import FileError, Inconsistent, SnapfwError
 
 FAULT_ENV = "SNAPFW_FAULT"
+# The shape of a journaled plan: {"format": 1, "prepare": [step...], "finish": [step...]}, each step
+# {"type": "module:Class", "args": {...}}. Entries without "format" (written before it existed) are 1.
+# Change it whenever a step's meaning or fields change: a plan is only recovered by a snapfw that reads
+# its format, since finishing or undoing steps it misreads could lose data.
+JOURNAL_FORMAT = 1
 
 
 class Step:
@@ -49,11 +54,15 @@ class Step:
 
     @staticmethod
     def from_json(data: dict) -> "Step":
-        module, _, qualname = data["type"].partition(":")
-        cls = getattr(importlib.import_module(module), qualname, None)
-        if not (isinstance(cls, type) and issubclass(cls, Step)):
-            raise Inconsistent(f"journal names an unknown step type {data['type']!r}")
-        return cls(**data["args"])
+        """The step ``data`` describes; ValueError if this snapfw has no such step (another version's)."""
+        try:
+            module, _, qualname = data["type"].partition(":")
+            cls = getattr(importlib.import_module(module), qualname, None)
+            if isinstance(cls, type) and issubclass(cls, Step):
+                return cls(**data["args"])
+        except (ImportError, LookupError, TypeError, AttributeError) as e:
+            raise ValueError(f"step {str(data)[:80]} does not fit this snapfw ({type(e).__name__}: {e})") from None
+        raise ValueError(f"unknown step type {data['type']!r}")
 
 
 @dataclass
@@ -99,7 +108,7 @@ def execute(plan: Plan, catalog, ctx) -> None:
     """Run ``plan``: journal, prepare, commit, finish. On failure before the commit, undo and re-raise."""
     plan_id = uuid.uuid4().hex
     catalog.begin_plan(plan_id, plan.domain, plan.operation,
-                       {"prepare": [s.to_json() for s in plan.prepare],
+                       {"format": JOURNAL_FORMAT, "prepare": [s.to_json() for s in plan.prepare],
                         "finish": [s.to_json() for s in plan.finish]})
     started = []
     try:
@@ -113,6 +122,10 @@ def execute(plan: Plan, catalog, ctx) -> None:
             except SnapfwError as e:
                 e.step = e.step or step.describe()
                 raise
+            except OSError as e:  # a step's own file operation (a name taken meanwhile, a full disk)
+                error = FileError.of(e)
+                error.step = step.describe()
+                raise error from e
             catalog.mark_step(plan_id, "prepare", i, "done")
         _fault("commit", 0)
         with catalog.write() as changes:
@@ -169,16 +182,33 @@ def _finish(plan_id, steps, catalog, ctx, already_done):
                                "run `snapfw check --repair` to finish it") from e
 
 
+def _journaled(plan: dict, phase: str) -> list[Step]:
+    """The steps of ``phase`` of an unfinished plan, if this snapfw reads the journal they were written in."""
+    what = f"the journal of the interrupted {plan['operation']} of {plan['domain']}"
+    entry = plan["steps"]
+    version = entry.get("format", 1) if isinstance(entry, dict) else None
+    if version != JOURNAL_FORMAT:
+        newer = isinstance(version, int) and version > JOURNAL_FORMAT
+        raise Inconsistent(f"{what} has format {version}, this snapfw reads format {JOURNAL_FORMAT}: " +
+                           ("upgrade snapfw, then run `snapfw check --repair`" if newer else
+                            "run `snapfw check --repair` with the snapfw version that started it"))
+    try:
+        return [Step.from_json(s) for s in entry[phase]]
+    except (ValueError, LookupError, TypeError) as e:
+        raise Inconsistent(f"{what} cannot be read: {e}; run `snapfw check --repair` with the snapfw version "
+                           "that started it") from None
+
+
 def recover(catalog, ctx, plan: dict) -> str:
     """Finish a committed plan, or roll back one that crashed before its commit. Returns what it did."""
     marks = plan["marks"]
     if plan["state"] == "committed":
-        steps = [Step.from_json(s) for s in plan["steps"]["finish"]]
+        steps = _journaled(plan, "finish")
         done = {i for (ph, i), st in marks.items() if ph == "finish" and st == "done"}
         _finish(plan["id"], steps, catalog, ctx, done)
         _forget(catalog, plan["id"], "finished")
         return f"finished {plan['operation']} of {plan['domain']}"
-    steps = [Step.from_json(s) for s in plan["steps"]["prepare"]]
+    steps = _journaled(plan, "prepare")
     started = [s for i, s in enumerate(steps) if ("prepare", i) in marks]
     _undo(started, ctx, plan["id"], catalog, Inconsistent(f"interrupted {plan['operation']}"))
     return f"rolled back {plan['operation']} of {plan['domain']}"

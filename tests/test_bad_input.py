@@ -253,7 +253,7 @@ def test_a_tag_of_that_name_already_in_the_qcow2_file_is_refused(env, web):
 def test_bad_disk_flags_are_refused(env, web):
     cases = [
         (("--disk", "vdz=external"), ["no disk", "'vdz'"], EXIT_BAD_INPUT),
-        (("--disk", "vda=bogus"), ["'bogus'", "not installed"], None),
+        (("--disk", "vda=bogus"), ["--disk vda=bogus", "not installed"], EXIT_BAD_INPUT),
         (("--disk", "vda"), ["TARGET=BACKEND"], EXIT_BAD_INPUT),
         (("--disk", "=external"), ["TARGET=BACKEND"], EXIT_BAD_INPUT),
         (("--disk", "vda="), ["TARGET=BACKEND"], EXIT_BAD_INPUT),
@@ -269,6 +269,20 @@ def test_bad_disk_flags_are_refused(env, web):
             refused(r, *words, code=code)
         refused(results[-1], "internal snapshots need a qcow2 file")  # backend that cannot take this disk
     assert env.snapshot_names() == ["s1"]
+
+
+def test_an_unknown_backend_in_the_domain_file_or_a_missing_disk_file_is_bad_input(env, web):
+    env.make_domain("db", disks=(("vda", "raw"),), backends={"vda": "zzz"})
+    env.write_domain("gone", {"disks": [{"target": "vda", "path": "nosuch.qcow2", "format": "qcow2"}]})
+    _edit_domain(env, "vdb", path="moved.img")  # a file the catalog has never seen
+    with Unchanged(env):
+        refused(env.run("create", "db", "s1", check=False), "disk vda", "backend 'zzz'", "domain's definition",
+                "not installed", code=EXIT_BAD_INPUT)
+        refused(env.run("create", "gone", "s1", check=False), os.path.join(env.dir, "nosuch.qcow2"),
+                "does not exist", code=EXIT_BAD_INPUT)
+        for args in (("create", "web", "s2"), ("revert", "web", "s1"), ("delete", "web", "s1")):
+            refused(env.run(*args, check=False), os.path.join(env.dir, "moved.img"), "does not exist",
+                    code=EXIT_BAD_INPUT)
 
 
 # --- 2, 3. image chains: guessed formats, a raw disk that looks like qcow2, names outside the roots -------
@@ -451,6 +465,32 @@ def test_broken_catalog_is_refused(env, web, damage):
             assert {_newer_schema: "newer", _emptied: "empty"}.get(damage, "unreadable") in line
     with open(path, "rb") as f:
         assert f.read() == damaged, "the damaged catalog was rewritten"
+
+
+JOURNALS = {  # a plan row another snapfw wrote -> words its refusal names
+    "newer": ({"format": 2, "plan": [{"step": "RemoveFile", "path": "/x"}]}, ["format 2", "upgrade snapfw"]),
+    "older": ({"format": 0, "finish": []}, ["format 0", "the snapfw version that started it"]),
+    "retired step": ({"prepare": [{"type": "snapfw.retired:Step", "args": {}}], "finish": []},
+                     ["'snapfw.retired:Step'", "the snapfw version that started it"]),
+}
+
+
+@pytest.mark.parametrize("journal", sorted(JOURNALS))
+def test_a_journal_written_by_another_version_is_refused_with_what_to_do(env, web, journal):
+    import json
+
+    steps, words = JOURNALS[journal]
+    db = sqlite3.connect(catalog_file(env))
+    db.execute("INSERT INTO plans(id, domain, operation, state, created, steps) VALUES (?, ?, ?, ?, ?, ?)",
+               ("p1", "web", "create", "running", time.time(), json.dumps(steps)))
+    db.commit()
+    db.close()
+    with Unchanged(env, web):
+        line = refused(env.run("check", "--repair", check=False), "interrupted create of web", *words)
+        assert "Traceback" not in line
+        refused(env.run("create", "web", "s2", check=False), "check --repair")
+        found = env.run("check", check=False)
+        assert found.returncode == 1 and "interrupted create" in found.stdout and not found.stderr
 
 
 def _rebase_overlay(env):

@@ -6,6 +6,7 @@
 - EIO from the base file while a delete streams from it or commits into it: snapfw passes plain file
   names, so the failing disk is a qcow2 exported as a raw file over FUSE by qemu-storage-daemon through
   blkdebug;
+- the domain file's filesystem full while it is rewritten, and the images' filesystem read-only;
 - the catalog's own filesystem full at open, and filling up while an operation journals its steps;
 - qemu-img missing from PATH, or printing garbage;
 - 4 processes hammering one domain, and 4 working on 4 domains at once;
@@ -264,6 +265,56 @@ def test_enospc_streaming_is_finished_by_repair(env, small):
     env.run("revert", "web", "s1")
     reads_all(env, [g1, zero(g2), zero(left), zero(right)])
     env.assert_consistent()
+
+
+def test_enospc_writing_the_domain_file_rolls_back_and_names_it(env, tmp_path, monkeypatch):
+    """The domain file's filesystem is full when an external create rewrites it: one error naming the
+    file, the old file intact and no temp file left, the overlay removed; once there is room it works."""
+    images, state = tmp_path / "images", tmp_path / "state"
+    images.mkdir()
+    monkeypatch.setenv("SNAPFW_STATE_DIR", str(state))
+    with tmpfs(env.dir):
+        subprocess.run([require("qemu-img"), "create", "-q", "-f", "qcow2", str(images / "web-vda.qcow2"), "4M"],
+                       check=True)
+        env.write_domain("web", {"disks": [{"target": "vda", "path": str(images / "web-vda.qcow2"),
+                                            "format": "qcow2", "backend": "external"}]})
+        g1 = put(env, 0x11, 0)
+        env.run("create", "web", "s1")
+        g2 = put(env, 0x12, KIB64)
+        before, image_files, listed = hashes(env.dir), hashes(images), env.json("list", "web")
+        filler = fill(env.dir, 0)
+        line = one_error_line(env.run("create", "web", "s2", check=False), "web.yaml", "No space left on device")
+        assert "internal error" not in line, line
+        assert hashes(env.dir, skip={FILLER}) == before, "the domain file changed or a temp file was left"
+        assert hashes(images) == image_files and env.json("list", "web") == listed
+        reads_all(env, [g1, g2])
+        no_problems(env)
+        os.unlink(filler)
+        env.run("create", "web", "s2")
+        reads_all(env, [g1, g2])
+        env.assert_consistent()
+
+
+def test_images_on_a_read_only_filesystem_are_one_error_naming_the_file(env, tmp_path):
+    """The overlay cannot even be created (EROFS from snapfw's own open, not from qemu-img)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    with tmpfs(images):
+        subprocess.run([require("qemu-img"), "create", "-q", "-f", "qcow2", str(images / "web-vda.qcow2"), "4M"],
+                       check=True)
+        env.write_domain("web", {"disks": [{"target": "vda", "path": str(images / "web-vda.qcow2"),
+                                            "format": "qcow2", "backend": "external"}]})
+        g1 = put(env, 0x11, 0)
+        subprocess.run(["mount", "-o", "remount,ro", str(images)], check=True)
+        before = env.state()
+        line = one_error_line(env.run("create", "web", "s1", check=False), str(images / "web-vda.s1.qcow2"),
+                              "Read-only file system")
+        assert "internal error" not in line, line
+        assert env.state() == before and env.snapshot_names() == []
+        subprocess.run(["mount", "-o", "remount,rw", str(images)], check=True)
+        reads_all(env, [g1])
+        assert os.listdir(images) == ["web-vda.qcow2"]
+        no_problems(env)
 
 
 def test_catalog_on_a_full_filesystem_is_refused_without_harm(tmp_path):

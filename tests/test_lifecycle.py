@@ -9,10 +9,11 @@ checks that later generations read as zeros, runs `qemu-img check` and compares 
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
-from conftest import KIB64, check_image, info_chain, write
+from conftest import IN_CI, KIB64, check_image, info_chain, write
 
 BYTES = {"vda": 0x10, "vdb": 0x80}
 BACKENDS = [
@@ -409,3 +410,18 @@ def test_a_base_another_domain_reads_through_is_never_written_or_removed(env):
     holds(env, {1, 2})
     assert env.reads("copy", "vda", BYTES["vda"] + 1, KIB64) and env.reads("copy", "vda", 0, 2 * KIB64)
     env.assert_consistent("copy")
+
+
+def test_a_rewritten_domain_file_keeps_its_mode_and_owner(env):
+    if os.geteuid() != 0:
+        (pytest.fail if IN_CI else pytest.skip)("giving the domain file another owner needs root")
+    env.make_domain("web", disks=(("vda", "qcow2"),), backends={"vda": "external"})
+    path = os.path.join(env.dir, "web.yaml")
+    os.chown(path, 1234, 2345)
+    os.chmod(path, 0o640)
+    for args in (("create", "web", "s1"), ("revert", "web", "s1")):
+        before = env.domain()["vda"]
+        env.run(*args)
+        assert env.domain()["vda"] != before, "the domain file was not rewritten"
+        st = os.stat(path)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1234, 2345)

@@ -32,6 +32,41 @@ from snapfw.api import hookimpl
 def snapfw_pre_snapshot(domain, name):
     pass
 ''',
+    "notepost": '''
+import os
+from snapfw.hookspecs import hookimpl
+
+@hookimpl
+def snapfw_post_snapshot(domain, snapshot):
+    with open(os.environ["NOTEPOST_FILE"], "a") as f:
+        f.write(snapshot.name)
+''',
+    "failpost": '''
+from snapfw.hookspecs import hookimpl
+
+@hookimpl
+def snapfw_post_snapshot(domain, snapshot):
+    raise ValueError(f"cannot notify about {snapshot.name}")
+''',
+    "failpre": '''
+from snapfw.hookspecs import hookimpl
+
+@hookimpl
+def snapfw_pre_snapshot(domain, name):
+    {}["x"]
+''',
+    "nocaps": '''
+from snapfw.hookspecs import hookimpl
+from snapfw_external import ExternalBackend
+
+class NoCaps(ExternalBackend):
+    name = "nocaps"
+    capabilities = None
+
+@hookimpl
+def snapfw_disk_backends():
+    return [NoCaps]
+''',
     "broken": '''
 import snapfw_no_such_library
 ''',
@@ -140,6 +175,37 @@ def test_two_backends_with_one_name_are_an_error_naming_both_plugins(env, site):
 def test_a_registration_hook_returning_a_non_backend_is_an_error_naming_the_plugin(env, site):
     r = env.run("plugins", env=plugin_env(site, "notaclass"), check=False)
     assert r.returncode == 1 and "plugin 'notaclass' returned 'qcow2' from snapfw_disk_backends" in r.stderr
+
+
+def test_a_post_hook_that_raises_anything_is_a_warning_after_the_change(env, site, tmp_path):
+    """failpost, registered last, is called first: notepost's hook still runs after it failed."""
+    env.make_domain("web")
+    note = tmp_path / "note"
+    r = env.run("create", "web", "s1", env={**plugin_env(site, "notepost", "failpost"), "NOTEPOST_FILE": str(note)})
+    assert r.stderr == ("snapfw: warning: snapshot s1 of web was created, but the snapfw_post_snapshot hook of "
+                        "plugin 'failpost' failed: ValueError: cannot notify about s1\n"), r.stderr
+    assert "created" in r.stdout and env.snapshot_names() == ["s1"] and note.read_text() == "s1"
+    assert env.run("check").stdout.strip() == "No problems found."
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(env, site):
+    env.make_domain("web")
+    before = env.state()
+    r = env.run("create", "web", "s1", env=plugin_env(site, "failpre"), check=False)
+    assert (r.returncode, r.stderr) == (1, "snapfw: error: internal error: KeyError: 'x' (run `snapfw check` to "
+                                           "see whether anything is left to repair; --debug shows the traceback)\n")
+    for debug_args, debug_env in (["--debug"], {}), ([], {"SNAPFW_DEBUG": "1"}):
+        r = subprocess.run([sys.executable, "-m", "snapfw", *debug_args, "--connect", env.uri, "create", "web", "s1"],
+                           capture_output=True, text=True,
+                           env={**os.environ, **plugin_env(site, "failpre"), **debug_env})
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1 and lines[0] == "Traceback (most recent call last):", r.stderr
+        assert 'testplugin_failpre.py", line 6, in snapfw_pre_snapshot' in r.stderr
+        assert lines[-1] == "snapfw: error: internal error: KeyError: 'x'", r.stderr
+    assert env.state() == before and env.snapshot_names() == []
+    r = env.run("plugins", env=plugin_env(site, "nocaps"), check=False)  # reads only: nothing to check after it
+    assert (r.returncode, r.stderr) == (1, "snapfw: error: internal error: TypeError: 'NoneType' object is not "
+                                           "iterable (--debug shows the traceback)\n"), r.stderr
 
 
 def test_the_conformance_kit_catches_backends_lying_about_capabilities(tmp_path, site):

@@ -14,8 +14,11 @@ directories the file names, or under ``allowed_roots:`` it lists.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import errno
 import os
+import stat
 
 import yaml
 
@@ -24,6 +27,7 @@ from snapfw.api import (
     BadInput,
     Disk,
     Domain,
+    FileError,
     HypervisorDriver,
     UnknownDomain,
     check_name,
@@ -109,14 +113,17 @@ class ImagesDriver(HypervisorDriver):
         return Domain(name, out, running=False, allowed_roots=tuple(dict.fromkeys(roots)))
 
     def define(self, domain: dict) -> None:
-        """Rewrite the domain file with the new disk paths: temp file, fsync, rename, fsync the directory.
+        """Rewrite the domain file with the new disk paths: a temp file with the file's mode and owner,
+        fsync, rename, fsync the directory.
 
-        The temp file has one fixed name per domain, written only under the domain's lock: a copy left by
-        a crash is written over by the next define, and `check --repair` runs again (undoes or finishes)
-        any define a crash cut short, so nothing is left to sweep.
+        The temp file has one fixed name per domain, written only under the domain's lock, so a copy left
+        by a crash is this driver's own: the next define writes over it or removes it, and `check --repair`
+        runs a define a crash cut short again. A file that already says what is asked is left as it is:
+        undoing a define that failed on a full disk must not need the room it did not get.
         """
         name = domain["name"]
         data = self._load(name)
+        old = copy.deepcopy(data)
         by_target = {d["target"]: d for d in domain["disks"]}
         for d in data["disks"]:
             new = by_target[d["target"]]
@@ -124,19 +131,26 @@ class ImagesDriver(HypervisorDriver):
             rel = os.path.relpath(path, self.dir)
             d["path"] = path if rel.startswith("..") else rel
             d["format"] = new["format"]
+        target = self._file(name)
         tmp = os.path.join(self.dir, f".{fit_file_name(name, 255 - 12)}.snapfw.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                yaml.safe_dump(data, f, sort_keys=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._file(name))
-        except BaseException:
-            if os.path.exists(tmp):
+            if data != old:
+                st = os.stat(target)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    with contextlib.suppress(PermissionError):  # needs root; a user rewriting another's file owns it
+                        os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                    os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+                    yaml.safe_dump(data, f, sort_keys=False)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+                fsync_dir(self.dir)
+        except OSError as e:
+            raise FileError.of(e, target) from e
+        finally:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            raise
-        fsync_dir(self.dir)
 
 
 @hookimpl
