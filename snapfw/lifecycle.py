@@ -158,9 +158,9 @@ def _read_domain(driver, name: str) -> Domain:
     for disk in domain.disks:
         first = seen.setdefault(_identity(disk.path), disk)
         if first is not disk:
-            spelled = "" if first.path == disk.path else f" (as {first.path} and {disk.path})"
+            also = "" if first.path == disk.path else f" (also named {disk.path})"
             raise BadInput(f"domain {name}: disks {first.target} and {disk.target} are one image file, "
-                           f"{os.path.realpath(disk.path)}{spelled}; give each disk its own image")
+                           f"{first.path}{also}; give each disk its own image")
     return domain
 
 
@@ -190,7 +190,7 @@ class ImageUsers:
                 self._add(f.backing, name, f.target, READS_THROUGH)
 
     def _add(self, path, domain, target, how):
-        self.uses.setdefault(_identity(path), []).append((domain, target, how))
+        self.uses.setdefault(_identity(path), []).append((domain, target, how, path))
 
     def conflict(self, domain: str, target: str, active: str | None, recorded=(), chain=()) -> str | None:
         """Why disk ``target`` of ``domain`` shares a file it must have to itself, or None.
@@ -210,10 +210,11 @@ class ImageUsers:
             if key in seen:
                 continue
             seen.add(key)
-            for other, other_target, how in self.uses.get(key, ()):
+            for other, other_target, how, name in self.uses.get(key, ()):
                 if (other, other_target) != (domain, target) and how in refused:
+                    also = "" if name == path else f", as {name}"
                     return (f"{path} is used by domain {domain} (disk {target} {ours}) and by domain {other} "
-                            f"(disk {other_target} {how}); an image belongs to one disk, others may only read "
+                            f"(disk {other_target} {how}{also}); an image belongs to one disk, others may only read "
                             "through it as a shared base: give each disk its own image or overlay")
         return None
 
@@ -332,7 +333,8 @@ class _Operation:
     def assemble(self, summary: str) -> Plan:
         plan = Plan(self.operation, self.name, summary)
         for op in self.ops:  # the files the backends add, as the catalog will record them
-            self._refuse_sharing(op.disk.target, None, op.graph.files.keys() - self.befores[op.disk.target].files.keys())
+            added = op.graph.files.keys() - self.befores[op.disk.target].files.keys()
+            self._refuse_sharing(op.disk.target, None, added)
         collect = []
         for op in self.ops:
             plan.prepare += op.prepare
