@@ -578,6 +578,7 @@ def _disagreements(session: Session, name: str, users: ImageUsers) -> list[str]:
             out.append(problem)
     for snap in tree:
         for r in snap.disks:
-            if r.data.get("file") not in files:
+            f = files.get(r.data.get("file"))
+            if f is None or f.target != r.target:
                 out.append(f"{r.target}: snapshot {snap.name}'s file {r.data.get('file')} is not in the catalog")
     return out

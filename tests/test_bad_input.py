@@ -472,6 +472,16 @@ def _point_at_frozen_file(env):
     _edit_domain(env, "vda", path=env.json("show", "web", "s2")["disks"][0]["file"])
 
 
+def _move_row_to_another_disk(env):
+    """The catalog has s1's frozen vda file as vdb's (as INSERT OR REPLACE once made it): a clean refusal,
+    not a KeyError in the backend."""
+    frozen = next(d["file"] for d in env.json("show", "web", "s1")["disks"] if d["target"] == "vda")
+    db = sqlite3.connect(catalog_file(env))
+    with db:
+        db.execute("UPDATE files SET target = 'vdb' WHERE path = ?", (frozen,))
+    db.close()
+
+
 def _change_format(env):
     _edit_domain(env, "vdb", format="raw")
 
@@ -488,7 +498,8 @@ def _edit_domain(env, target, **changes):
 
 
 @pytest.mark.parametrize("sabotage", [_rebase_overlay, _point_at_unknown_file, _point_at_frozen_file,
-                                      _change_format], ids=["rebased", "unknown-file", "frozen-file", "format"])
+                                      _move_row_to_another_disk, _change_format],
+                         ids=["rebased", "unknown-file", "frozen-file", "moved-row", "format"])
 def test_catalog_disagreeing_with_the_disks_blocks_changes(env, sabotage):
     env.make_domain("web", disks=(("vda", "qcow2"), ("vdb", "qcow2")), backends={"vda": "external", "vdb": "external"})
     env.write("web", "vda", 0x41, 0)
