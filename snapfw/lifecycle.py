@@ -213,9 +213,9 @@ class ImageUsers:
             for other, other_target, how, name in self.uses.get(key, ()):
                 if (other, other_target) != (domain, target) and how in refused:
                     also = "" if name == path else f", as {name}"
-                    return (f"{path} is used by domain {domain} (disk {target} {ours}) and by domain {other} "
-                            f"(disk {other_target} {how}{also}); an image belongs to one disk, others may only read "
-                            "through it as a shared base: give each disk its own image or overlay")
+                    return (f"{path} is used by domain {domain} (disk {target} {ours}) and by domain "
+                            f"{other} (disk {other_target} {how}{also}); an image belongs to one disk, others "
+                            "may only read through it as a shared base: give each disk its own image or overlay")
         return None
 
 
