@@ -15,7 +15,7 @@ import sqlite3
 import time
 
 from .connection import fsync_dir
-from .errors import CatalogError, FileError, UnknownSnapshot
+from .errors import CatalogError, FileError, Refused, UnknownSnapshot
 from .model import DiskRecord, ImageFile, Snapshot, Tree
 
 FILENAME = "catalog.sqlite"
@@ -222,11 +222,12 @@ class Catalog:
             args = (domain,)
         return {r[0]: ImageFile(r[0], r[1], r[2], r[3], bool(r[4])) for r in self._q(sql, args)}
 
-    def backing_used_by_others(self, domain: str) -> set[str]:
-        """Files that images of other domains read through: never removed or written for ``domain``."""
-        return {r[0] for r in self._q(
-            "SELECT DISTINCT f.backing FROM files f JOIN domains d ON d.id = f.domain_id "
-            "WHERE d.name != ? AND f.backing IS NOT NULL", (domain,))}
+    def placements(self) -> list[tuple[str, ImageFile]]:
+        """(domain, file) for every managed file of every domain: which disk each file is recorded for,
+        and (its ``backing``) which files the images of each disk read through."""
+        return [(r[0], ImageFile(r[1], r[2], r[3], r[4], bool(r[5]))) for r in self._q(
+            "SELECT d.name, f.path, f.target, f.format, f.backing, f.owned FROM files f "
+            "JOIN domains d ON d.id = f.domain_id ORDER BY f.path")]
 
     def garbage_tags(self, domain: str) -> list[tuple[str, str]]:
         return self._q("SELECT g.path, g.tag FROM garbage_tags g JOIN domains d ON d.id = g.domain_id "
@@ -333,6 +334,14 @@ class Changes:
                 (json.dumps(data), sid, target))
 
     def put_file(self, domain: str, f: ImageFile):
+        """Record or update ``f`` for one disk of ``domain``. A file recorded for another domain or disk
+        is never moved over: each would then miss a file its snapshots need (the plan's checks refuse
+        this first; this is the last line of defence)."""
+        owner = self._q("SELECT d.name, f.target FROM files f JOIN domains d ON d.id = f.domain_id "
+                        "WHERE f.path = ?", (f.path,)).fetchone()
+        if owner is not None and tuple(owner) != (domain, f.target):
+            raise Refused(f"{f.path} is recorded for domain {owner[0]} disk {owner[1]}; the catalog does not "
+                          f"move it to domain {domain} disk {f.target}")
         did = self._domain_id(domain)
         self._q("INSERT OR REPLACE INTO files(path, domain_id, target, format, backing, owned) "
                 "VALUES (?,?,?,?,?,?)", (f.path, did, f.target, f.format, f.backing, int(f.owned)))

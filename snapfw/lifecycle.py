@@ -15,7 +15,8 @@ import time
 from . import connection, plugins
 from .backend import LIVE_CREATE, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
 from .catalog import Catalog
-from .errors import BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, SnapfwError, UnknownSnapshot
+from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
+                     UnknownSnapshot)
 from .live import LiveSnapshot
 from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
@@ -98,9 +99,13 @@ class Inspector:
         self.files = files
         self.in_use = in_use
         self.live = live or {}
-        self.cache: dict[str, dict] = {}
+        self.cache: dict[str, list[dict]] = {}
 
     def __call__(self, path: str, fmt: str) -> dict:
+        return self.chain(path, fmt)[0]
+
+    def chain(self, path: str, fmt: str) -> list[dict]:
+        """The image and each file below it, top first."""
         if path not in self.cache:
             try:
                 chain = self.live.get(path) or qemuimg.info(path, fmt, chain=True)
@@ -111,7 +116,7 @@ class Inspector:
                 chain = qemuimg.info(path, fmt, chain=True, shared=True)
             for node in chain:
                 self._check_node(path, node)
-            self.cache[path] = chain[0]
+            self.cache[path] = chain
         return self.cache[path]
 
     def _inside(self, name: str) -> bool:
@@ -153,6 +158,85 @@ def _backing_of(path: str, info: dict) -> str | None:
     return os.path.normpath(os.path.join(os.path.dirname(path), name)) if name else None
 
 
+def _identity(path: str):
+    """What makes two names one file: its device and inode (symlinks, hard links, other spellings), or
+    for a file that does not exist its real path."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return st.st_dev, st.st_ino
+
+
+def _read_domain(driver, name: str) -> Domain:
+    """The driver's definition of ``name``, refused if two of its disks are one file: each disk's
+    snapshots would freeze, tag or merge the same image behind the other's back."""
+    domain = driver.domain(name)
+    seen: dict = {}
+    for disk in domain.disks:
+        first = seen.setdefault(_identity(disk.path), disk)
+        if first is not disk:
+            also = "" if first.path == disk.path else f" (also named {disk.path})"
+            raise BadInput(f"domain {name}: disks {first.target} and {disk.target} are one image file, "
+                           f"{first.path}{also}; give each disk its own image")
+    return domain
+
+
+RUNS_ON, RECORDS, READS_THROUGH = "runs on it", "has it in the catalog", "reads through it"
+
+
+class ImageUsers:
+    """Which disk of which domain uses each image file, keyed by the file itself (:func:`_identity`):
+    the file each disk runs on, from the driver; the files the catalog records for each disk, and the
+    files those read through."""
+
+    def __init__(self, driver, placements: list[tuple[str, ImageFile]], unreadable=None):
+        """``unreadable(name, error)`` is told of a domain the driver cannot read (its disks are unknown)."""
+        self.uses: dict = {}
+        for name in driver.list_domains():
+            try:
+                domain = driver.domain(name)
+            except SnapfwError as e:
+                if unreadable is not None:
+                    unreadable(name, e)
+                continue
+            for disk in domain.disks:
+                self._add(disk.path, name, disk.target, RUNS_ON)
+        for name, f in placements:
+            self._add(f.path, name, f.target, RECORDS)
+            if f.backing:
+                self._add(f.backing, name, f.target, READS_THROUGH)
+
+    def _add(self, path, domain, target, how):
+        self.uses.setdefault(_identity(path), []).append((domain, target, how, path))
+
+    def conflict(self, domain: str, target: str, active: str | None, recorded=(), chain=()) -> str | None:
+        """Why disk ``target`` of ``domain`` shares a file it must have to itself, or None.
+
+        Nothing else may use ``active`` (the file the disk runs on, which its guest writes). No other disk
+        may run on or record a file of ``recorded`` (the files snapfw keeps for this disk: it freezes,
+        tags, merges and removes them). No other disk may run on a file of ``chain`` (what ``active``
+        reads through). Reading through one base, and reading through a base one disk records, are
+        what shared (gold) bases are: those stay allowed.
+        """
+        seen = set()
+        rules = ([(active, RUNS_ON, (RUNS_ON, RECORDS, READS_THROUGH))] if active else [])
+        rules += [(p, RECORDS, (RUNS_ON, RECORDS)) for p in sorted(recorded)]
+        rules += [(p, READS_THROUGH, (RUNS_ON,)) for p in chain]
+        for path, ours, refused in rules:
+            key = _identity(path)
+            if key in seen:
+                continue
+            seen.add(key)
+            for other, other_target, how, name in self.uses.get(key, ()):
+                if (other, other_target) != (domain, target) and how in refused:
+                    also = "" if name == path else f", as {name}"
+                    return (f"{path} is used by domain {domain} (disk {target} {ours}) and by domain "
+                            f"{other} (disk {other_target} {how}{also}); an image belongs to one disk, others "
+                            "may only read through it as a shared base: give each disk its own image or overlay")
+        return None
+
+
 def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned, inspect) -> DiskGraph:
     mine = {p: f for p, f in files.items() if f.target == disk.target}
     records = {}
@@ -160,11 +244,6 @@ def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned,
         r = snap.record(disk.target)
         if r is not None:
             records[snap.name] = dict(r.data)
-    if not os.path.exists(disk.path):
-        if disk.path in files:
-            raise Inconsistent(f"disk {disk.target}: {disk.path} is in the catalog but missing on disk; run "
-                               "`snapfw check`")
-        raise BadInput(f"disk {disk.target}: {disk.path}, named by the domain's definition, does not exist")
     info = inspect(disk.path, disk.format)
     if not mine:
         mine = {disk.path: ImageFile(disk.path, disk.target, disk.format, _backing_of(disk.path, info), False)}
@@ -172,6 +251,10 @@ def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned,
         problem = _active_problem(disk, mine)
         if problem:
             raise Inconsistent(f"{problem}; run `snapfw check`")
+    lost = sorted(n for n, r in records.items() if r.get("file") not in mine)
+    if lost:  # a backend would fail far away on it
+        raise Inconsistent(f"disk {disk.target}: snapshot {lost[0]}'s file {records[lost[0]].get('file')} is not "
+                           "in the catalog; run `snapfw check`")
     return DiskGraph(disk.target, disk.path, disk.format, mine, records,
                      {(p, t) for p, t in garbage if p in mine}, frozenset(pinned))
 
@@ -242,20 +325,31 @@ class _Operation:
         if plans:
             raise Inconsistent(f"an interrupted {plans[0]['operation']} of {self.name} is unfinished; "
                                "run `snapfw check --repair` first")
-        self.domain = s.driver.domain(self.name)
+        self.domain = _read_domain(s.driver, self.name)
         if self.domain.running and self.operation != "create":
             raise NotSupported(f"domain {self.name} is {self.domain.state}: live revert/delete: not yet "
                                "(shut it down first)")
         self.tree = s.catalog.tree(self.name)
         self.files = s.catalog.files(self.name)
         self.garbage = s.catalog.garbage_tags(self.name)
-        self.pinned = s.catalog.backing_used_by_others(self.name)
+        placements = s.catalog.placements()
+        self.pinned = {f.backing for d, f in placements if d != self.name and f.backing}
+        self.users = ImageUsers(s.driver, placements, lambda other, e: s.reporter.warn(
+            f"domain {other} cannot be read ({e}); images it runs on are not compared with {self.name}'s"))
         self.inspect = Inspector(self.domain.allowed_roots, self.files, live=self.domain.live_chains)
 
     def start(self, disks) -> list[DiskOp]:
         """One DiskOp per disk, remembering each graph as it was so the plan can store the difference."""
         self.ops, self.befores = [], {}
         for disk in disks:
+            if not os.path.exists(disk.path):
+                if disk.path in self.files:
+                    raise Inconsistent(f"disk {disk.target}: {disk.path} is in the catalog but missing on disk; "
+                                       "run `snapfw check`")
+                raise BadInput(f"disk {disk.target}: {disk.path}, named by the domain's definition, does not exist")
+            recorded = [p for p, f in self.files.items() if f.target == disk.target]
+            chain = [node["filename"] for node in self.inspect.chain(disk.path, disk.format)]
+            self._refuse_sharing(disk.target, disk.path, recorded, chain)
             graph = _graph(disk, self.tree, self.files, self.garbage, self.pinned, self.inspect)
             before = graph.copy()
             if not any(f.target == disk.target for f in self.files.values()):
@@ -264,8 +358,16 @@ class _Operation:
             self.ops.append(DiskOp(self.domain, disk, graph, self.tree, self.inspect))
         return self.ops
 
+    def _refuse_sharing(self, target: str, active: str | None, recorded, chain=()):
+        problem = self.users.conflict(self.name, target, active, recorded, chain)
+        if problem:
+            raise Refused(problem)
+
     def assemble(self, summary: str) -> Plan:
         plan = Plan(self.operation, self.name, summary)
+        for op in self.ops:  # the files the backends add, as the catalog will record them
+            added = op.graph.files.keys() - self.befores[op.disk.target].files.keys()
+            self._refuse_sharing(op.disk.target, None, added)
         collect = []
         for op in self.ops:
             plan.prepare += op.prepare
@@ -479,16 +581,18 @@ def check(session: Session, domain: str | None = None, repair: bool = False) -> 
         with session.lock(plan["domain"]):
             findings.append(f"{plan['domain']}: " + recover(session.catalog, session, plan))
     pending = {p["domain"] for p in session.catalog.unfinished_plans(domain)}
-    for name in [domain] if domain else session.catalog.domains():
-        if name not in pending:
-            findings += [f"{name}: {problem}" for problem in _disagreements(session, name)]
+    names = [n for n in ([domain] if domain else session.catalog.domains()) if n not in pending]
+    users = ImageUsers(session.driver, session.catalog.placements()) if names else None
+    for name in names:
+        findings += [f"{name}: {problem}" for problem in _disagreements(session, name, users)]
     return list(dict.fromkeys(findings))
 
 
-def _disagreements(session: Session, name: str) -> list[str]:
-    """Where catalog, domain definition and image files disagree, for one domain."""
+def _disagreements(session: Session, name: str, users: ImageUsers) -> list[str]:
+    """Where catalog, domain definition and image files disagree, for one domain, and which of its
+    files another disk uses too."""
     try:
-        dom = session.driver.domain(name)
+        dom = _read_domain(session.driver, name)
     except SnapfwError as e:
         return [str(e)]
     tree = session.catalog.tree(name)
@@ -519,9 +623,17 @@ def _disagreements(session: Session, name: str) -> list[str]:
         problem = _active_problem(d, mine) if mine else None
         if problem:
             out.append(problem)
+        try:
+            chain = inspect.chain(d.path, d.format) if d.path in mine else []
+        except SnapfwError:
+            chain = []  # reported above
+        problem = users.conflict(name, d.target, d.path, mine, [node["filename"] for node in chain])
+        if problem:
+            out.append(problem)
     for snap in tree:
         for r in snap.disks:
-            if r.data.get("file") not in files:
+            f = files.get(r.data.get("file"))
+            if f is None or f.target != r.target:
                 out.append(f"{r.target}: snapshot {snap.name}'s file {r.data.get('file')} is not in the catalog")
     known = set(session.catalog.files()) | {d.path for d in dom.disks}
     for path in _leftovers(dom, {f.target for f in files.values()} | {d.target for d in dom.disks},

@@ -20,8 +20,9 @@ import threading
 import time
 
 import pytest
+import yaml
 
-from conftest import KIB64, exited_within, info_chain, qemu_io, require
+from conftest import KIB64, exited_within, info_chain, qemu_io, require, write
 
 EXIT_BAD_INPUT = 2
 LONG = "n" * 256  # one byte too many
@@ -511,6 +512,16 @@ def _point_at_frozen_file(env):
     _edit_domain(env, "vda", path=env.json("show", "web", "s2")["disks"][0]["file"])
 
 
+def _move_row_to_another_disk(env):
+    """The catalog has s1's frozen vda file as vdb's (as INSERT OR REPLACE once made it): a clean refusal,
+    not a KeyError in the backend."""
+    frozen = next(d["file"] for d in env.json("show", "web", "s1")["disks"] if d["target"] == "vda")
+    db = sqlite3.connect(catalog_file(env))
+    with db:
+        db.execute("UPDATE files SET target = 'vdb' WHERE path = ?", (frozen,))
+    db.close()
+
+
 def _change_format(env):
     _edit_domain(env, "vdb", format="raw")
 
@@ -527,7 +538,8 @@ def _edit_domain(env, target, **changes):
 
 
 @pytest.mark.parametrize("sabotage", [_rebase_overlay, _point_at_unknown_file, _point_at_frozen_file,
-                                      _change_format], ids=["rebased", "unknown-file", "frozen-file", "format"])
+                                      _move_row_to_another_disk, _change_format],
+                         ids=["rebased", "unknown-file", "frozen-file", "moved-row", "format"])
 def test_catalog_disagreeing_with_the_disks_blocks_changes(env, sabotage):
     env.make_domain("web", disks=(("vda", "qcow2"), ("vdb", "qcow2")), backends={"vda": "external", "vdb": "external"})
     env.write("web", "vda", 0x41, 0)
@@ -543,6 +555,166 @@ def test_catalog_disagreeing_with_the_disks_blocks_changes(env, sabotage):
         assert [s["name"] for s in env.json("list", "web")] == ["s1", "s2"]  # reading still works
         found = env.run("check", "web", check=False)  # and check names the difference the refusal points to
         assert found.returncode == 1 and found.stdout.startswith("web: "), found.stdout + found.stderr
+
+
+# --- one image in two places: two disks or two domains on one file, a base others read through ---------
+EXIT_REFUSED = 1
+SPELLINGS = ["same", "relative", "symlink", "hardlink"]
+
+
+def another_name(env, path, spelling) -> str:
+    """A name for the file ``path`` as a domain file may give it: the same, spelled otherwise, or a link."""
+    name = os.path.basename(path)
+    if spelling == "same":
+        return name
+    if spelling == "relative":
+        return f"./elsewhere/../{name}"
+    link = os.path.join(env.dir, f"also-{name}")
+    (os.symlink if spelling == "symlink" else os.link)(name if spelling == "symlink" else path, link)
+    return os.path.basename(link)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_two_disks_on_one_image_are_refused(env, spelling):
+    """A domain file naming one image for two disks (by any name): bad input for every changing command,
+    and `check` names it. Before, `create` froze the file for both disks and a later `delete` crashed."""
+    env.make_domain("web", disks=(("vda", "raw"),))
+    env.write("web", "vda", 0x61, 0)
+    vda, _ = env.domain()["vda"]
+    env.write_domain("web", {"disks": [{"target": "vda", "path": "web-vda.img", "format": "raw"},
+                                       {"target": "vdb", "path": another_name(env, vda, spelling), "format": "raw"}]})
+    cases = [("create", "web", "s1"), ("create", "web", "s1", "--disk", "vda=external"),
+             ("create", "web", "s1", "--dry-run")]
+    with Unchanged(env, [("vda", 0x61, 0)]):
+        for r in run_all(env, cases):
+            refused(r, "disks vda and vdb are one image file", vda, code=EXIT_BAD_INPUT)
+        found = env.run("check", "web", check=False)
+        assert found.returncode == 1 and "disks vda and vdb are one image file" in found.stdout, found.stdout
+    qemu_img("create", "-q", "-f", "raw", os.path.join(env.dir, "web-vdb.img"), "4M")
+    _edit_domain(env, "vdb", path="web-vdb.img")
+    env.run("create", "web", "s1")  # each disk its own image: fine
+    env.run("delete", "web", "s1")
+    assert env.reads("web", "vda", 0x61, 0)
+    env.assert_consistent()
+
+
+def _sharing_refused(r, path, ours, theirs, code=EXIT_REFUSED) -> str:
+    """A refusal naming the shared file and both users, `domain NAME (disk ...)`."""
+    line = refused(r, path, code=code)
+    for who in (ours, theirs):
+        assert f"domain {who} (disk" in line, f"{who} not named in {line!r}"
+    return line
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_an_image_another_domain_runs_on_is_refused(env, spelling):
+    """Domain db's file names web's image. Before any snapshot, neither may snapshot it; once web has
+    (its frozen file is in the catalog), db may not snapshot it, web may not create, revert or delete
+    while db writes into that frozen file, and `check` names both. Before, db's snapshot moved the file's
+    catalog row to db and web's revert and delete crashed."""
+    env.make_domain("web", disks=(("vda", "raw"),))
+    env.write("web", "vda", 0x71, 0)
+    vda, _ = env.domain()["vda"]
+    env.write_domain("db", {"disks": [{"target": "vda", "path": another_name(env, vda, spelling), "format": "raw"}]})
+    with Unchanged(env, [("vda", 0x71, 0)]):
+        web, db = run_all(env, [("create", "web", "s1"), ("create", "db", "d1")])
+        _sharing_refused(web, vda, "web", "db")
+        _sharing_refused(db, vda, "db", "web")
+
+    os.rename(os.path.join(env.dir, "db.yaml"), os.path.join(env.dir, "db.off"))
+    env.run("create", "web", "s1")  # web alone: vda is frozen, an overlay takes the writes
+    env.write("web", "vda", 0x72, KIB64)
+    os.rename(os.path.join(env.dir, "db.off"), os.path.join(env.dir, "db.yaml"))
+    patterns = [("vda", 0x71, 0), ("vda", 0x72, KIB64)]
+    with Unchanged(env, patterns):
+        results = run_all(env, [("create", "db", "d1"), ("create", "web", "s2"), ("revert", "web", "s1"),
+                                ("delete", "web", "s1"), ("delete", "web", "s1", "--dry-run")])
+        _sharing_refused(results[0], vda, "db", "web")
+        for r in results[1:]:
+            _sharing_refused(r, vda, "web", "db")
+        found = env.run("check", check=False)
+        assert found.returncode == 1 and f"web: {vda} is used by domain web" in found.stdout, found.stdout
+        assert "domain db (disk vda runs on it" in found.stdout, found.stdout
+    os.unlink(os.path.join(env.dir, "db.yaml"))
+    env.run("revert", "web", "s1")
+    assert env.reads("web", "vda", 0x71, 0) and not env.reads("web", "vda", 0x72, KIB64)
+    env.assert_consistent()
+
+
+@pytest.mark.parametrize("base", ["gold", "snapshot"])
+def test_a_base_two_domains_read_through_is_never_run_on(env, base):
+    """Two domains reading through one base (a gold image; a clone of web's snapshot) is allowed. A third
+    domain running on that base would write under both: then every one of them is refused."""
+    if base == "gold":
+        shared = os.path.join(env.dir, "gold.img")
+        qemu_img("create", "-q", "-f", "raw", shared, "4M")
+        readers = ["web", "copy"]
+    else:
+        env.make_domain("web", disks=(("vda", "raw"),))
+        shared, _ = env.domain()["vda"]
+        readers = ["copy"]
+    write(shared, "raw", 0x81, 0)
+    if base == "snapshot":
+        env.run("create", "web", "s1")  # web's frozen file is now the shared base
+    for name in readers:
+        qemu_img("create", "-q", "-f", "qcow2", "-b", os.path.basename(shared), "-F", "raw",
+                 os.path.join(env.dir, f"{name}-vda.qcow2"))
+        env.write_domain(name, {"disks": [{"target": "vda", "path": f"{name}-vda.qcow2", "format": "qcow2"}]})
+    env.run("create", "copy", "c1")
+    if base == "gold":
+        env.run("create", "web", "s1")
+    for name in ("web", "copy"):
+        env.write(name, "vda", 0x82, KIB64)
+        assert env.reads(name, "vda", 0x81, 0)
+    env.write_domain("tmpl", {"disks": [{"target": "vda", "path": os.path.basename(shared), "format": "raw"}]})
+    with Unchanged(env):
+        results = run_all(env, [("create", "tmpl", "t1"), ("create", "web", "s2"), ("create", "copy", "c2")])
+        line = refused(results[0], shared, "domain tmpl (disk vda runs on it)", code=EXIT_REFUSED)
+        assert "domain web (disk" in line or "domain copy (disk" in line, line
+        _sharing_refused(results[1], shared, "web", "tmpl")
+        _sharing_refused(results[2], shared, "copy", "tmpl")
+    for name in ("web", "copy"):
+        assert env.reads(name, "vda", 0x81, 0) and env.reads(name, "vda", 0x82, KIB64)
+        env.assert_consistent(name)
+
+
+def test_an_image_recorded_for_another_disk_is_refused(env):
+    """A disk added to web after its snapshot, naming vda's frozen file: it is vda's, so snapshotting vdb
+    would move it to vdb in the catalog (before: it did, and vda's snapshot lost its file)."""
+    env.make_domain("web", disks=(("vda", "raw"),))
+    env.write("web", "vda", 0x91, 0)
+    env.run("create", "web", "s1")
+    env.write("web", "vda", 0x92, KIB64)
+    frozen = env.json("show", "web", "s1")["disks"][0]["file"]
+    with open(os.path.join(env.dir, "web.yaml")) as f:
+        data = yaml.safe_load(f)
+    data["disks"].append({"target": "vdb", "path": os.path.basename(frozen), "format": "raw"})
+    env.write_domain("web", data)
+    with Unchanged(env, [("vda", 0x91, 0), ("vda", 0x92, KIB64)]):
+        for r in run_all(env, [("create", "web", "s2"), ("revert", "web", "s1"), ("delete", "web", "s1")]):
+            line = refused(r, frozen, "disk vdb runs on it", "disk vda has it in the catalog", code=EXIT_REFUSED)
+        found = env.run("check", check=False)
+        assert found.returncode == 1 and "disk vdb runs on it" in found.stdout, found.stdout
+    assert line.count("domain web (disk") == 2
+
+
+def test_the_catalog_never_moves_a_file_to_another_disk(tmp_path):
+    """The last line of defence under the plan's checks: recording a file another disk has is an error,
+    never INSERT OR REPLACE taking the row over."""
+    from snapfw.catalog import Catalog, ImageFile
+    from snapfw.errors import Refused
+
+    catalog = Catalog.open(str(tmp_path))
+    with catalog.write() as changes:
+        changes.put_file("web", ImageFile("/vms/a.img", "vda", "raw", None, False))
+    for domain, target in (("db", "vda"), ("web", "vdb")):
+        with pytest.raises(Refused, match="recorded for domain web disk vda"):
+            with catalog.write() as changes:
+                changes.put_file(domain, ImageFile("/vms/a.img", target, "raw", None, False))
+    with catalog.write() as changes:  # the same disk may update its own row
+        changes.put_file("web", ImageFile("/vms/a.img", "vda", "raw", "/vms/base.img", False))
+    assert catalog.placements() == [("web", ImageFile("/vms/a.img", "vda", "raw", "/vms/base.img", False))]
+    assert catalog.domains() == ["web"]
 
 
 # --- 5. an image a running QEMU holds ------------------------------------------------------------------
