@@ -244,6 +244,7 @@ class _Operation:
 
     def assemble(self, summary: str) -> Plan:
         plan = Plan(self.operation, self.name, summary)
+        plan.notes += self.domain.notes
         collect = []
         for op in self.ops:
             plan.prepare += op.prepare
