@@ -87,7 +87,9 @@ class Guest:
         persistent = self.dom.isPersistent()
         self.destroy()  # a transient domain is gone with it
         if persistent:
-            self.dom.undefine()
+            import libvirt
+
+            self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
 
     def disks(self, live: bool) -> dict:
         """target -> (source file, format, alias) from the live or the persistent XML; asserts that the
@@ -236,13 +238,28 @@ def test_failure_after_the_live_step_is_undone(lv, guest):
     assert "s1" not in tags.stdout
 
 
-def test_transient_domain_and_network_disk_are_refused(conn, tmp_path):
+def test_transient_domain_libvirt_metadata_and_network_disk_are_refused(conn, tmp_path):
     transient = Guest(conn, str(tmp_path), persistent=False)
     try:
         r = LibvirtEnv(tmp_path, transient).run("create", transient.name, "s1", check=False)
         assert r.returncode == 1 and f"domain {transient.name} is transient" in r.stderr, r.stderr
     finally:
         transient.remove()
+    guest = Guest(conn, str(tmp_path))
+    try:  # libvirt's own snapshot metadata (made as virsh snapshot-create would record it)
+        import libvirt
+
+        xml = ("<domainsnapshot><name>old</name><state>shutoff</state><creationTime>1</creationTime>"
+               "<memory snapshot='no'/><disks><disk name='vda' snapshot='internal'/></disks>"
+               f"{guest.dom.XMLDesc(0)}</domainsnapshot>")
+        guest.dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+        lv = LibvirtEnv(tmp_path, guest)
+        before = lv.state()
+        r = lv.run("create", guest.name, "s1", check=False)
+        assert r.returncode == 1 and "has 1 libvirt snapshot(s)" in r.stderr, r.stderr
+        assert lv.state() == before
+    finally:
+        guest.remove()
     nbd = ("<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
            "<source protocol='nbd' name='export'><host name='localhost' port='10809'/></source>"
            "<target dev='vdc' bus='virtio'/></disk>")

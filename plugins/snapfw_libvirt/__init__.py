@@ -152,8 +152,13 @@ class LibvirtDriver(HypervisorDriver):
             if not dom.isPersistent():
                 raise NotSupported(f"domain {name} is transient (no persistent definition): snapfw keeps the "
                                    "domain's new chain in its definition; `virsh define` it first")
+            tracked = dom.snapshotNum(0)
             state = dom.state()[0]
             running = bool(dom.isActive())
+        if tracked:  # libvirt's records would name files snapfw merges or removes
+            raise NotSupported(f"domain {name} has {tracked} libvirt snapshot(s) (virsh snapshot-list): snapfw "
+                               "does not take over libvirt's snapshot metadata; keep using virsh for this domain, "
+                               "or drop that metadata first (virsh snapshot-delete --metadata)")
         xml = self._xml(dom, live=running)
         qemu = self._blocks(dom) if running else {}
         disks, chains, roots, notes = [], {}, [], []
@@ -163,7 +168,7 @@ class LibvirtDriver(HypervisorDriver):
             if device in ("cdrom", "floppy") or el.find("readonly") is not None:
                 notes.append(f"disk {target} ({device}, {_source(el)}) is read-only: snapfw leaves it out")
                 continue
-            if device != "disk" or kind != "file" or not el.find("source").get("file"):
+            if device != "disk" or kind != "file" or el.find("source") is None or not el.find("source").get("file"):
                 raise NotSupported(f"disk {target} is a {kind} {device} ({_source(el)}), not a file; snapfw "
                                    "cannot snapshot it")
             driver = el.find("driver")
