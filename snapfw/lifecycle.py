@@ -365,6 +365,7 @@ class _Operation:
 
     def assemble(self, summary: str) -> Plan:
         plan = Plan(self.operation, self.name, summary)
+        plan.notes += self.domain.notes
         for op in self.ops:  # the files the backends add, as the catalog will record them
             added = op.graph.files.keys() - self.befores[op.disk.target].files.keys()
             self._refuse_sharing(op.disk.target, None, added)

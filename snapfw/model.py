@@ -68,7 +68,8 @@ class Domain:
     ``running``: a hypervisor process holds its images (``state`` says "running" or "paused"; "shut off"
     when not). ``live_chains``: for each file a running disk's chain holds, that chain from the file down
     (top first, in ``qemu-img info`` form) as the hypervisor reports it; inspection reads it instead of
-    opening an image the guest holds (rule 1).
+    opening an image the guest holds (rule 1). ``notes``: what the driver leaves out and why (a
+    read-only CD-ROM), for every plan to say.
     """
 
     name: str
@@ -77,6 +78,7 @@ class Domain:
     allowed_roots: tuple[str, ...] = ()
     state: str = ""
     live_chains: dict[str, list[dict]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.state = self.state or ("running" if self.running else "shut off")

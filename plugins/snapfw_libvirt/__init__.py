@@ -1,0 +1,381 @@
+"""The ``libvirt`` driver: the domains of a local libvirt QEMU connection, ``qemu:///system`` (libvirt-python).
+
+A domain's disks come from its domain XML: the live XML while it runs (with libvirt's ``<backingStore>``
+chain, which inspection reads instead of opening an image the guest holds), the persistent XML when shut
+off. ``define`` rewrites the persistent XML's disk sources. Live snapshots: external disks through one
+``snapshotCreateXML`` (DISK_ONLY | ATOMIC | NO_METADATA); internal ones through QEMU's own
+``blockdev-snapshot-internal-sync``, for which libvirt has no API, sent through libvirt's monitor
+passthrough (``virDomainQemuMonitorCommand``) in one ``transaction``; a domain with both kinds is paused
+around the two calls so every disk is snapshotted at the same instant.
+
+Only local connections: snapfw runs ``qemu-img`` on the image paths the XML names, which are the
+hypervisor's files only on the hypervisor's own host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import xml.etree.ElementTree as ET
+
+from snapfw.api import (
+    EXTERNAL,
+    FORMATS,
+    INTERNAL,
+    CreateOverlay,
+    Disk,
+    Domain,
+    HypervisorDriver,
+    Inconsistent,
+    NotSupported,
+    QMPError,
+    ToolError,
+    UnknownDomain,
+    check_name,
+    hookimpl,
+)
+
+# local transports only (see the module docstring); qemu:///session is the same scheme
+SCHEMES = ("qemu", "qemu+unix")
+# how long undoing an external snapshot may wait for its commit job (the data the guest wrote since)
+UNDO_JOB_SECONDS = 600.0
+# libvirt's virDomainBlockJobType for an active-layer commit
+ACTIVE_COMMIT_JOB = 4
+# namespaces of the domain XML that keep their prefixes when snapfw writes the XML back
+NAMESPACES = {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0"}
+
+
+def _libvirt():
+    """libvirt-python, imported on first use: every snapfw command loads this plugin, few use libvirt."""
+    try:
+        import libvirt
+    except ImportError:
+        raise NotSupported("the libvirt driver needs libvirt-python: pip install 'snapfw[libvirt]' "
+                           "(it builds against libvirt-dev and pkg-config)") from None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions anyway
+    return libvirt
+
+
+@contextlib.contextmanager
+def _calls(what: str):
+    """libvirt errors as snapfw's one-line ToolError naming the call."""
+    libvirt = _libvirt()
+    try:
+        yield
+    except libvirt.libvirtError as e:
+        raise ToolError(f"libvirt {what} failed: {e.get_error_message()}", ["libvirt", what], e.get_error_code(),
+                        e.get_error_message()) from None
+
+
+def _source(disk: ET.Element) -> str:
+    """A disk's source in words, for errors."""
+    s = disk.find("source")
+    if s is None:
+        return "no source"
+    name = s.get("file") or s.get("dev") or s.get("name") or s.get("volume") or "?"
+    return f"{s.get('protocol')}:{name}" if s.get("protocol") else name
+
+
+def _chain(disk: ET.Element, fmt: str, target: str) -> list[dict]:
+    """The live XML's ``<source>`` + nested ``<backingStore>`` as a list, top first, in qemu-img info's form."""
+    out, node = [], disk
+    while True:
+        entry = {"filename": node.find("source").get("file"), "format": fmt}
+        below = node.find("backingStore")
+        if below is None or below.find("source") is None:
+            out.append(entry)
+            return out
+        if below.get("type", "file") != "file" or not below.find("source").get("file"):
+            raise NotSupported(f"disk {target}'s backing chain reaches {below.get('type')} {_source(below)}, not "
+                               "a file; snapfw cannot snapshot it")
+        fmt = below.find("format").get("type") if below.find("format") is not None else None
+        path = below.find("source").get("file")
+        entry.update({"backing-filename": path, "full-backing-filename": path})
+        if fmt:
+            entry["backing-filename-format"] = fmt
+        out.append(entry)
+        node = below
+
+
+class LibvirtDriver(HypervisorDriver):
+    scheme = "qemu"
+    description = "libvirt's QEMU/KVM domains on this host: qemu:///system (libvirt-python)"
+
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        self._conn = None
+
+    @property
+    def conn(self):
+        if self._conn is None:
+            with _calls(f"connect to {self.uri}"):
+                self._conn = _libvirt().open(self.uri)
+        return self._conn
+
+    def _lookup(self, name: str):
+        check_name("domain", name)
+        libvirt = _libvirt()
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise UnknownDomain(f"no domain {name!r} on {self.uri}") from None
+            raise ToolError(f"libvirt lookup of {name} failed: {e.get_error_message()}", ["libvirt"]) from None
+
+    def list_domains(self) -> list[str]:
+        with _calls("listAllDomains"):
+            return sorted(d.name() for d in self.conn.listAllDomains())
+
+    def _xml(self, dom, live: bool) -> ET.Element:
+        libvirt = _libvirt()
+        flags = 0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        with _calls("XMLDesc"):
+            return ET.fromstring(dom.XMLDesc(flags))
+
+    def _monitor(self, dom, command: str, args: dict | None = None):
+        """A QMP command through libvirt's monitor passthrough (what libvirt has no API for)."""
+        import libvirt_qemu
+
+        request = {"execute": command, **({"arguments": args} if args else {})}
+        with _calls(f"qemuMonitorCommand {command}"):
+            reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(request), 0))
+        if "error" in reply:
+            raise QMPError(command, reply["error"].get("class", ""), reply["error"].get("desc", ""))
+        return reply["return"]
+
+    def _blocks(self, dom) -> dict[str, dict]:
+        """device alias (virtio-disk0) -> QEMU's query-block ``inserted``: node names and internal snapshots."""
+        out = {}
+        for b in self._monitor(dom, "query-block"):
+            parts = (b.get("qdev") or "").split("/")
+            if b.get("inserted") and len(parts) > 3 and parts[1:3] == ["machine", "peripheral"]:
+                out[parts[3]] = b["inserted"]
+        return out
+
+    def domain(self, name: str) -> Domain:
+        libvirt = _libvirt()
+        dom = self._lookup(name)
+        with _calls("domain state"):
+            if not dom.isPersistent():
+                raise NotSupported(f"domain {name} is transient (no persistent definition): snapfw keeps the "
+                                   "domain's new chain in its definition; `virsh define` it first")
+            tracked = dom.snapshotNum(0)
+            state = dom.state()[0]
+            running = bool(dom.isActive())
+        if tracked:  # libvirt's records would name files snapfw merges or removes
+            raise NotSupported(f"domain {name} has {tracked} libvirt snapshot(s) (virsh snapshot-list): snapfw "
+                               "does not take over libvirt's snapshot metadata; keep using virsh for this domain, "
+                               "or drop that metadata first (virsh snapshot-delete --metadata)")
+        xml = self._xml(dom, live=running)
+        qemu = self._blocks(dom) if running else {}
+        disks, chains, roots, notes = [], {}, [], []
+        for el in xml.findall("devices/disk"):
+            target = el.find("target").get("dev")
+            device, kind = el.get("device", "disk"), el.get("type", "file")
+            if device in ("cdrom", "floppy") or el.find("readonly") is not None:
+                notes.append(f"disk {target} ({device}, {_source(el)}) is read-only: snapfw leaves it out")
+                continue
+            if device != "disk" or kind != "file" or el.find("source") is None or not el.find("source").get("file"):
+                raise NotSupported(f"disk {target} is a {kind} {device} ({_source(el)}), not a file; snapfw "
+                                   "cannot snapshot it")
+            driver = el.find("driver")
+            fmt = driver.get("type") if driver is not None else None
+            if fmt not in FORMATS:
+                raise NotSupported(f"disk {target} is {fmt or 'of no declared format'}, not one of "
+                                   f"{', '.join(FORMATS)}; snapfw cannot snapshot it")
+            path = el.find("source").get("file")
+            node = None
+            if running:
+                chain = _chain(el, fmt, target)
+                alias = el.find("alias").get("name")
+                inserted = qemu.get(alias)
+                if inserted is None:
+                    raise Inconsistent(f"disk {target} ({alias}) is in libvirt's live XML but not in QEMU")
+                tags = {}
+                image = inserted["image"]
+                while image:
+                    tags[image["filename"]] = image.get("snapshots", [])
+                    image = image.get("backing-image")
+                for entry in chain:
+                    if tags.get(entry["filename"]):
+                        entry["snapshots"] = tags[entry["filename"]]
+                for i, entry in enumerate(chain):
+                    chains[entry["filename"]] = chain[i:]
+                    roots.append(os.path.dirname(entry["filename"]))
+                node = inserted["node-name"]
+            roots.append(os.path.dirname(path))
+            for store in el.iter("backingStore"):  # a persistent XML may name a chain too
+                if store.find("source") is not None and store.find("source").get("file"):
+                    roots.append(os.path.dirname(store.find("source").get("file")))
+            disks.append(Disk(target, path, fmt, node=node))
+        states = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTOFF: "shut off"}
+        return Domain(name, disks, running=running, allowed_roots=tuple(dict.fromkeys(roots)),
+                      state=states.get(state, "running" if running else "shut off"), live_chains=chains,
+                      notes=notes)
+
+    def define(self, domain: dict) -> None:
+        dom = self._lookup(domain["name"])
+        self._set_sources(dom, {d["target"]: (d["path"], d["format"]) for d in domain["disks"]})
+
+    def _set_sources(self, dom, sources: dict[str, tuple[str, str]]) -> None:
+        """Point the persistent XML's disks at ``sources`` (target -> (file, format)), dropping the
+        ``<backingStore>`` libvirt recorded for the old file (libvirt would use it instead of the image's
+        own header); nothing is written when the XML already says so."""
+        xml = self._xml(dom, live=False)
+        changed = False
+        for el in xml.findall("devices/disk"):
+            target = el.find("target").get("dev")
+            if target not in sources:
+                continue
+            path, fmt = sources[target]
+            source, driver = el.find("source"), el.find("driver")
+            stale = el.find("backingStore")
+            if source.get("file") == path and driver.get("type") == fmt and stale is None:
+                continue
+            source.set("file", path)
+            driver.set("type", fmt)
+            if stale is not None:
+                el.remove(stale)
+            changed = True
+        if changed:
+            for prefix, uri in NAMESPACES.items():
+                ET.register_namespace(prefix, uri)
+            with _calls("defineXML"):
+                self.conn.defineXML(ET.tostring(xml, encoding="unicode"))
+
+    # --- live snapshots --------------------------------------------------------------------------------
+    def _live_sources(self, dom) -> dict[str, str]:
+        """target -> the file the running domain writes to, from libvirt's live XML."""
+        return {el.find("target").get("dev"): el.find("source").get("file")
+                for el in self._xml(dom, live=True).findall("devices/disk")
+                if el.find("source") is not None and el.find("source").get("file")}
+
+    def _node(self, dom, target: str) -> dict:
+        alias = next((el.find("alias").get("name") for el in self._xml(dom, live=True).findall("devices/disk")
+                      if el.find("target").get("dev") == target), None)
+        inserted = self._blocks(dom).get(alias)
+        if inserted is None:
+            raise Inconsistent(f"disk {target} is gone from the running domain")
+        return inserted
+
+    def live_snapshot(self, domain: str, actions: list[dict]) -> None:
+        libvirt = _libvirt()
+        dom = self._lookup(domain)
+        active = self._live_sources(dom)
+        for a in actions:
+            if active.get(a["target"]) != a["file"]:  # the plan was made under the lock: changed behind it
+                raise Inconsistent(f"disk {a['target']} now runs on {active.get(a['target'])}, not {a['file']} "
+                                   "as planned")
+        internal = [a for a in actions if a["kind"] == INTERNAL]
+        external = [a for a in actions if a["kind"] == EXTERNAL]
+        with _calls("domain state"):
+            pause = bool(internal and external) and dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED
+        if pause:  # two calls: the guest must not write between them, or the disks disagree in time
+            with _calls("suspend"):
+                dom.suspend()
+        try:
+            if internal:  # first: undoing a tag is cheap, undoing an overlay is a commit
+                nodes = self._blocks(dom)
+                aliases = {el.find("target").get("dev"): el.find("alias").get("name")
+                           for el in self._xml(dom, live=True).findall("devices/disk")}
+                self._monitor(dom, "transaction", {"actions": [
+                    {"type": "blockdev-snapshot-internal-sync",
+                     "data": {"device": nodes[aliases[a["target"]]]["node-name"], "name": a["tag"]}}
+                    for a in internal]})
+            if external:
+                specs = "".join(f"<disk name='{a['target']}' snapshot='external'><driver type='qcow2'/>"
+                                f"<source file={_attr(a['overlay'])}/></disk>" for a in external)
+                others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in active
+                                 if t not in {a["target"] for a in external})
+                flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+                         | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+                with _calls("snapshotCreateXML"):
+                    dom.snapshotCreateXML(f"<domainsnapshot><disks>{specs}{others}</disks></domainsnapshot>", flags)
+        finally:
+            if pause:
+                with _calls("resume"):
+                    dom.resume()
+        # libvirt writes the new overlays into the persistent XML of a persistent domain; make sure of it
+        self._set_sources(dom, {a["target"]: (a["overlay"], "qcow2") for a in external})
+
+    def undo_live_snapshot(self, domain: str, actions: list[dict], progress=None) -> None:
+        dom = self._lookup(domain)
+        for a in reversed(actions):
+            if a["kind"] == INTERNAL:
+                self._undo_internal(dom, a)
+            else:
+                self._undo_external(dom, a, progress)
+        self._set_sources(dom, {a["target"]: (a["file"], a["format"]) for a in actions if a["kind"] == EXTERNAL})
+
+    def _undo_internal(self, dom, a: dict):
+        inserted = self._node(dom, a["target"])
+        if inserted["image"]["filename"] != a["file"]:
+            raise Inconsistent(f"disk {a['target']} runs on {inserted['image']['filename']}, not {a['file']} "
+                               f"that holds internal snapshot {a['tag']!r}")
+        if a["tag"] in {s["name"] for s in inserted["image"].get("snapshots", [])}:
+            self._monitor(dom, "blockdev-snapshot-delete-internal-sync",
+                          {"device": inserted["node-name"], "name": a["tag"]})
+
+    def _undo_external(self, dom, a: dict, progress):
+        """Commit the overlay (with what the guest wrote since) back into the frozen file, pivot, verify in
+        the live XML, then remove the overlay. Each part checks first whether it is already done."""
+        libvirt = _libvirt()
+        target = a["target"]
+        deadline = time.monotonic() + UNDO_JOB_SECONDS
+        with _calls("blockJobInfo"):
+            job = dom.blockJobInfo(target, 0)
+        if job and job.get("type") != ACTIVE_COMMIT_JOB:
+            raise Inconsistent(f"disk {target} has another block job running (type {job.get('type')}); "
+                               f"not undoing its snapshot onto {a['overlay']}")
+        if not job and self._live_sources(dom).get(target) == a["overlay"]:
+            with _calls("blockCommit"):
+                dom.blockCommit(target, a["file"], a["overlay"], 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+            job = True
+        if job:  # ours, or a previous run's that died while it ran: wait for it and pivot
+            self._pivot(dom, target, deadline, progress)
+        active = self._live_sources(dom).get(target)
+        if active != a["file"]:
+            raise Inconsistent(f"disk {target} runs on {active}, expected {a['file']} after undoing its snapshot")
+        if any(s.get("file") == a["overlay"] for s in self._xml(dom, live=True).iter("source")):
+            raise Inconsistent(f"{a['overlay']} is still in disk {target}'s live chain after the pivot; not removed")
+        CreateOverlay(a["overlay"], a["file"], a["format"]).undo(None)  # removes it only if it is that overlay
+
+    def _pivot(self, dom, target: str, deadline: float, progress):
+        """Wait until the active commit on ``target`` has caught up, then pivot to its base."""
+        libvirt = _libvirt()
+        while True:
+            with _calls("blockJobInfo"):
+                job = dom.blockJobInfo(target, 0)
+            if not job:
+                raise ToolError(f"the commit job on disk {target} vanished before its pivot", ["libvirt"])
+            if progress is not None and job["end"]:
+                progress(100.0 * job["cur"] / job["end"])
+            if job["end"] and job["cur"] == job["end"]:
+                try:
+                    dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+                    return
+                except libvirt.libvirtError as e:  # caught up but not yet READY: try again
+                    if e.get_error_code() != libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
+                        raise ToolError(f"libvirt pivot of disk {target} failed: {e.get_error_message()}",
+                                        ["libvirt"]) from None
+            if time.monotonic() > deadline:
+                raise ToolError(f"the commit job on disk {target} did not finish by its deadline", ["libvirt"])
+            time.sleep(0.02)
+
+
+def _attr(value: str) -> str:
+    """``value`` as a quoted XML attribute."""
+    from xml.sax.saxutils import quoteattr
+
+    return quoteattr(value)
+
+
+# one driver class per URI scheme it serves
+DRIVERS = [type(f"LibvirtDriver_{s.replace('+', '_')}", (LibvirtDriver,), {"scheme": s}) for s in SCHEMES]
+
+
+@hookimpl
+def snapfw_hypervisor_drivers():
+    return DRIVERS

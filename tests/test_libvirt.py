@@ -1,0 +1,274 @@
+"""The ``libvirt`` driver against a real libvirtd (``qemu:///system``), with domains the tests define.
+
+Firmware-only guests (no OS), two disks (qcow2 + raw) and an empty CD-ROM. Guest data is written while
+the domain runs through HMP ``qemu-io`` on each disk's device (libvirt's monitor passthrough, as `virsh
+qemu-monitor-command --hmp` does) and verified offline once the guest is destroyed; internal snapshots
+through a `qemu-img convert -l` copy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import xml.etree.ElementTree as ET
+
+import pytest
+from test_qmp import tag_reads
+
+from conftest import IN_CI, KIB64, Env, check_image, reads, require
+
+from snapfw.connection import STATE_DIR_ENV
+
+URI = "qemu:///system"
+BYTES = {"vda": 0x10, "vdb": 0x80}
+
+
+def _unavailable(message: str):
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def conn():
+    """A connection to the real libvirtd, started (with the /dev/kvm group fix) if it is not running."""
+    require("qemu-img")
+    try:
+        import libvirt
+    except ImportError:
+        _unavailable("libvirt-python is not installed (pip install -e '.[test]')")
+    from bench.domains import start_libvirtd
+
+    try:
+        start_libvirtd(lambda _message: None)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        _unavailable(f"libvirtd is not running and cannot be started: {e}")
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    c = libvirt.open(URI)
+    yield c
+    c.close()
+
+
+class Guest:
+    """A libvirt domain defined by the test: ``vda`` qcow2, ``vdb`` raw, an empty CD-ROM ``sda``."""
+
+    count = 0
+
+    def __init__(self, conn, folder: str, disks=None, persistent: bool = True):
+        Guest.count += 1
+        self.conn, self.dir = conn, folder
+        self.name = f"snapfw-test-{os.getpid()}-{Guest.count}"
+        self.images = {}
+        for target, fmt in (("vda", "qcow2"), ("vdb", "raw")):
+            path = os.path.join(folder, f"{self.name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, "4M"], check=True)
+            self.images[target] = (path, fmt)
+        if disks is None:
+            disks = "".join(f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
+                            f"<source file='{path}'/><target dev='{target}' bus='virtio'/></disk>"
+                            for target, (path, fmt) in self.images.items())
+            disks += "<disk type='file' device='cdrom'><target dev='sda' bus='sata'/><readonly/></disk>"
+        kind = "kvm" if os.path.exists("/dev/kvm") else "qemu"
+        # QEMU runs as root without relabelling: the images live in pytest's private temp dir
+        xml = (f"<domain type='{kind}'><name>{self.name}</name><memory unit='MiB'>64</memory>"
+               "<os><type arch='x86_64' machine='q35'>hvm</type></os>"
+               "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>"
+               f"<devices>{disks}</devices></domain>")
+        self.dom = conn.defineXML(xml) if persistent else conn.createXML(xml, 0)
+
+    def start(self):
+        self.dom.create()
+
+    def destroy(self):
+        if self.dom.isActive():
+            self.dom.destroy()
+
+    def remove(self):
+        persistent = self.dom.isPersistent()
+        self.destroy()  # a transient domain is gone with it
+        if persistent:
+            import libvirt
+
+            self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+
+    def disks(self, live: bool) -> dict:
+        """target -> (source file, format, alias) from the live or the persistent XML; asserts that the
+        persistent XML keeps no stale <backingStore>."""
+        import libvirt
+
+        root = ET.fromstring(self.dom.XMLDesc(0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE))
+        out = {}
+        for el in root.findall("devices/disk[@device='disk']"):
+            if not live:
+                assert el.find("backingStore") is None, ET.tostring(el)
+            alias = el.find("alias")
+            out[el.find("target").get("dev")] = (el.find("source").get("file"), el.find("driver").get("type"),
+                                                 alias.get("name") if alias is not None else None)
+        return out
+
+    def write(self, target: str, byte: int, offset: int):
+        """Write as the guest would, through the device's own block backend (HMP qemu-io)."""
+        import libvirt_qemu
+
+        alias = self.disks(live=True)[target][2]
+        cmd = f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "write -P {byte:#x} {offset} {KIB64}"'
+        out = libvirt_qemu.qemuMonitorCommand(self.dom, cmd, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        assert out == "", out
+
+
+class LibvirtEnv(Env):
+    """The `snapfw` command on qemu:///system, its catalog in the temp dir, on one :class:`Guest`."""
+
+    def __init__(self, root, guest: Guest):
+        super().__init__(root)
+        self.guest = guest
+        self.uri = URI
+        self.state_dir = os.path.join(self.dir, ".snapfw")
+
+    def run(self, *args, check: bool = True, env: dict | None = None, timeout: float = 120):
+        return super().run(*args, check=check, env={STATE_DIR_ENV: self.state_dir, **(env or {})},
+                           timeout=timeout)
+
+    def domain(self, name=None) -> dict:
+        """target -> (active file, format): the live XML while it runs, else the persistent XML."""
+        running = bool(self.guest.dom.isActive())
+        persistent = self.guest.disks(live=False)
+        if not running:
+            return {t: (p, f) for t, (p, f, _) in persistent.items()}
+        live = self.guest.disks(live=True)
+        assert {t: p for t, (p, _, _) in live.items()} == {t: p for t, (p, _, _) in persistent.items()}
+        return {t: (p, f) for t, (p, f, _) in live.items()}
+
+    def write(self, domain, target, byte, offset):
+        if self.guest.dom.isActive():
+            self.guest.write(target, byte, offset)
+        else:
+            super().write(domain, target, byte, offset)
+
+    def gen(self, g: int):
+        """Generation ``g``'s pattern on every disk: its own byte at its own offset."""
+        for target, byte in BYTES.items():
+            self.write(self.guest.name, target, byte + g, g * KIB64)
+
+    def all_read(self, generations, where: dict | None = None) -> bool:
+        where = where or self.domain()
+        return all(reads(path, fmt, BYTES[t] + g, g * KIB64) for t, (path, fmt) in where.items()
+                   for g in generations)
+
+
+@pytest.fixture
+def guest(conn, tmp_path):
+    g = Guest(conn, str(tmp_path))
+    yield g
+    g.remove()
+
+
+@pytest.fixture
+def lv(tmp_path, guest):
+    return LibvirtEnv(tmp_path, guest)
+
+
+def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
+    name = guest.name
+    original = lv.domain()
+    # --- shut off: qemu-img steps, then the persistent XML names the new chain
+    lv.gen(1)
+    r = lv.run("create", name, "s1")
+    assert "disk sda (cdrom, no source) is read-only: snapfw leaves it out" in r.stdout
+    after1 = lv.domain()
+    assert after1["vda"] == original["vda"] and after1["vdb"][0] != original["vdb"][0]
+    lv.gen(2)
+    lv.run("create", name, "s2")
+    lv.gen(3)
+    lv.run("revert", name, "s1")
+    assert lv.all_read([1]) and not reads(*lv.domain()["vdb"], BYTES["vdb"] + 2, 2 * KIB64)
+    lv.run("delete", name, "s2")
+    assert [s["name"] for s in lv.json("list", name)] == ["s1"]
+    lv.assert_consistent(name)
+
+    # --- running: libvirt starts on the chain snapfw defined; live snapshots of both kinds
+    guest.start()
+    frozen1 = lv.domain()  # the chain snapfw defined offline, as libvirt runs it
+    lv.gen(4)
+    lv.run("create", name, "l1", "--disk", "vda=external", "--disk", "vdb=external")  # one snapshotCreateXML
+    after_l1 = lv.domain()
+    assert all(after_l1[t][0] != frozen1[t][0] for t in BYTES)
+    lv.gen(5)
+    lv.run("create", name, "l2", "--disk", "vda=qcow2", "--disk", "vdb=external")  # a tag and an overlay at once
+    assert guest.dom.state()[0] == 1  # VIR_DOMAIN_RUNNING: the short pause ended
+    after_l2 = lv.domain()
+    assert after_l2["vda"] == after_l1["vda"] and after_l2["vdb"][0] != after_l1["vdb"][0]
+    lv.gen(6)
+    assert "No problems found" in lv.run("check", name).stdout  # catalog against libvirt's live XML
+    assert [(s["name"], s["current"]) for s in lv.json("list", name)] == [("s1", False), ("l1", False),
+                                                                           ("l2", True)]
+    guest.destroy()
+
+    assert lv.all_read([1, 4], frozen1) and not lv.all_read([5], frozen1)  # l1
+    assert tag_reads(after_l1["vda"][0], "l2", BYTES["vda"] + 5, 5 * KIB64, str(tmp_path))  # l2
+    assert not tag_reads(after_l1["vda"][0], "l2", BYTES["vda"] + 6, 6 * KIB64, str(tmp_path))
+    assert reads(*after_l1["vdb"], BYTES["vdb"] + 5, 5 * KIB64)
+    assert not reads(*after_l1["vdb"], BYTES["vdb"] + 6, 6 * KIB64)
+    assert lv.all_read([1, 4, 5, 6])  # now
+    for path, fmt in (after_l1["vda"], after_l1["vdb"], after_l2["vdb"]):
+        assert check_image(path, fmt) in (0, 3)
+    lv.assert_consistent(name)
+
+
+def test_failure_after_the_live_step_is_undone(lv, guest):
+    name = guest.name
+    guest.start()
+    original = lv.domain()
+    lv.gen(1)
+    files = lv.files()
+    # prepare: [the live snapshot, define]: fail just before the second, after libvirt switched disks
+    r = lv.run("create", name, "s1", env={"SNAPFW_FAULT": "prepare:1"}, check=False)
+    assert r.returncode == 1 and "injected fault" in r.stderr, r.stderr
+    assert lv.domain() == original and lv.files() == files
+    lv.gen(2)
+    r = lv.run("create", name, "s1", env={"SNAPFW_FAULT": "prepare:1:kill"}, check=False)
+    assert r.returncode == -9 and lv.domain() != original
+    lv.gen(3)  # into the new overlay and after the new tag: the repair keeps it
+    lv.run("check", name, "--repair")
+    assert lv.domain() == original and lv.files() == files and lv.json("list", name) == []
+    guest.destroy()
+    assert lv.all_read([1, 2, 3])
+    require("qemu-img")
+    tags = subprocess.run(["qemu-img", "snapshot", "-l", original["vda"][0]], capture_output=True, text=True)
+    assert "s1" not in tags.stdout
+
+
+def test_transient_domain_libvirt_metadata_and_network_disk_are_refused(conn, tmp_path):
+    transient = Guest(conn, str(tmp_path), persistent=False)
+    try:
+        r = LibvirtEnv(tmp_path, transient).run("create", transient.name, "s1", check=False)
+        assert r.returncode == 1 and f"domain {transient.name} is transient" in r.stderr, r.stderr
+    finally:
+        transient.remove()
+    guest = Guest(conn, str(tmp_path))
+    try:  # libvirt's own snapshot metadata (made as virsh snapshot-create would record it)
+        import libvirt
+
+        xml = ("<domainsnapshot><name>old</name><state>shutoff</state><creationTime>1</creationTime>"
+               "<memory snapshot='no'/><disks><disk name='vda' snapshot='internal'/></disks>"
+               f"{guest.dom.XMLDesc(0)}</domainsnapshot>")
+        guest.dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+        lv = LibvirtEnv(tmp_path, guest)
+        before = lv.state()
+        r = lv.run("create", guest.name, "s1", check=False)
+        assert r.returncode == 1 and "has 1 libvirt snapshot(s)" in r.stderr, r.stderr
+        assert lv.state() == before
+    finally:
+        guest.remove()
+    nbd = ("<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+           "<source protocol='nbd' name='export'><host name='localhost' port='10809'/></source>"
+           "<target dev='vdc' bus='virtio'/></disk>")
+    guest = Guest(conn, str(tmp_path), disks=nbd)
+    try:
+        lv = LibvirtEnv(tmp_path, guest)
+        r = lv.run("create", guest.name, "s1", check=False)
+        assert r.returncode == 1 and "disk vdc is a network disk (nbd:export), not a file" in r.stderr, r.stderr
+        r = lv.run("create", "no-such-domain", "s1", check=False)
+        assert r.returncode == 2 and "no domain 'no-such-domain'" in r.stderr
+    finally:
+        guest.remove()
