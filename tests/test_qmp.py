@@ -124,10 +124,15 @@ def test_a_disk_that_is_not_a_local_file_is_refused_by_name(tmp_path):
         qemu.kill()
 
 
-def test_revert_of_a_running_domain_is_refused(live, qemu):
-    live.run("create", "web", "s1")
+def test_revert_and_internal_delete_of_a_running_domain_are_refused(live, qemu):
+    live.run("create", "web", "s1")  # vda: an internal snapshot, vdb: external
+    before = (live.files(), qemu_chains(qemu))
     r = live.run("revert", "web", "s1", check=False)
     assert r.returncode == 1 and "live revert: not yet" in r.stderr, r.stderr
+    r = live.run("delete", "web", "s1", check=False)
+    assert r.returncode == 1 and "backend qcow2 cannot delete snapshot s1 of disk vda while domain web is " \
+        "running (it has no live.delete)" in r.stderr, r.stderr
+    assert (live.files(), qemu_chains(qemu)) == before and live.snapshot_names() == ["s1"]
 
 
 # --- live create ---------------------------------------------------------------------------------------
