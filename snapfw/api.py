@@ -36,7 +36,16 @@ from .errors import (
     UnknownSnapshot,
 )
 from .hookspecs import hookimpl
-from .live import EXTERNAL, INTERNAL, LiveSnapshot, describe_action, external_action, internal_action
+from .live import (
+    EXTERNAL,
+    INTERNAL,
+    LiveCommit,
+    LiveSnapshot,
+    LiveStream,
+    describe_action,
+    external_action,
+    internal_action,
+)
 from .model import FORMATS, Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name, fit_file_name
 from .plan import Plan, Step
 from .steps import ApplyTag, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile
@@ -77,7 +86,9 @@ __all__ = [
     "LIVE_CREATE",
     "LIVE_DELETE",
     "LIVE_REVERT",
+    "LiveCommit",
     "LiveSnapshot",
+    "LiveStream",
     "LockTimeout",
     "NotSupported",
     "OFFLINE_CREATE",

@@ -143,6 +143,9 @@ class HypervisorDriver:
     # with ``{path}`` for the absolute path the URI names (``scheme:///path``). Data, not code, so that
     # ``snapfw list`` finds the catalog without loading any plugin (see connection.remember_state_dir).
     state_dir: ClassVar[str | None] = None
+    # what the driver can do to a running domain (LIVE_CREATE, LIVE_REVERT, LIVE_DELETE): the core refuses
+    # the others before any change, never half way through a plan
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -171,3 +174,18 @@ class HypervisorDriver:
         """Reverse whatever of :meth:`live_snapshot` took effect; idempotent. ``progress(percent)`` for
         block jobs it waits for."""
         raise NotSupported(f"driver {self.scheme} cannot snapshot running domains")
+
+    def block_commit(self, domain: str, target: str, top: str, base: str, job: str, progress=None) -> None:
+        """Merge file ``top`` into ``base`` (its backing file) on disk ``target`` of running ``domain`` as
+        block job ``job``; when ``top`` is the active file, complete the job so the disk pivots to ``base``.
+        Return once the hypervisor's own view shows ``top`` out of the disk's chain and no longer open.
+        Idempotent: re-attach to ``job`` if it exists, return at once if the result is already there.
+        ``progress(percent)`` from the job's offset/length."""
+        raise NotSupported(f"driver {self.scheme} cannot merge the disks of running domains")
+
+    def block_stream(self, domain: str, target: str, path: str, old_backing: str, new_backing: str | None,
+                     job: str, progress=None) -> None:
+        """Copy into file ``path`` of disk ``target`` of running ``domain`` what it reads from
+        ``old_backing``, so it is then backed by ``new_backing`` (None: nothing), as block job ``job``.
+        Return once the hypervisor's view shows that chain and ``old_backing`` closed; idempotent."""
+        raise NotSupported(f"driver {self.scheme} cannot merge the disks of running domains")

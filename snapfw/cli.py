@@ -383,7 +383,8 @@ def plugins_(as_json):
                      "description": cls.description, "capabilities": sorted(cls.capabilities), "cost": cls.cost})
     for scheme, (cls, plugin) in sorted(plugins.hypervisor_drivers().items()):
         rows.append({"kind": "hypervisor driver", "name": scheme, "plugin": plugin,
-                     "version": plugins.version(plugin), "description": cls.description, "capabilities": [],
+                     "version": plugins.version(plugin), "description": cls.description,
+                     "capabilities": sorted(cls.capabilities),
                      "cost": {}})
     listed = {r["plugin"] for r in rows}
     for plugin, hooks in plugins.loaded():

@@ -13,7 +13,7 @@ import re
 import time
 
 from . import connection, plugins
-from .backend import LIVE_CREATE, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
+from .backend import LIVE_CREATE, LIVE_DELETE, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
                      UnknownSnapshot)
@@ -326,9 +326,10 @@ class _Operation:
             raise Inconsistent(f"an interrupted {plans[0]['operation']} of {self.name} is unfinished; "
                                "run `snapfw check --repair` first")
         self.domain = _read_domain(s.driver, self.name)
-        if self.domain.running and self.operation != "create":
-            raise NotSupported(f"domain {self.name} is {self.domain.state}: live revert/delete: not yet "
-                               "(shut it down first)")
+        live = f"live.{self.operation}"
+        if self.domain.running and live not in type(s.driver).capabilities:
+            raise NotSupported(f"domain {self.name} is {self.domain.state}: the {type(s.driver).scheme} driver cannot "
+                               f"{self.operation} snapshots of a running domain yet (shut it down first)")
         self.tree = s.catalog.tree(self.name)
         self.files = s.catalog.files(self.name)
         self.garbage = s.catalog.garbage_tags(self.name)
@@ -374,7 +375,7 @@ class _Operation:
             plan.prepare += op.prepare
             plan.finish += op.finish
             plan.notes += op.notes
-            collect += _collect(op.graph, plan.notes)
+            collect += _collect(op.graph, plan.notes, frozenset(self.domain.live_chains))
         live = [a for op in self.ops for a in op.live]
         if live:  # every disk's live action in one atomic step, after the disks' own preparations
             plan.prepare.append(LiveSnapshot(self.name, live))
@@ -415,11 +416,12 @@ def _after(hook, kwargs: dict, reporter: Reporter, done: str):
             reporter.warn(f"{done}, but the {hook.name} hook of plugin {impl.plugin_name!r} failed: {why}")
 
 
-def _collect(graph: DiskGraph, notes: list[str]) -> list:
+def _collect(graph: DiskGraph, notes: list[str], live: frozenset[str] = frozenset()) -> list:
     """Remove what nothing needs any more: unreferenced leaf files, and pending tags in leaf files.
 
     A file snapfw did not create is only forgotten, never removed; its pending tags are deleted first,
-    and ``notes`` gets a line naming it, since the user may want it back or may want the space.
+    and ``notes`` gets a line naming it, since the user may want it back or may want the space. Pending
+    tags in a file a running guest holds (``live``) stay pending: no qemu-img may write it (rule 1).
     """
     steps = []
     changed = True
@@ -437,7 +439,7 @@ def _collect(graph: DiskGraph, notes: list[str]) -> list:
             del graph.files[path]
             changed = True
     for path, tag in sorted(graph.garbage):
-        if not graph.children(path):
+        if not graph.children(path) and path not in live:
             steps.append(DeleteTag(path, tag))
             graph.garbage.discard((path, tag))
     return steps
@@ -528,6 +530,9 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
                 if r is None:
                     continue
                 backend = _backend(r.backend)
+                if o.domain.running and LIVE_DELETE not in backend.capabilities:
+                    raise NotSupported(f"backend {r.backend} cannot delete snapshot {n} of disk {op.disk.target} "
+                                       f"while domain {o.name} is {o.domain.state} (it has no {LIVE_DELETE})")
                 if children:
                     backend.release(op, n, r.data)
                 else:

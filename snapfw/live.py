@@ -10,10 +10,16 @@ step, which the hypervisor driver runs as one atomic operation (one QMP ``transa
         freeze FILE; the guest now writes to the new qcow2 overlay NEW on it (the driver makes NEW)
     {"kind": "internal", "target": "vda", "node": "disk0", "file": ACTIVE, "tag": NAME}
         an internal snapshot (tag) NAME inside the qcow2 file ACTIVE, taken by the running hypervisor
+
+Deleting a snapshot of a running domain merges files the guest's chain holds: no ``qemu-img`` may write
+them (rule 1), so a backend appends :class:`LiveCommit` / :class:`LiveStream` finish steps for those, and
+the driver runs each as a block job of the hypervisor. A job outlives snapfw: its id is fixed by the step
+(journaled before it starts), so ``check --repair`` re-attaches to it instead of starting it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from .plan import Step
@@ -57,3 +63,60 @@ class LiveSnapshot(Step):
     def describe(self):
         actions = "; ".join(map(describe_action, self.actions))
         return f"snapshot the disks of running {self.domain} at once: {actions}"
+
+
+def job_id(*parts: str) -> str:
+    """A block job's id, the same for the same work in every run, so recovery finds the job again."""
+    return "snapfw-" + hashlib.sha256("\0".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+@dataclass
+class LiveCommit(Step):
+    """Merge ``top`` into ``base``, its backing file, on disk ``target`` of running ``domain``, as the
+    hypervisor's block job ``job`` (``top`` active: the disk then runs on ``base``). Forward-only and
+    idempotent: ``do`` re-attaches to the job if it still runs and returns only once the hypervisor's own
+    view shows ``top`` out of the disk's chain and closed, so a later step may remove it."""
+
+    domain: str
+    target: str
+    top: str
+    base: str
+    bytes_to_copy: int = 0
+    job: str = ""
+
+    def __post_init__(self):
+        self.job = self.job or job_id("commit", self.domain, self.target, self.top, self.base)
+
+    def do(self, ctx):
+        ctx.driver.block_commit(self.domain, self.target, self.top, self.base, self.job, ctx.progress)
+
+    def describe(self):
+        return (f"live commit {self.top} into {self.base} on disk {self.target} of running {self.domain} "
+                f"(block job {self.job}, {self.bytes_to_copy} bytes)")
+
+
+@dataclass
+class LiveStream(Step):
+    """Copy into ``path`` what it reads from its backing file ``old_backing``, then back it by
+    ``new_backing`` (None: standalone), on disk ``target`` of running ``domain``, as block job ``job``.
+    Forward-only and idempotent like :class:`LiveCommit`; ``old_backing`` is closed when it returns."""
+
+    domain: str
+    target: str
+    path: str
+    old_backing: str
+    new_backing: str | None
+    bytes_to_copy: int = 0
+    job: str = ""
+
+    def __post_init__(self):
+        self.job = self.job or job_id("stream", self.domain, self.target, self.path, self.old_backing)
+
+    def do(self, ctx):
+        ctx.driver.block_stream(self.domain, self.target, self.path, self.old_backing, self.new_backing,
+                                self.job, ctx.progress)
+
+    def describe(self):
+        onto = self.new_backing or "no backing file (standalone)"
+        return (f"live stream {self.old_backing} into {self.path} onto {onto} on disk {self.target} of running "
+                f"{self.domain} (block job {self.job}, {self.bytes_to_copy} bytes)")

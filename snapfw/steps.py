@@ -71,7 +71,8 @@ class CreateOverlay(Step):
     def undo(self, ctx):
         if self._ours():
             _remove(self.path)
-        _remove(self.work)
+        if os.path.lexists(self.work):  # unlink on a read-only filesystem fails even for a missing name
+            _remove(self.work)
 
     def _ours(self) -> bool:
         """Whether the file at ``path`` is this step's, so an undo after ``do`` found the name taken never

@@ -62,6 +62,12 @@ class Qemu:
         out = self.qmp("human-monitor-command", {"command-line": cmd})
         assert out == "", out
 
+    def flush(self, target: str):
+        """Flush the disk as a guest's filesystem would: QEMU writes its cached qcow2 metadata, which an
+        advisory read (``qemu-img map -U``) sees only then."""
+        cmd = f'qemu-io -d /machine/peripheral/{target}/virtio-backend "flush"'
+        assert self.qmp("human-monitor-command", {"command-line": cmd}) == ""
+
     def active(self) -> dict:
         """target -> (active file, format), from QEMU's own view."""
         out = {}

@@ -202,6 +202,10 @@ def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
     assert "No problems found" in lv.run("check", name).stdout  # catalog against libvirt's live XML
     assert [(s["name"], s["current"]) for s in lv.json("list", name)] == [("s1", False), ("l1", False),
                                                                            ("l2", True)]
+    for refused in (("delete", name, "l1"), ("revert", name, "s1")):  # not built for libvirt yet: refused up front
+        r = lv.run(*refused, check=False)
+        assert r.returncode == 1 and "cannot" in r.stderr and "of a running domain yet" in r.stderr, r.stderr
+    assert lv.domain() == after_l2 and len(lv.json("list", name)) == 3
     guest.destroy()
 
     assert lv.all_read([1, 4], frozen1) and not lv.all_read([5], frozen1)  # l1

@@ -6,9 +6,12 @@ with qemu-io once QEMU has quit; internal snapshots through a `qemu-img convert 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -16,6 +19,7 @@ from live import LiveEnv, Qemu
 
 from conftest import KIB64, check_image, reads
 
+from snapfw.connection import STATE_DIR_ENV
 from snapfw.errors import BadInput, ToolError
 from snapfw.tools.qmp import QMP, QMPError
 
@@ -120,11 +124,15 @@ def test_a_disk_that_is_not_a_local_file_is_refused_by_name(tmp_path):
         qemu.kill()
 
 
-def test_revert_and_delete_of_a_running_domain_are_refused(live, qemu):
-    live.run("create", "web", "s1")
-    for args in (("revert", "web", "s1"), ("delete", "web", "s1")):
-        r = live.run(*args, check=False)
-        assert r.returncode == 1 and "live revert/delete: not yet" in r.stderr, r.stderr
+def test_revert_and_internal_delete_of_a_running_domain_are_refused(live, qemu):
+    live.run("create", "web", "s1")  # vda: an internal snapshot, vdb: external
+    before = (live.files(), qemu_chains(qemu))
+    r = live.run("revert", "web", "s1", check=False)
+    assert r.returncode == 1 and "cannot revert snapshots of a running domain yet" in r.stderr, r.stderr
+    r = live.run("delete", "web", "s1", check=False)
+    assert r.returncode == 1 and "backend qcow2 cannot delete snapshot s1 of disk vda while domain web is " \
+        "running (it has no live.delete)" in r.stderr, r.stderr
+    assert (live.files(), qemu_chains(qemu)) == before and live.snapshot_names() == ["s1"]
 
 
 # --- live create ---------------------------------------------------------------------------------------
@@ -209,3 +217,158 @@ def test_kill_after_the_transaction_then_repair_commits_the_overlays_back(live, 
     for target, (path, fmt) in original.items():
         for g in (1, 2):
             assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+
+
+# --- live delete ---------------------------------------------------------------------------------------
+def live_chains(live) -> dict:
+    """target -> the files of the chain the catalog records as active, active first."""
+    files = {f["path"]: f for f in live.export("web")["files"]}
+    out = {}
+    for target, (path, _fmt) in live.domain().items():
+        chain = [path]
+        while files[chain[-1]]["backing"]:
+            chain.append(files[chain[-1]]["backing"])
+        out[target] = chain
+    return out
+
+
+def qemu_chains(qemu) -> dict:
+    """target -> the files of the chain QEMU runs the disk on, active first."""
+    out = {}
+    for b in qemu.qmp("query-block"):
+        image, chain = b["inserted"]["image"], []
+        while image:
+            chain.append(image["filename"])
+            image = image.get("backing-image")
+        out[b["qdev"].split("/")[3]] = chain
+    return out
+
+
+def spread(live, target, byte, first, count):
+    """``count`` 64 KiB ranges from ``first`` * 64 KiB: allocated bytes that tip commit against stream."""
+    for i in range(count):
+        live.write("web", target, byte, (first + i) * KIB64)
+    live.qemu.flush(target)  # pricing reads the active file's allocation with -U: what QEMU has written
+
+
+def test_live_delete_commits_and_streams_middle_and_newest(live, qemu):
+    orig = {t: p for t, (p, _f) in live.domain().items()}
+    gen(live, 1)
+    live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    o1 = {t: p for t, (p, _f) in live.domain().items()}  # s2's files, once s2 is taken
+    gen(live, 2)
+    spread(live, "vda", 0x42, 20, 4)  # s2's vda file outweighs s3's: commit s3's into it
+    live.run("create", "web", "s2")
+    o2 = {t: p for t, (p, _f) in live.domain().items()}  # s3's files
+    gen(live, 3)
+    spread(live, "vdb", 0x93, 30, 4)  # s3's vdb file outweighs s2's: stream s2's into it
+    live.run("create", "web", "s3")
+    o3 = {t: p for t, (p, _f) in live.domain().items()}  # the active files
+    gen(live, 4)
+    spread(live, "vdb", 0x94, 40, 8)  # the active vdb file outweighs s3's: stream s3's into it
+
+    plan = live.json("delete", "web", "s2", "--dry-run")["plan"]
+    jobs = [d["describe"] for d in plan["steps"] if d["describe"].startswith("live")]
+    assert len(jobs) == 2 and jobs[0].startswith(f"live commit {o2['vda']} into {o1['vda']}"), jobs
+    assert jobs[1].startswith(f"live stream {o1['vdb']} into {o2['vdb']} onto {orig['vdb']}"), jobs
+    live.run("delete", "web", "s2")
+    assert qemu_chains(qemu) == {"vda": [o3["vda"], o1["vda"], orig["vda"]],
+                                 "vdb": [o3["vdb"], o2["vdb"], orig["vdb"]]}
+    assert qemu_chains(qemu) == live_chains(live)
+    assert not os.path.exists(o2["vda"]) and not os.path.exists(o1["vdb"])
+    assert "No problems found" in live.run("check", "web").stdout
+
+    r = live.run("delete", "web", "s3", "--json")
+    steps = [json.loads(line)["step"] for line in r.stderr.splitlines() if '"event": "step"' in line]
+    assert any(s.startswith(f"live commit {o3['vda']} into {o1['vda']}") for s in steps), steps
+    assert any(s.startswith(f"live stream {o2['vdb']} into {o3['vdb']}") for s in steps), steps
+    assert qemu_chains(qemu) == {"vda": [o1["vda"], orig["vda"]], "vdb": [o3["vdb"], orig["vdb"]]}  # vda pivoted
+    assert qemu_chains(qemu) == live_chains(live)
+    assert not os.path.exists(o3["vda"]) and not os.path.exists(o2["vdb"])
+    assert live.snapshot_names() == ["s1"]
+    assert "No problems found" in live.run("check", "web").stdout
+    gen(live, 5)  # the guest writes on into the merged chain
+
+    qemu.quit()
+    for target, (path, fmt) in live.domain().items():
+        for g in (1, 2, 3, 4, 5):
+            assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+    assert reads(o1["vda"], "qcow2", 0x42, 23 * KIB64)
+    assert reads(o3["vdb"], "qcow2", 0x93, 33 * KIB64) and reads(o3["vdb"], "qcow2", 0x94, 47 * KIB64)
+    for target, path in orig.items():  # s1
+        fmt = qemu.images[target][1]
+        assert reads(path, fmt, BYTES[target] + 1, KIB64) and reads(path, fmt, 0, 2 * KIB64)
+    live.assert_consistent()
+
+
+def test_live_delete_children_then_the_root_into_the_users_own_image(live, qemu):
+    orig = {t: p for t, (p, _f) in live.domain().items()}
+    gen(live, 1)
+    live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    gen(live, 2)
+    live.run("create", "web", "s2")
+    gen(live, 3)
+    live.run("create", "web", "s3")
+    gen(live, 4)
+    before = qemu_chains(qemu)
+    live.run("delete", "web", "s2", "--children")
+    assert live.snapshot_names() == ["s1"] and qemu_chains(qemu) == before == live_chains(live)
+    live.run("delete", "web", "s1")  # the user's own image takes the data of the file above it
+    after = qemu_chains(qemu)  # the catalog forgets a domain's files with its last snapshot
+    assert live.export("web")["files"] == []
+    assert {t: c[-1] for t, c in after.items()} == orig and all(len(c) == 3 for c in after.values())
+    assert [n["file"] for n in qemu.qmp("query-named-block-nodes", {"flat": True})
+            if n["file"] in {c[-2] for c in before.values()}] == []  # the merged files are closed
+    assert live.snapshot_names() == [] and "No problems found" in live.run("check", "web").stdout
+    gen(live, 5)
+    qemu.quit()
+    for target, (path, fmt) in live.domain().items():
+        for g in (1, 2, 3, 4, 5):
+            assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+    for target, path in orig.items():
+        assert reads(path, qemu.images[target][1], BYTES[target] + 2, 2 * KIB64)
+    live.assert_consistent()
+
+
+def test_kill_during_a_live_commit_then_repair_reattaches_to_the_job(tmp_path):
+    qemu = Qemu(str(tmp_path), size="320M").start()
+    try:
+        live = LiveEnv(tmp_path, qemu)
+        orig = {t: p for t, (p, _f) in live.domain().items()}
+        gen(live, 1)
+        live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+        top = live.domain()["vda"][0]
+        qemu.qmp("human-monitor-command", {"command-line": 'qemu-io -d /machine/peripheral/vda/virtio-backend '
+                                                          '"write -P 0x5a 64M 256M"'})
+        gen(live, 2)
+        env = {**os.environ, STATE_DIR_ENV: live.state_dir}
+        p = subprocess.Popen([sys.executable, "-m", "snapfw", "--connect", live.uri, "delete", "web", "s1", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        seen = None
+        for line in p.stderr:
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "progress" and 0 < event["percent"] < 100:
+                seen = event
+                p.send_signal(signal.SIGKILL)
+                break
+        p.wait()
+        assert seen and seen["step"].startswith(f"live commit {top}"), seen
+        jobs = qemu.qmp("query-jobs")
+        assert len(jobs) == 1 and jobs[0]["type"] == "commit", jobs  # the job outlived snapfw
+        assert "interrupted delete" in live.run("check", "web", check=False).stdout
+        r = live.run("check", "web", "--repair")
+        assert "finished delete" in r.stdout, r.stdout
+        assert qemu.qmp("query-jobs") == []
+        assert qemu_chains(qemu) == {t: [p] for t, p in orig.items()}
+        assert live.snapshot_names() == [] and live.export("web")["files"] == []
+        assert not os.path.exists(top)
+        gen(live, 3)
+        qemu.quit()
+        path = orig["vda"]
+        assert reads(path, "qcow2", 0x5a, 64 << 20) and reads(path, "qcow2", 0x5a, (320 << 20) - KIB64)
+        for target, p in orig.items():
+            for g in (1, 2, 3):
+                assert reads(p, qemu.images[target][1], BYTES[target] + g, g * KIB64), (target, g)
+        live.assert_consistent()
+    finally:
+        qemu.kill()

@@ -6,12 +6,17 @@ commit its only child into it, or stream it into each child (``qemu-img rebase``
 fewer allocated bytes, except that the user's own image is committed into unless that copies far more
 (``_keep_own_image``). A child holding internal snapshots reads their unallocated clusters through the
 file; neither merge would keep those intact, so then the file stays as a hidden node of the tree.
+
+While the domain runs, a merge that writes a file of the guest's chain is a block job of the hypervisor
+(``LiveCommit`` / ``LiveStream``); files of other branches are not open in it and keep the qemu-img steps
+(which may read the guest's backing files: the hypervisor holds those read-only and shares reads).
 """
 
 from __future__ import annotations
 
 from snapfw.api import (
     LIVE_CREATE,
+    LIVE_DELETE,
     OFFLINE_CREATE,
     OFFLINE_DELETE,
     OFFLINE_REVERT,
@@ -19,6 +24,8 @@ from snapfw.api import (
     CreateOverlay,
     DiskBackend,
     ImageFile,
+    LiveCommit,
+    LiveStream,
     Rebase,
     external_action,
     hookimpl,
@@ -31,9 +38,13 @@ FAR_MORE_BYTES = 1 << 30
 FAR_MORE_RATIO = 4
 
 
-def _bytes(path: str, fmt: str, depth: int) -> int:
-    """Bytes of ``path``'s view that come from the layer ``depth`` below it (0: the file itself)."""
-    return sum(e["length"] for e in qemuimg.map_extents(path, fmt) if e["depth"] == depth and e["data"])
+def _bytes(op, path: str, fmt: str, depth: int) -> int:
+    """Bytes of ``path``'s view that come from the layer ``depth`` below it (0: the file itself).
+
+    A file of a running guest's chain is mapped with ``-U`` (advisory: the guest may be writing it), which
+    is good enough to price a merge; the merge itself is the hypervisor's job (rule 1)."""
+    extents = qemuimg.map_extents(path, fmt, shared=path in op.domain.live_chains)
+    return sum(e["length"] for e in extents if e["depth"] == depth and e["data"])
 
 
 def _keep_own_image(op, frozen: str, child: str, commit: int, stream: int) -> bool:
@@ -54,7 +65,7 @@ def _keep_own_image(op, frozen: str, child: str, commit: int, stream: int) -> bo
 class ExternalBackend(DiskBackend):
     name = "external"
     description = "external snapshots: frozen image + qcow2 overlay (qemu-img create -b, commit, rebase)"
-    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE, LIVE_CREATE})
+    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE, LIVE_CREATE, LIVE_DELETE})
     priority = 20
     cost = {"create": "metadata only", "revert": "metadata only",
             "delete": "copies the smaller side's allocated bytes", "space": "one overlay file per branch"}
@@ -93,10 +104,10 @@ class ExternalBackend(DiskBackend):
             return
         commit = stream = None
         if len(children) == 1 and frozen not in g.pinned:  # never write into a base others read
-            commit = _bytes(children[0], g.format(children[0]), 0)
+            commit = _bytes(op, children[0], g.format(children[0]), 0)
         streamed = {}  # child -> bytes it would copy from ``frozen``
         if frozen in g.pinned or not [n for n in g.referrers(frozen) if n != snapshot]:
-            streamed = {c: _bytes(c, g.format(c), 1) for c in children}
+            streamed = {c: _bytes(op, c, g.format(c), 1) for c in children}
             stream = sum(streamed.values())
         if commit is not None and (stream is None or commit <= stream
                                    or _keep_own_image(op, frozen, children[0], commit, stream)):
@@ -106,12 +117,16 @@ class ExternalBackend(DiskBackend):
 
     def _commit(self, op, base, top, cost):
         """``top`` (the only child) is written into ``base``, which then stands for whatever ``top`` was."""
-        g = op.graph
-        op.finish.append(Commit(top, g.format(top), base, cost))
+        g, live = op.graph, op.domain.live_chains
+        if top in live:  # the guest's chain: QEMU merges (an active top pivots) and relinks its child
+            op.finish.append(LiveCommit(op.domain.name, g.target, top, base, cost))
+        else:
+            op.finish.append(Commit(top, g.format(top), base, cost))
         for name in g.referrers(top):
             g.records[name] = {**g.records[name], "file": base}
         for child in g.children(top):
-            op.finish.append(Rebase(child, g.format(child), base, g.format(base), unsafe=True))
+            if child not in live:
+                op.finish.append(Rebase(child, g.format(child), base, g.format(base), unsafe=True))
             g.files[child].backing = base
         if g.active == top:
             g.active, g.active_format = base, g.format(base)
@@ -124,7 +139,10 @@ class ExternalBackend(DiskBackend):
         below = g.files[base].backing
         below_fmt = info.get("backing-filename-format") if below else None
         for child, cost in streamed.items():
-            op.finish.append(Rebase(child, g.format(child), below, below_fmt, bytes_to_copy=cost))
+            if child in op.domain.live_chains:
+                op.finish.append(LiveStream(op.domain.name, g.target, child, base, below, cost))
+            else:
+                op.finish.append(Rebase(child, g.format(child), below, below_fmt, bytes_to_copy=cost))
             g.files[child].backing = below
 
 

@@ -24,6 +24,7 @@ from snapfw.api import (
     EXTERNAL,
     FORMATS,
     INTERNAL,
+    LIVE_CREATE,
     CreateOverlay,
     Disk,
     Domain,
@@ -101,6 +102,7 @@ def _chain(disk: ET.Element, fmt: str, target: str) -> list[dict]:
 
 class LibvirtDriver(HypervisorDriver):
     scheme = "qemu"
+    capabilities = frozenset({LIVE_CREATE})
     description = "libvirt's QEMU/KVM domains on this host: qemu:///system (libvirt-python)"
 
     def __init__(self, uri: str):

@@ -3,7 +3,8 @@
 The domain is the QEMU listening there, named by its ``-name``. Its disks, their chains and internal
 snapshots come from QEMU's own view (``query-block``), never from a ``qemu-img`` on an image QEMU holds.
 Such a QEMU has no persistent definition: its running block graph is the truth, so ``define`` has nothing
-to write. Live snapshots of all disks are one QMP ``transaction``.
+to write. Live snapshots of all disks are one QMP ``transaction``; live merges are ``block-commit`` and
+``block-stream`` jobs (auto-dismiss off, so a job that outlives snapfw waits for ``check --repair``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from snapfw.api import (
     FORMATS,
     INTERNAL,
+    LIVE_CREATE,
+    LIVE_DELETE,
     QMP,
     BadInput,
     CreateOverlay,
@@ -24,12 +27,16 @@ from snapfw.api import (
     HypervisorDriver,
     Inconsistent,
     NotSupported,
+    QMPError,
     UnknownDomain,
     hookimpl,
 )
 
 # how long undoing an external snapshot may wait for its commit job (the data the guest wrote since)
 UNDO_JOB_SECONDS = 600.0
+# how long a live delete waits for one merge job; past it the job keeps running and `check --repair`
+# re-attaches to it
+MERGE_JOB_SECONDS = 3600.0
 # keys of QEMU's ImageInfo that inspection reads (the same names qemu-img info --output=json prints)
 CHAIN_KEYS = ("filename", "format", "backing-filename", "full-backing-filename", "backing-filename-format",
               "snapshots", "format-specific", "virtual-size")
@@ -71,6 +78,7 @@ def _local_file_problem(name: str) -> str | None:
 
 class QMPDriver(HypervisorDriver):
     scheme = "qmp"
+    capabilities = frozenset({LIVE_CREATE, LIVE_DELETE})
     description = "a running QEMU reached through its QMP socket: qmp:///PATH/TO/SOCKET"
 
     def __init__(self, uri: str):
@@ -201,9 +209,69 @@ class QMPDriver(HypervisorDriver):
         if inserted["image"]["filename"] != a["file"]:
             raise Inconsistent(f"disk {a['target']} runs on {inserted['image']['filename']}, expected "
                                f"{a['file']} after undoing its snapshot")
-        if any(n.get("file") == a["overlay"] for n in self.qmp.execute("query-named-block-nodes", {"flat": True})):
-            raise Inconsistent(f"{a['overlay']} is still open in QEMU after the pivot; not removed")
+        self._close(a["overlay"])
         CreateOverlay(a["overlay"], a["file"], a["format"]).undo(None)  # removes it only if it is that overlay
+
+    def _close(self, path: str):
+        """Make sure QEMU no longer holds ``path`` once its chain dropped it. QEMU closes the nodes it
+        opened itself; nodes opened with ``-blockdev`` belong to the monitor and stay open until
+        ``blockdev-del`` (format node before its protocol node)."""
+        nodes = [n for n in self.qmp.execute("query-named-block-nodes", {"flat": True}) if n.get("file") == path]
+        for n in sorted(nodes, key=lambda n: n.get("drv") == "file"):
+            try:
+                self.qmp.execute("blockdev-del", {"node-name": n["node-name"]})
+            except QMPError as e:
+                raise Inconsistent(f"{path} is still open in QEMU (node {n['node-name']}: {e.desc}); "
+                                   "not removed") from None
+
+    # --- live merges (delete) --------------------------------------------------------------------------
+    def _files(self, target: str) -> list[str]:
+        """The files of disk ``target``'s chain, active first, as QEMU runs it now."""
+        return [n["filename"] for n in _chain(self._active(target)["image"])]
+
+    def _merge(self, target: str, job: str, gone: str, done, start, progress):
+        """Block job ``job`` on disk ``target``: re-attach to it if QEMU still has it, else start it with
+        ``start(root_node)`` unless ``done(chain)`` already holds; wait (completing an active commit, which
+        pivots), check ``done`` against QEMU's view of the chain, then close ``gone``."""
+        deadline = time.monotonic() + MERGE_JOB_SECONDS
+        if self.qmp.job(job) is None:
+            chain = self._files(target)
+            if not done(chain):
+                if gone not in chain:
+                    raise Inconsistent(f"disk {target} runs on {' <- '.join(chain)}, which no longer holds "
+                                       f"{gone}; the planned merge cannot run")
+                start(self._active(target)["node-name"])
+        if self.qmp.job(job) is not None:
+            self.qmp.run_job(job, deadline, progress, complete=True)
+        chain = self._files(target)
+        if not done(chain):
+            raise Inconsistent(f"after block job {job}, disk {target} runs on {' <- '.join(chain)}, not the "
+                               f"planned chain without {gone}")
+        self._close(gone)
+
+    def block_commit(self, domain, target, top, base, job, progress=None):
+        self._check(domain)
+
+        def start(root):
+            self.qmp.execute("block-commit", {"job-id": job, "device": root, "top-node": self._format_node(top),
+                                              "base-node": self._format_node(base), "auto-dismiss": False})
+
+        self._merge(target, job, top, lambda chain: top not in chain and base in chain, start, progress)
+
+    def block_stream(self, domain, target, path, old_backing, new_backing, job, progress=None):
+        self._check(domain)
+
+        def done(chain):
+            below = chain[chain.index(path) + 1:] if path in chain else None
+            return old_backing not in chain and below is not None and (below[:1] or [None])[0] == new_backing
+
+        def start(root):
+            args = {"job-id": job, "device": self._format_node(path), "auto-dismiss": False}
+            if new_backing is not None:
+                args["base-node"] = self._format_node(new_backing)
+            self.qmp.execute("block-stream", args)
+
+        self._merge(target, job, old_backing, done, start, progress)
 
     def _format_node(self, path: str) -> str:
         for n in self.qmp.execute("query-named-block-nodes", {"flat": True}):

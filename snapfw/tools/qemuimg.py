@@ -101,7 +101,8 @@ def rebase(path: str, fmt: str, backing: str | None, backing_fmt: str | None, un
     run(rebase_argv(path, fmt, backing, backing_fmt, unsafe), progress=progress)
 
 
-def map_extents(path: str, fmt: str) -> list[dict]:
-    argv = [QEMU_IMG, "map", "--output=json", "-f", fmt, path]
+def map_extents(path: str, fmt: str, shared: bool = False) -> list[dict]:
+    """``qemu-img map``; ``shared`` (``-U``) reads an image a running QEMU holds, advisory (as :func:`info`)."""
+    argv = [QEMU_IMG, "map", "--output=json", "-f", fmt, *(["-U"] if shared else []), path]
     return _json(argv, run(argv, limited=True), lambda d: isinstance(d, list) and all(map(_extent, d)))
 
