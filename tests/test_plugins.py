@@ -287,3 +287,19 @@ def test_entry_points_found_once_are_found_again_after_pip_changes_the_site(env,
     new = root / "snapfw_testplugins-2.0.dist-info"
     (new / "entry_points.txt").write_text("[snapfw]\n")  # rewritten in place: the plugin is gone
     assert demo_version()[0] is None
+
+
+def test_a_stale_note_of_where_catalogs_live_never_decides_where_a_change_goes(env, site):
+    """Reading commands trust the note of each driver's ``state_dir`` (no plugin loaded); a change asks the
+    driver itself, corrects the note, and makes its catalog only where the driver says."""
+    from snapfw import connection
+
+    env.make_domain("web")
+    noted = connection.read_cache(connection.KNOWN_STATE_DIRS) or {}
+    connection.write_cache(connection.KNOWN_STATE_DIRS, {**noted, "elsewhere": "{path}-old"})
+    uri = f"elsewhere://{env.dir}"
+    env.run("--connect", uri, "create", "web", "s1", env=plugin_env(site, "elsewhere"))
+    assert os.path.exists(f"{env.dir}-state/catalog.sqlite") and not os.path.exists(f"{env.dir}-old")
+    assert connection.known_state_dir(uri) == f"{env.dir}-state"
+    listed = env.run("--connect", uri, "list", "web", "--json", env=plugin_env(site, "elsewhere")).stdout
+    assert [s["name"] for s in json.loads(listed)] == ["s1"]
