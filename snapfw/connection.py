@@ -79,20 +79,7 @@ def remember_state_dir(uri: str, template: str | None) -> None:
     known = _known_state_dirs()
     if scheme in known and known[scheme] == template:
         return
-    import tempfile
-
-    folder = cache_home()
-    tmp = None
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{KNOWN_STATE_DIRS}.", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({**known, scheme: template}, f)
-        os.replace(tmp, os.path.join(folder, KNOWN_STATE_DIRS))
-    except OSError:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    write_cache(KNOWN_STATE_DIRS, {**known, scheme: template})
 
 
 def known_state_dir(uri: str) -> str | None:
@@ -108,14 +95,37 @@ def known_state_dir(uri: str) -> str | None:
 
 
 def _known_state_dirs() -> dict[str, str | None]:
-    try:
-        with open(os.path.join(cache_home(), KNOWN_STATE_DIRS), encoding="utf-8") as f:
-            known = json.load(f)
-    except (OSError, ValueError):
-        return {}
+    known = read_cache(KNOWN_STATE_DIRS)
     if not isinstance(known, dict):
         return {}
     return {k: v for k, v in known.items() if v is None or isinstance(v, str)}
+
+
+def read_cache(name: str):
+    """The JSON document ``name`` in cache_home(), or None if it is missing or unreadable."""
+    try:
+        with open(os.path.join(cache_home(), name), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_cache(name: str, document) -> None:
+    """Replace the JSON document ``name`` in cache_home() atomically; best effort (a cache may be lost)."""
+    import tempfile
+
+    folder = cache_home()
+    tmp = None
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(document, f)
+        os.replace(tmp, os.path.join(folder, name))
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import time
 
 from . import connection, plugins
 from .backend import LIVE_CREATE, LIVE_DELETE, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
+from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
                      UnknownSnapshot)
@@ -56,7 +57,14 @@ class Session:
         drivers = plugins.hypervisor_drivers()
         if scheme not in drivers:
             raise BadInput(f"no hypervisor driver for {scheme}:// (have: {', '.join(sorted(drivers))})")
-        return drivers[scheme][0]
+        cls = drivers[scheme][0]
+        if not connection.state_override(self._state_override):
+            connection.remember_state_dir(self.uri, cls.state_dir)
+            kept, used = connection.state_dir(self.uri, cls.state_dir), self.__dict__.get("state")
+            if used is not None and used != kept:
+                raise PluginError(f"the {scheme} driver keeps the catalog of {self.uri} in {kept}, not in {used} "
+                                  "as snapfw had noted; the note is corrected: run the command again")
+        return cls
 
     @functools.cached_property
     def driver(self) -> HypervisorDriver:
@@ -64,17 +72,22 @@ class Session:
 
     @functools.cached_property
     def state(self) -> str:
-        """The state directory (catalog, locks): the user's choice, else where the driver keeps it."""
-        override = connection.state_override(self._state_override)
-        if override:
-            return override
-        template = self.driver_class.state_dir
-        connection.remember_state_dir(self.uri, template)
-        return connection.state_dir(self.uri, template)
+        """The state directory (catalog, locks): the user's choice, else where the driver keeps it, as
+        noted by the last session that loaded the driver (reading needs no plugin), else from the driver."""
+        return (connection.state_override(self._state_override) or connection.known_state_dir(self.uri)
+                or connection.state_dir(self.uri, self.driver_class.state_dir))
+
+    def _confirmed_state(self) -> str:
+        """The state directory as the driver says (not only as noted): what changes is changed there."""
+        self.driver_class
+        return self.state
 
     @functools.cached_property
     def catalog(self) -> Catalog:
-        return Catalog.open(self.state)
+        # one that exists is opened where the note says (so reading needs no plugin); a new one is made
+        # only where the driver says
+        noted = os.path.exists(os.path.join(self.state, CATALOG_FILE))
+        return Catalog.open(self.state if noted else self._confirmed_state())
 
     def step(self, step):
         self.reporter.step(step)
@@ -83,7 +96,7 @@ class Session:
         self.reporter.progress(percent)
 
     def lock(self, domain: str):
-        return connection.domain_lock(self.state, domain, self.lock_timeout, self.reporter.waiting)
+        return connection.domain_lock(self._confirmed_state(), domain, self.lock_timeout, self.reporter.waiting)
 
 
 # --- reading the world ---------------------------------------------------------------------------------

@@ -5,13 +5,16 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import warnings
 
+from . import connection
 from .errors import PluginError
 
 BUILTIN = ("snapfw_images", "snapfw_qcow2", "snapfw_external", "snapfw_qmp", "snapfw_libvirt")
 ENTRY_POINT_GROUP = "snapfw"
 DISABLE_ENV = "SNAPFW_DISABLE_PLUGINS"
+ENTRY_POINTS_CACHE = "entry-points.json"  # in connection.cache_home()
 
 _versions: dict[str, str] = {}  # plugin name -> version of the distribution that installed it
 
@@ -29,20 +32,68 @@ def get_plugin_manager():
         if name not in disabled:
             pm.register(importlib.import_module(name), name)
             _versions[name] = __version__
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in disabled or pm.has_plugin(ep.name):
+    for name, value, version in entry_points():
+        if name in disabled or pm.has_plugin(name):
             continue
         try:
-            pm.register(ep.load(), ep.name)
+            pm.register(_load(value), name)
         except Exception as e:  # a broken third-party plugin must not take snapfw down
-            warnings.warn(f"snapfw plugin {ep.name!r} ({ep.value}) skipped: {type(e).__name__}: {e}",
-                          stacklevel=2)
+            warnings.warn(f"snapfw plugin {name!r} ({value}) skipped: {type(e).__name__}: {e}", stacklevel=2)
             continue
-        if ep.dist is not None:
-            _versions[ep.name] = ep.dist.version
+        if version is not None:
+            _versions[name] = version
     return pm
+
+
+def entry_points() -> list[tuple[str, str, str | None]]:
+    """(name, ``module:attr``, distribution version) of each ``snapfw`` entry point, in importlib.metadata's
+    order. Scanning every installed distribution costs more than all of snapfw's own start-up, so what it
+    found is cached, keyed by the installed distributions (:func:`_installed`); any change scans again."""
+    key = _installed()
+    cached = connection.read_cache(ENTRY_POINTS_CACHE)
+    if isinstance(cached, dict) and cached.get("key") == key:
+        return [tuple(ep) for ep in cached["entry_points"]]
+    from importlib.metadata import entry_points as scan
+
+    found = [(ep.name, ep.value, ep.dist.version if ep.dist is not None else None)
+             for ep in scan(group=ENTRY_POINT_GROUP)]
+    connection.write_cache(ENTRY_POINTS_CACHE, {"key": key, "entry_points": found})
+    return found
+
+
+def _installed() -> list:
+    """Where importlib.metadata finds distributions, and what pip changes when it installs, upgrades or
+    removes one: each ``sys.path`` entry, the ``*.dist-info``/``*.egg-info`` names in it (with versions),
+    and the stat of each one's ``entry_points.txt`` and ``METADATA``."""
+    key = []
+    for entry in sys.path:
+        folder = entry or os.getcwd()
+        try:
+            with os.scandir(folder) as found:
+                names = sorted(e.name for e in found if e.name.endswith((".dist-info", ".egg-info")))
+        except OSError:  # a zip file, or nothing
+            key.append([folder, _stamp(folder)])
+            continue
+        key.append([folder, [[n, _stamp(os.path.join(folder, n, "entry_points.txt")),
+                              _stamp(os.path.join(folder, n, "METADATA"))] for n in names]])
+    return key
+
+
+def _stamp(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _load(value: str):
+    """What entry point ``module:attr`` names (the module itself without ``:attr``), as EntryPoint.load."""
+    module, _, attr = value.split("[")[0].partition(":")  # "[extras]" name what pip installs, nothing here
+    obj = importlib.import_module(module.strip())
+    for part in filter(None, attr.strip().split(".")):
+        obj = getattr(obj, part)
+    return obj
 
 
 def reset():

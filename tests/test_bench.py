@@ -30,17 +30,19 @@ def test_bench_snapfw_only_json():
     assert out["snapfw_only"] is True and out["counts"] == [5] and out["repeat"] == 1
     assert out["libvirt_version"] is None and out["populate_s"]["libvirt"] == {}
 
-    [row] = out["list"]
-    assert row["count"] == 5 and row["virsh"] is None and row["ratio"] is None
-    _series(row["snapfw"], 1)
-    assert row["snapfw"]["argv"][-2:] == ["list", "benchdom"]
+    rows = {r["operation"]: r for r in out["rows"]}
+    assert list(rows) == ["list", "show", "create", "revert", "delete"]
+    for op, row in rows.items():
+        assert row["count"] == 5 and row["virsh"] is None and row["ratio"] is None and row["pass"] is None
+        _series(row["snapfw"], 1)
+        assert op in row["snapfw"]["argv"]
+    assert rows["list"]["snapfw"]["argv"][-2:] == ["list", "benchdom"]
+    assert rows["create"]["snapfw"]["argv"][-1] == rows["delete"]["snapfw"]["argv"][-1] == "s5"
+    assert rows["revert"]["snapfw"]["argv"][-1] == "s4"
+    assert [r["max_ratio"] for r in rows.values()] == [1.5, 1.5, 1.2, 1.2, 1.2]
 
-    cd = out["create_delete"]
-    assert cd["count"] == 5 and cd["snapshot"] == "s5"
-    for op in ("create", "delete"):
-        assert cd[op]["virsh"] is None and cd[op]["ratio"] is None
-        _series(cd[op]["snapfw"], 1)
-        assert op in cd[op]["snapfw"]["argv"]
-
-    assert out["target"] == {"count": 1000, "max_ratio": 0.5, "ratio": None, "pass": None}
-    assert out["total_s"] > 0
+    assert [c["command"] for c in out["commands"]] == ["--help", "plugins"]
+    for c in out["commands"]:
+        _series(c["snapfw"], 1)
+        assert c["import_s"] > 0
+    assert out["pass"] is None and out["total_s"] > 0

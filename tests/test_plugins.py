@@ -251,3 +251,55 @@ def test_a_driver_says_where_its_catalog_lives_and_list_finds_it_without_loading
     r = snapfw("-X", "importtime", "-m", "snapfw", "--connect", f"elsewhere://{env.dir}", "list", "web")
     assert "s1" in r.stdout
     assert "pluggy" not in {ln.split("|")[-1].strip() for ln in r.stderr.splitlines()}
+
+
+def test_entry_points_found_once_are_found_again_after_pip_changes_the_site(env, tmp_path):
+    """The entry-point scan is cached, keyed by the installed distributions: installing, upgrading or
+    removing one in a directory already on the path shows at once, and an unchanged site imports no
+    importlib.metadata (the scan's cost)."""
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "testplugin_demo.py").write_text(PLUGINS["demo"])
+
+    def install(version):
+        info = root / f"snapfw_testplugins-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: snapfw-testplugins\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text("[snapfw]\ndemo = testplugin_demo\n")
+        return info
+
+    def demo_version(*python_args):
+        r = subprocess.run([sys.executable, *python_args, "-m", "snapfw", "plugins", "--json"], capture_output=True,
+                           text=True, env={**os.environ, **plugin_env(str(root), "demo")})
+        assert r.returncode == 0, r.stderr
+        return {row["name"]: row["version"] for row in json.loads(r.stdout)}.get("demo"), r.stderr
+
+    assert demo_version()[0] is None
+    old = install("1.0")
+    assert demo_version()[0] == "1.0"
+    version, imports = demo_version("-X", "importtime")
+    assert version == "1.0" and "importlib.metadata" not in {ln.split("|")[-1].strip() for ln in imports.splitlines()}
+    for f in old.iterdir():  # pip's upgrade: the old dist-info goes, the new one comes
+        f.unlink()
+    old.rmdir()
+    install("2.0")
+    assert demo_version()[0] == "2.0"
+    new = root / "snapfw_testplugins-2.0.dist-info"
+    (new / "entry_points.txt").write_text("[snapfw]\n")  # rewritten in place: the plugin is gone
+    assert demo_version()[0] is None
+
+
+def test_a_stale_note_of_where_catalogs_live_never_decides_where_a_change_goes(env, site):
+    """Reading commands trust the note of each driver's ``state_dir`` (no plugin loaded); a change asks the
+    driver itself, corrects the note, and makes its catalog only where the driver says."""
+    from snapfw import connection
+
+    env.make_domain("web")
+    noted = connection.read_cache(connection.KNOWN_STATE_DIRS) or {}
+    connection.write_cache(connection.KNOWN_STATE_DIRS, {**noted, "elsewhere": "{path}-old"})
+    uri = f"elsewhere://{env.dir}"
+    env.run("--connect", uri, "create", "web", "s1", env=plugin_env(site, "elsewhere"))
+    assert os.path.exists(f"{env.dir}-state/catalog.sqlite") and not os.path.exists(f"{env.dir}-old")
+    assert connection.known_state_dir(uri) == f"{env.dir}-state"
+    listed = env.run("--connect", uri, "list", "web", "--json", env=plugin_env(site, "elsewhere")).stdout
+    assert [s["name"] for s in json.loads(listed)] == ["s1"]
