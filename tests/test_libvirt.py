@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-from test_qmp import tag_reads
+from live import kill_mid_job
+from test_qmp import live_chains, tag_reads
 
 from conftest import IN_CI, KIB64, Env, check_image, reads, require
 
@@ -250,7 +249,7 @@ def test_failure_after_the_live_step_is_undone(lv, guest):
     assert "s1" not in tags.stdout
 
 
-def live_chains(guest) -> dict:
+def xml_chains(guest) -> dict:
     """target -> the files of the disk's chain in libvirt's live XML, active first."""
     out = {}
     for el in ET.fromstring(guest.dom.XMLDesc(0)).findall("devices/disk[@device='disk']"):
@@ -259,18 +258,6 @@ def live_chains(guest) -> dict:
             chain.append(node.find("source").get("file"))
             node = node.find("backingStore")
         out[el.find("target").get("dev")] = chain
-    return out
-
-
-def catalog_chains(lv) -> dict:
-    """target -> the files of the chain the catalog records as active, active first."""
-    files = {f["path"]: f for f in lv.export(lv.guest.name)["files"]}
-    out = {}
-    for target, (path, _fmt) in lv.domain().items():
-        chain = [path]
-        while files[chain[-1]]["backing"]:
-            chain.append(files[chain[-1]]["backing"])
-        out[target] = chain
     return out
 
 
@@ -303,7 +290,7 @@ def test_live_delete_commits_pivots_and_streams(lv, guest):
     jobs = [d["describe"] for d in plan["steps"] if d["describe"].startswith("live")]
     assert len(jobs) == 2 and all(j.startswith(f"live commit {o2[t]} into {o1[t]}") for t, j in zip(BYTES, jobs)), jobs
     lv.run("delete", name, "s2")  # two commits below the active file
-    assert live_chains(guest) == {t: [o3[t], o1[t], orig[t]] for t in BYTES} == catalog_chains(lv)
+    assert xml_chains(guest) == {t: [o3[t], o1[t], orig[t]] for t in BYTES} == live_chains(lv, name)
     assert not any(os.path.exists(o2[t]) for t in BYTES)
     assert "No problems found" in lv.run("check", name).stdout
 
@@ -311,8 +298,8 @@ def test_live_delete_commits_pivots_and_streams(lv, guest):
     steps = [json.loads(line)["step"] for line in r.stderr.splitlines() if '"event": "step"' in line]
     assert any(s.startswith(f"live commit {o3['vda']} into {o1['vda']}") for s in steps), steps  # active: pivot
     assert any(s.startswith(f"live stream {o1['vdb']} into {o3['vdb']} onto {orig['vdb']}") for s in steps), steps
-    assert live_chains(guest) == {"vda": [o1["vda"], orig["vda"]], "vdb": [o3["vdb"], orig["vdb"]]}
-    assert live_chains(guest) == catalog_chains(lv)  # lv.domain(): the persistent XML names the pivoted file too
+    assert xml_chains(guest) == {"vda": [o1["vda"], orig["vda"]], "vdb": [o3["vdb"], orig["vdb"]]}
+    assert xml_chains(guest) == live_chains(lv, name)  # lv.domain(): the persistent XML names the pivoted file too
     assert not os.path.exists(o3["vda"]) and not os.path.exists(o1["vdb"])
     assert "No problems found" in lv.run("check", name).stdout
     lv.gen(5)  # the guest writes on into the merged chains
@@ -321,10 +308,10 @@ def test_live_delete_commits_pivots_and_streams(lv, guest):
     lv.gen(6)
     lv.run("create", name, "s5")
     lv.gen(7)
-    before = live_chains(guest)
+    before = xml_chains(guest)
     lv.run("delete", name, "s4", "--children")
     assert [s["name"] for s in lv.json("list", name)] == ["s1"]
-    assert live_chains(guest) == before == catalog_chains(lv)
+    assert xml_chains(guest) == before == live_chains(lv, name)
     assert "No problems found" in lv.run("check", name).stdout
     guest.destroy()
 
@@ -349,24 +336,14 @@ def test_kill_during_a_live_commit_then_repair_finishes_it(conn, tmp_path):
         top = lv.domain()["vda"][0]
         guest.write("vda", 0x5a, 64 << 20, 256 << 20)
         lv.gen(2)
-        env = {**os.environ, STATE_DIR_ENV: lv.state_dir}
-        p = subprocess.Popen([sys.executable, "-m", "snapfw", "--connect", URI, "delete", name, "s1", "--json"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        seen = None
-        for line in p.stderr:
-            event = json.loads(line) if line.startswith("{") else {}
-            if event.get("event") == "progress" and 0 < event["percent"] < 100:
-                seen = event
-                p.send_signal(signal.SIGKILL)
-                break
-        p.wait()
+        seen = kill_mid_job(lv, "delete", name, "s1")
         assert seen and seen["step"].startswith(f"live commit {top}"), seen
         assert guest.dom.blockJobInfo("vda", 0)["type"] == 4  # the active commit outlived snapfw
         assert "interrupted delete" in lv.run("check", name, check=False).stdout
         r = lv.run("check", name, "--repair")
         assert "finished delete" in r.stdout, r.stdout
         assert guest.dom.blockJobInfo("vda", 0) == {}
-        assert live_chains(guest) == {t: [p] for t, p in orig.items()}
+        assert xml_chains(guest) == {t: [p] for t, p in orig.items()}
         assert lv.json("list", name) == [] and lv.export(name)["files"] == []
         assert not os.path.exists(top)
         lv.gen(3)
