@@ -324,6 +324,21 @@ def test_live_delete_commits_pivots_and_streams(lv, guest):
     lv.assert_consistent(name)
 
 
+def test_live_delete_needing_a_stream_below_the_active_file_is_refused(lv, guest):
+    name = guest.name
+    # offline: the original files get two children, s2's branch and the revert's
+    lv.run("create", name, "s1", "--disk", "vda=external")
+    lv.run("create", name, "s2")
+    lv.run("revert", name, "s1")
+    lv.run("create", name, "s3")  # the revert's overlay is frozen below the active file
+    guest.start()
+    before = (lv.state(), xml_chains(guest))
+    r = lv.run("delete", name, "s1", check=False)
+    assert r.returncode == 1 and f"snapshot s1 of disk vda cannot be deleted while domain {name} runs" in r.stderr
+    assert "below the active file, which this driver cannot do live" in r.stderr, r.stderr
+    assert (lv.state(), xml_chains(guest)) == before and "No problems found" in lv.run("check", name).stdout
+
+
 def test_kill_during_a_live_commit_then_repair_finishes_it(conn, tmp_path):
     guest = Guest(conn, str(tmp_path), size="320M")
     try:

@@ -6,7 +6,9 @@ off. ``define`` rewrites the persistent XML's disk sources. Live snapshots: exte
 ``snapshotCreateXML`` (DISK_ONLY | ATOMIC | NO_METADATA); internal ones through QEMU's own
 ``blockdev-snapshot-internal-sync``, for which libvirt has no API, sent through libvirt's monitor
 passthrough (``virDomainQemuMonitorCommand``) in one ``transaction``; a domain with both kinds is paused
-around the two calls so every disk is snapshotted at the same instant.
+around the two calls so every disk is snapshotted at the same instant. Live merges (delete) are libvirt
+block jobs, ``blockCommit`` and ``blockRebase``, named by their disk; block pull writes only a disk's
+active file, so the Domain says it cannot stream below it (``stream_below_active``).
 
 Only local connections: snapfw runs ``qemu-img`` on the image paths the XML names, which are the
 hypervisor's files only on the hypervisor's own host.
