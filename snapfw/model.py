@@ -69,7 +69,9 @@ class Domain:
     when not). ``live_chains``: for each file a running disk's chain holds, that chain from the file down
     (top first, in ``qemu-img info`` form) as the hypervisor reports it; inspection reads it instead of
     opening an image the guest holds (rule 1). ``notes``: what the driver leaves out and why (a
-    read-only CD-ROM), for every plan to say.
+    read-only CD-ROM), for every plan to say. ``stream_below_active``: the driver can stream into a file
+    below a running disk's active one (QEMU's block-stream can; libvirt's block pull writes the active
+    file only), so a live delete plans a stream there.
     """
 
     name: str
@@ -79,6 +81,7 @@ class Domain:
     state: str = ""
     live_chains: dict[str, list[dict]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    stream_below_active: bool = True
 
     def __post_init__(self):
         self.state = self.state or ("running" if self.running else "shut off")

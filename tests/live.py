@@ -7,9 +7,11 @@ result on QEMU's side, not in the monitor reply).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 
 from conftest import KIB64, Env, exited_within, require
 
@@ -121,3 +123,20 @@ class LiveEnv(Env):
 
     def write(self, domain: str, target: str, byte: int, offset: int):
         self.qemu.write(target, byte, offset)
+
+
+def kill_mid_job(env: Env, *args) -> dict:
+    """Run `snapfw ARGS --json` on ``env``'s connection and SIGKILL it at its first progress strictly
+    between 0 and 100 % (inside a block job, which outlives it); returns that progress event."""
+    p = subprocess.Popen([sys.executable, "-m", "snapfw", "--connect", env.uri, *args, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, STATE_DIR_ENV: env.state_dir})
+    seen = {}
+    for line in p.stderr:
+        event = json.loads(line) if line.startswith("{") else {}
+        if event.get("event") == "progress" and 0 < event["percent"] < 100:
+            seen = event
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait()
+    return seen

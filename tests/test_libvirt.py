@@ -8,12 +8,14 @@ through a `qemu-img convert -l` copy.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
-from test_qmp import tag_reads
+from live import kill_mid_job
+from test_qmp import live_chains, tag_reads
 
 from conftest import IN_CI, KIB64, Env, check_image, reads, require
 
@@ -54,14 +56,14 @@ class Guest:
 
     count = 0
 
-    def __init__(self, conn, folder: str, disks=None, persistent: bool = True):
+    def __init__(self, conn, folder: str, disks=None, persistent: bool = True, size: str = "4M"):
         Guest.count += 1
         self.conn, self.dir = conn, folder
         self.name = f"snapfw-test-{os.getpid()}-{Guest.count}"
         self.images = {}
         for target, fmt in (("vda", "qcow2"), ("vdb", "raw")):
             path = os.path.join(folder, f"{self.name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
-            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, "4M"], check=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
             self.images[target] = (path, fmt)
         if disks is None:
             disks = "".join(f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
@@ -106,12 +108,15 @@ class Guest:
                                                  alias.get("name") if alias is not None else None)
         return out
 
-    def write(self, target: str, byte: int, offset: int):
+    def write(self, target: str, byte: int, offset: int, length: int = KIB64):
         """Write as the guest would, through the device's own block backend (HMP qemu-io)."""
+        self.qemu_io(target, f"write -P {byte:#x} {offset} {length}")
+
+    def qemu_io(self, target: str, command: str):
         import libvirt_qemu
 
         alias = self.disks(live=True)[target][2]
-        cmd = f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "write -P {byte:#x} {offset} {KIB64}"'
+        cmd = f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "{command}"'
         out = libvirt_qemu.qemuMonitorCommand(self.dom, cmd, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
         assert out == "", out
 
@@ -202,9 +207,11 @@ def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
     assert "No problems found" in lv.run("check", name).stdout  # catalog against libvirt's live XML
     assert [(s["name"], s["current"]) for s in lv.json("list", name)] == [("s1", False), ("l1", False),
                                                                            ("l2", True)]
-    for refused in (("delete", name, "l1"), ("revert", name, "s1")):  # not built for libvirt yet: refused up front
-        r = lv.run(*refused, check=False)
-        assert r.returncode == 1 and "cannot" in r.stderr and "of a running domain yet" in r.stderr, r.stderr
+    r = lv.run("revert", name, "s1", check=False)  # not built for libvirt yet: refused up front
+    assert r.returncode == 1 and "cannot" in r.stderr and "of a running domain yet" in r.stderr, r.stderr
+    r = lv.run("delete", name, "l2", check=False)  # vda's part is an internal snapshot: refused by name
+    assert r.returncode == 1 and f"backend qcow2 cannot delete snapshot l2 of disk vda while domain {name} is " \
+        "running (it has no live.delete)" in r.stderr, r.stderr
     assert lv.domain() == after_l2 and len(lv.json("list", name)) == 3
     guest.destroy()
 
@@ -240,6 +247,129 @@ def test_failure_after_the_live_step_is_undone(lv, guest):
     require("qemu-img")
     tags = subprocess.run(["qemu-img", "snapshot", "-l", original["vda"][0]], capture_output=True, text=True)
     assert "s1" not in tags.stdout
+
+
+def xml_chains(guest) -> dict:
+    """target -> the files of the disk's chain in libvirt's live XML, active first."""
+    out = {}
+    for el in ET.fromstring(guest.dom.XMLDesc(0)).findall("devices/disk[@device='disk']"):
+        chain, node = [], el
+        while node is not None and node.find("source") is not None:
+            chain.append(node.find("source").get("file"))
+            node = node.find("backingStore")
+        out[el.find("target").get("dev")] = chain
+    return out
+
+
+def spread(lv, target, byte, first, count):
+    """``count`` 64 KiB ranges from ``first`` * 64 KiB: allocated bytes that tip commit against stream."""
+    for i in range(count):
+        lv.guest.write(target, byte, (first + i) * KIB64)
+    lv.guest.qemu_io(target, "flush")  # pricing reads the active file's allocation with -U
+
+
+def test_live_delete_commits_pivots_and_streams(lv, guest):
+    name = guest.name
+    guest.start()
+    orig = {t: p for t, (p, _f) in lv.domain().items()}
+    lv.gen(1)
+    lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    o1 = {t: p for t, (p, _f) in lv.domain().items()}
+    lv.gen(2)
+    spread(lv, "vda", 0x42, 20, 4)  # s2's vda file outweighs s3's: commit s3's into it
+    lv.run("create", name, "s2")
+    o2 = {t: p for t, (p, _f) in lv.domain().items()}
+    lv.gen(3)
+    spread(lv, "vdb", 0x93, 30, 4)  # s3's vdb file outweighs s2's, but lies below the active file: still commit
+    lv.run("create", name, "s3")
+    o3 = {t: p for t, (p, _f) in lv.domain().items()}
+    lv.gen(4)
+    spread(lv, "vdb", 0x94, 40, 8)  # the active vdb file outweighs the one below: stream that into it
+
+    plan = lv.json("delete", name, "s2", "--dry-run")["plan"]
+    jobs = [d["describe"] for d in plan["steps"] if d["describe"].startswith("live")]
+    assert len(jobs) == 2 and all(j.startswith(f"live commit {o2[t]} into {o1[t]}") for t, j in zip(BYTES, jobs)), jobs
+    lv.run("delete", name, "s2")  # two commits below the active file
+    assert xml_chains(guest) == {t: [o3[t], o1[t], orig[t]] for t in BYTES} == live_chains(lv, name)
+    assert not any(os.path.exists(o2[t]) for t in BYTES)
+    assert "No problems found" in lv.run("check", name).stdout
+
+    r = lv.run("delete", name, "s3", "--json")
+    steps = [json.loads(line)["step"] for line in r.stderr.splitlines() if '"event": "step"' in line]
+    assert any(s.startswith(f"live commit {o3['vda']} into {o1['vda']}") for s in steps), steps  # active: pivot
+    assert any(s.startswith(f"live stream {o1['vdb']} into {o3['vdb']} onto {orig['vdb']}") for s in steps), steps
+    assert xml_chains(guest) == {"vda": [o1["vda"], orig["vda"]], "vdb": [o3["vdb"], orig["vdb"]]}
+    assert xml_chains(guest) == live_chains(lv, name)  # lv.domain(): the persistent XML names the pivoted file too
+    assert not os.path.exists(o3["vda"]) and not os.path.exists(o1["vdb"])
+    assert "No problems found" in lv.run("check", name).stdout
+    lv.gen(5)  # the guest writes on into the merged chains
+
+    lv.run("create", name, "s4")
+    lv.gen(6)
+    lv.run("create", name, "s5")
+    lv.gen(7)
+    before = xml_chains(guest)
+    lv.run("delete", name, "s4", "--children")
+    assert [s["name"] for s in lv.json("list", name)] == ["s1"]
+    assert xml_chains(guest) == before == live_chains(lv, name)
+    assert "No problems found" in lv.run("check", name).stdout
+    guest.destroy()
+
+    assert lv.all_read(range(1, 8))
+    assert reads(o1["vda"], "qcow2", 0x42, 23 * KIB64)
+    assert reads(o3["vdb"], "qcow2", 0x93, 33 * KIB64) and reads(o3["vdb"], "qcow2", 0x94, 47 * KIB64)
+    assert lv.all_read([1], guest.images) and not lv.all_read([2], guest.images)  # s1
+    for path in [*before["vda"], *before["vdb"][:-1]]:  # every qcow2 file left
+        assert check_image(path, "qcow2") in (0, 3)
+    lv.assert_consistent(name)
+
+
+def test_live_delete_needing_a_stream_below_the_active_file_is_refused(lv, guest):
+    name = guest.name
+    # offline: the original files get two children, s2's branch and the revert's
+    lv.run("create", name, "s1", "--disk", "vda=external")
+    lv.run("create", name, "s2")
+    lv.run("revert", name, "s1")
+    lv.run("create", name, "s3")  # the revert's overlay is frozen below the active file
+    guest.start()
+    before = (lv.state(), xml_chains(guest))
+    r = lv.run("delete", name, "s1", check=False)
+    assert r.returncode == 1 and f"snapshot s1 of disk vda cannot be deleted while domain {name} runs" in r.stderr
+    assert "below the active file, which this driver cannot do live" in r.stderr, r.stderr
+    assert (lv.state(), xml_chains(guest)) == before and "No problems found" in lv.run("check", name).stdout
+
+
+def test_kill_during_a_live_commit_then_repair_finishes_it(conn, tmp_path):
+    guest = Guest(conn, str(tmp_path), size="320M")
+    try:
+        lv = LibvirtEnv(tmp_path, guest)
+        name = guest.name
+        guest.start()
+        orig = {t: p for t, (p, _f) in lv.domain().items()}
+        lv.gen(1)
+        lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
+        top = lv.domain()["vda"][0]
+        guest.write("vda", 0x5a, 64 << 20, 256 << 20)
+        lv.gen(2)
+        seen = kill_mid_job(lv, "delete", name, "s1")
+        assert seen and seen["step"].startswith(f"live commit {top}"), seen
+        assert guest.dom.blockJobInfo("vda", 0)["type"] == 4  # the active commit outlived snapfw
+        assert "interrupted delete" in lv.run("check", name, check=False).stdout
+        r = lv.run("check", name, "--repair")
+        assert "finished delete" in r.stdout, r.stdout
+        assert guest.dom.blockJobInfo("vda", 0) == {}
+        assert xml_chains(guest) == {t: [p] for t, p in orig.items()}
+        assert lv.json("list", name) == [] and lv.export(name)["files"] == []
+        assert not os.path.exists(top)
+        lv.gen(3)
+        guest.destroy()
+        assert lv.domain() == {t: (p, guest.images[t][1]) for t, p in orig.items()}
+        assert reads(orig["vda"], "qcow2", 0x5a, 64 << 20) and reads(orig["vda"], "qcow2", 0x5a, (320 << 20) - KIB64)
+        assert lv.all_read([1, 2, 3])
+        assert check_image(orig["vda"], "qcow2") in (0, 3)
+        lv.assert_consistent(name)
+    finally:
+        guest.remove()
 
 
 def test_transient_domain_libvirt_metadata_and_network_disk_are_refused(conn, tmp_path):

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 
 import pytest
-from live import LiveEnv, Qemu
+from live import LiveEnv, Qemu, kill_mid_job
 
 from conftest import KIB64, check_image, reads
 
-from snapfw.connection import STATE_DIR_ENV
 from snapfw.errors import BadInput, ToolError
 from snapfw.tools.qmp import QMP, QMPError
 
@@ -220,11 +217,11 @@ def test_kill_after_the_transaction_then_repair_commits_the_overlays_back(live, 
 
 
 # --- live delete ---------------------------------------------------------------------------------------
-def live_chains(live) -> dict:
+def live_chains(live, domain: str = "web") -> dict:
     """target -> the files of the chain the catalog records as active, active first."""
-    files = {f["path"]: f for f in live.export("web")["files"]}
+    files = {f["path"]: f for f in live.export(domain)["files"]}
     out = {}
-    for target, (path, _fmt) in live.domain().items():
+    for target, (path, _fmt) in live.domain(domain).items():
         chain = [path]
         while files[chain[-1]]["backing"]:
             chain.append(files[chain[-1]]["backing"])
@@ -341,17 +338,7 @@ def test_kill_during_a_live_commit_then_repair_reattaches_to_the_job(tmp_path):
         qemu.qmp("human-monitor-command", {"command-line": 'qemu-io -d /machine/peripheral/vda/virtio-backend '
                                                           '"write -P 0x5a 64M 256M"'})
         gen(live, 2)
-        env = {**os.environ, STATE_DIR_ENV: live.state_dir}
-        p = subprocess.Popen([sys.executable, "-m", "snapfw", "--connect", live.uri, "delete", "web", "s1", "--json"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        seen = None
-        for line in p.stderr:
-            event = json.loads(line) if line.startswith("{") else {}
-            if event.get("event") == "progress" and 0 < event["percent"] < 100:
-                seen = event
-                p.send_signal(signal.SIGKILL)
-                break
-        p.wait()
+        seen = kill_mid_job(live, "delete", "web", "s1")
         assert seen and seen["step"].startswith(f"live commit {top}"), seen
         jobs = qemu.qmp("query-jobs")
         assert len(jobs) == 1 and jobs[0]["type"] == "commit", jobs  # the job outlived snapfw

@@ -26,6 +26,7 @@ from snapfw.api import (
     ImageFile,
     LiveCommit,
     LiveStream,
+    NotSupported,
     Rebase,
     external_action,
     hookimpl,
@@ -60,6 +61,13 @@ def _keep_own_image(op, frozen: str, child: str, commit: int, stream: int) -> bo
                         f"(over {FAR_MORE_BYTES >> 30} GiB and over {FAR_MORE_RATIO} times as much)")
         return False
     return True
+
+
+def _buried(op, children) -> str | None:
+    """The child below a running disk's active file that a stream would write, if the driver cannot."""
+    if op.domain.stream_below_active:
+        return None
+    return next((c for c in children if c in op.domain.live_chains and c != op.graph.active), None)
 
 
 class ExternalBackend(DiskBackend):
@@ -107,8 +115,14 @@ class ExternalBackend(DiskBackend):
             commit = _bytes(op, children[0], g.format(children[0]), 0)
         streamed = {}  # child -> bytes it would copy from ``frozen``
         if frozen in g.pinned or not [n for n in g.referrers(frozen) if n != snapshot]:
-            streamed = {c: _bytes(op, c, g.format(c), 1) for c in children}
-            stream = sum(streamed.values())
+            buried = _buried(op, children)
+            if buried and commit is None:
+                raise NotSupported(f"snapshot {snapshot} of disk {g.target} cannot be deleted while domain "
+                                   f"{op.domain.name} runs: {frozen} would be streamed into {buried}, below the "
+                                   "active file, which this driver cannot do live (shut the domain down first)")
+            if not buried:
+                streamed = {c: _bytes(op, c, g.format(c), 1) for c in children}
+                stream = sum(streamed.values())
         if commit is not None and (stream is None or commit <= stream
                                    or _keep_own_image(op, frozen, children[0], commit, stream)):
             self._commit(op, frozen, children[0], commit)

@@ -6,7 +6,9 @@ off. ``define`` rewrites the persistent XML's disk sources. Live snapshots: exte
 ``snapshotCreateXML`` (DISK_ONLY | ATOMIC | NO_METADATA); internal ones through QEMU's own
 ``blockdev-snapshot-internal-sync``, for which libvirt has no API, sent through libvirt's monitor
 passthrough (``virDomainQemuMonitorCommand``) in one ``transaction``; a domain with both kinds is paused
-around the two calls so every disk is snapshotted at the same instant.
+around the two calls so every disk is snapshotted at the same instant. Live merges (delete) are libvirt
+block jobs, ``blockCommit`` and ``blockRebase``, named by their disk; block pull writes only a disk's
+active file, so the Domain says it cannot stream below it (``stream_below_active``).
 
 Only local connections: snapfw runs ``qemu-img`` on the image paths the XML names, which are the
 hypervisor's files only on the hypervisor's own host.
@@ -25,6 +27,7 @@ from snapfw.api import (
     FORMATS,
     INTERNAL,
     LIVE_CREATE,
+    LIVE_DELETE,
     CreateOverlay,
     Disk,
     Domain,
@@ -42,8 +45,11 @@ from snapfw.api import (
 SCHEMES = ("qemu", "qemu+unix")
 # how long undoing an external snapshot may wait for its commit job (the data the guest wrote since)
 UNDO_JOB_SECONDS = 600.0
-# libvirt's virDomainBlockJobType for an active-layer commit
-ACTIVE_COMMIT_JOB = 4
+# how long a live delete waits for one merge job; past it the job keeps running and `check --repair`
+# re-attaches to it
+MERGE_JOB_SECONDS = 3600.0
+# libvirt's virDomainBlockJobType: a block pull (stream), a commit below the active file, an active commit
+PULL_JOB, COMMIT_JOB, ACTIVE_COMMIT_JOB = 1, 3, 4
 # namespaces of the domain XML that keep their prefixes when snapfw writes the XML back
 NAMESPACES = {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0"}
 
@@ -102,7 +108,7 @@ def _chain(disk: ET.Element, fmt: str, target: str) -> list[dict]:
 
 class LibvirtDriver(HypervisorDriver):
     scheme = "qemu"
-    capabilities = frozenset({LIVE_CREATE})
+    capabilities = frozenset({LIVE_CREATE, LIVE_DELETE})
     description = "libvirt's QEMU/KVM domains on this host: qemu:///system (libvirt-python)"
 
     def __init__(self, uri: str):
@@ -215,7 +221,7 @@ class LibvirtDriver(HypervisorDriver):
         states = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTOFF: "shut off"}
         return Domain(name, disks, running=running, allowed_roots=tuple(dict.fromkeys(roots)),
                       state=states.get(state, "running" if running else "shut off"), live_chains=chains,
-                      notes=notes)
+                      notes=notes, stream_below_active=False)
 
     def define(self, domain: dict) -> None:
         dom = self._lookup(domain["name"])
@@ -336,7 +342,7 @@ class LibvirtDriver(HypervisorDriver):
                 dom.blockCommit(target, a["file"], a["overlay"], 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
             job = True
         if job:  # ours, or a previous run's that died while it ran: wait for it and pivot
-            self._pivot(dom, target, deadline, progress)
+            self._wait_job(dom, target, deadline, progress, pivot=True)
         active = self._live_sources(dom).get(target)
         if active != a["file"]:
             raise Inconsistent(f"disk {target} runs on {active}, expected {a['file']} after undoing its snapshot")
@@ -344,17 +350,19 @@ class LibvirtDriver(HypervisorDriver):
             raise Inconsistent(f"{a['overlay']} is still in disk {target}'s live chain after the pivot; not removed")
         CreateOverlay(a["overlay"], a["file"], a["format"]).undo(None)  # removes it only if it is that overlay
 
-    def _pivot(self, dom, target: str, deadline: float, progress):
-        """Wait until the active commit on ``target`` has caught up, then pivot to its base."""
+    def _wait_job(self, dom, target: str, deadline: float, progress, pivot: bool):
+        """Wait until the block job on ``target`` has ended (``pivot``: an active commit, pivoted to its
+        base once it has caught up). The caller checks the chain it left: libvirt forgets a job that
+        failed as it forgets one that succeeded."""
         libvirt = _libvirt()
         while True:
             with _calls("blockJobInfo"):
                 job = dom.blockJobInfo(target, 0)
             if not job:
-                raise ToolError(f"the commit job on disk {target} vanished before its pivot", ["libvirt"])
+                return
             if progress is not None and job["end"]:
                 progress(100.0 * job["cur"] / job["end"])
-            if job["end"] and job["cur"] == job["end"]:
+            if pivot and job["end"] and job["cur"] == job["end"]:
                 try:
                     dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
                     return
@@ -363,8 +371,81 @@ class LibvirtDriver(HypervisorDriver):
                         raise ToolError(f"libvirt pivot of disk {target} failed: {e.get_error_message()}",
                                         ["libvirt"]) from None
             if time.monotonic() > deadline:
-                raise ToolError(f"the commit job on disk {target} did not finish by its deadline", ["libvirt"])
+                raise ToolError(f"the block job on disk {target} did not finish by its deadline", ["libvirt"])
             time.sleep(0.02)
+
+    # --- live merges (delete) --------------------------------------------------------------------------
+    # libvirt names a block job by its disk (one at a time per disk), not by an id: the job id the
+    # LiveCommit/LiveStream steps journal is not used; a job of the step's kind on the step's disk, found
+    # by ``blockJobInfo``, is the step's own (snapfw holds the domain's lock while it plans and runs).
+    def _live_chain(self, dom, target: str) -> list[dict]:
+        """Disk ``target``'s chain, active first, as libvirt's live XML has it (``_chain``'s form)."""
+        for el in self._xml(dom, live=True).findall("devices/disk"):
+            if el.find("target").get("dev") == target and el.find("source") is not None:
+                return _chain(el, el.find("driver").get("type"), target)
+        raise Inconsistent(f"disk {target} is gone from the running domain")
+
+    def _merge(self, dom, target: str, kinds: tuple[int, ...], gone: str, done, start, progress) -> dict:
+        """The block job on disk ``target``: re-attach to it if libvirt still has one of ``kinds``, else
+        start it with ``start(files)`` unless ``done(files)`` already holds (``files``: the chain's, active
+        first); wait for it (pivoting an active commit), check ``done`` against the live XML and that QEMU
+        no longer holds ``gone``. Returns the disk's active file as the live XML has it."""
+        deadline = time.monotonic() + MERGE_JOB_SECONDS
+        with _calls("blockJobInfo"):
+            job = dom.blockJobInfo(target, 0)
+        if job and job["type"] not in kinds:
+            raise Inconsistent(f"disk {target} has another kind of block job running (libvirt type {job['type']}); "
+                               f"not merging {gone} now")
+        if not job:
+            chain = [e["filename"] for e in self._live_chain(dom, target)]
+            if not done(chain):
+                if gone not in chain:
+                    raise Inconsistent(f"disk {target} runs on {' <- '.join(chain)}, which no longer holds {gone}; "
+                                       "the planned merge cannot run")
+                start(chain)
+                with _calls("blockJobInfo"):
+                    job = dom.blockJobInfo(target, 0)
+        if job:
+            self._wait_job(dom, target, deadline, progress, pivot=job["type"] == ACTIVE_COMMIT_JOB)
+        live = self._live_chain(dom, target)
+        chain = [e["filename"] for e in live]
+        if not done(chain):
+            raise Inconsistent(f"after its block job, disk {target} runs on {' <- '.join(chain)}, not the planned "
+                               f"chain without {gone} (the job failed or was cancelled: libvirtd's log says why)")
+        held = [n["node-name"] for n in self._monitor(dom, "query-named-block-nodes", {"flat": True})
+                if n.get("file") == gone]
+        if held:
+            raise Inconsistent(f"{gone} is still open in QEMU (node {held[0]}) after its merge; not removed")
+        return live[0]
+
+    def block_commit(self, domain, target, top, base, job, progress=None):
+        libvirt = _libvirt()
+        dom = self._lookup(domain)
+
+        def start(chain):
+            flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE if chain[0] == top else 0
+            with _calls("blockCommit"):
+                dom.blockCommit(target, base, top, 0, flags)
+
+        active = self._merge(dom, target, (COMMIT_JOB, ACTIVE_COMMIT_JOB), top,
+                             lambda chain: top not in chain and base in chain, start, progress)
+        if active["filename"] == base:  # an active commit pivoted: the next start must use base too
+            self._set_sources(dom, {target: (base, active["format"])})
+
+    def block_stream(self, domain, target, path, old_backing, new_backing, job, progress=None):
+        dom = self._lookup(domain)
+
+        def done(chain):
+            below = chain[chain.index(path) + 1:] if path in chain else None
+            return old_backing not in chain and below is not None and (below[:1] or [None])[0] == new_backing
+
+        def start(chain):
+            if chain[0] != path:  # planned only into active files (stream_below_active)
+                raise NotSupported(f"libvirt streams only into disk {target}'s active file {chain[0]}, not {path}")
+            with _calls("blockRebase"):
+                dom.blockRebase(target, new_backing, 0, 0)
+
+        self._merge(dom, target, (PULL_JOB,), old_backing, done, start, progress)
 
 
 def _attr(value: str) -> str:
