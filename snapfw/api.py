@@ -40,7 +40,8 @@ from .live import EXTERNAL, INTERNAL, LiveSnapshot, describe_action, external_ac
 from .model import FORMATS, Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name, fit_file_name
 from .plan import Plan, Step
 from .steps import ApplyTag, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile
-from .tools import qemuimg
+from .tools import lvm, qemuimg
+from .tools.host import Host
 from .tools.qmp import QMP, QMPError
 from .tools.run import run
 
@@ -68,6 +69,7 @@ __all__ = [
     "FORMATS",
     "fsync_dir",
     "hookimpl",
+    "Host",
     "HypervisorDriver",
     "ImageFile",
     "ImageInUse",
@@ -79,6 +81,7 @@ __all__ = [
     "LIVE_REVERT",
     "LiveSnapshot",
     "LockTimeout",
+    "lvm",
     "NotSupported",
     "OFFLINE_CREATE",
     "OFFLINE_DELETE",
