@@ -79,19 +79,16 @@ def test_create_revert_delete_with_data(lvm, thin):
     assert lvm.snapshot_lvs() == {"web.s1", "web.s-2.97054dcf"}
     lvm.run("revert", "web", "s1")
     assert lvm.reads(0x41, 0) and lvm.reads(0x00, KIB64)
-    if thin:  # a branch: a snapshot taken after the revert, then back to the other branch
+    if thin:  # a branch: a snapshot taken after the revert
         lvm.write(0x45, 0)
         lvm.run("create", "web", "s3")
-        lvm.run("revert", "web", "s 2")
-        assert lvm.reads(0x42, 0) and lvm.reads(0x43, KIB64)
-        lvm.run("revert", "web", "s3")
-        assert lvm.reads(0x45, 0)
-    lvm.run("revert", "web", "s 2")
+    lvm.run("revert", "web", "s 2")  # the recorded snapshot survived the revert to s1 (and the branch)
     assert lvm.reads(0x42, 0) and lvm.reads(0x43, KIB64)
     lvm.run("delete", "web", "s1")
     assert "web.s1" not in lvm.lvs() and "web" in lvm.lvs()
-    lvm.run("revert", "web", "s 2")  # the recorded snapshot survived every revert
-    assert lvm.reads(0x42, 0)
+    if thin:
+        lvm.run("revert", "web", "s3")
+        assert lvm.reads(0x45, 0)
     assert [s["name"] for s in lvm.env.json("list", "web")] == ["s 2"] + (["s3"] if thin else [])
     lvm.check()
 

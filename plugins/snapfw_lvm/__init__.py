@@ -117,12 +117,17 @@ class RenameLV(Step):
     old: str
     new: str
 
+    def _names(self, ctx) -> set[str]:
+        return {r["lv_name"] for r in lvm.lvs(ctx.host, self.vg)}
+
     def do(self, ctx):
-        if lvm.lv(ctx.host, self.vg, self.old) is not None and lvm.lv(ctx.host, self.vg, self.new) is None:
+        names = self._names(ctx)
+        if self.old in names and self.new not in names:
             lvm.lvm(ctx.host, self.argv())
 
     def undo(self, ctx):
-        if lvm.lv(ctx.host, self.vg, self.new) is not None and lvm.lv(ctx.host, self.vg, self.old) is None:
+        names = self._names(ctx)
+        if self.new in names and self.old not in names:
             lvm.lvm(ctx.host, ["lvrename", "-q", self.vg, self.new, self.old])
 
     def describe(self):
