@@ -49,7 +49,8 @@ from .live import (
 from .model import FORMATS, Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name, fit_file_name
 from .plan import Plan, Step
 from .steps import ApplyTag, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile
-from .tools import qemuimg
+from .tools import lvm, qemuimg
+from .tools.host import Host
 from .tools.qmp import QMP, QMPError
 from .tools.run import run
 
@@ -77,6 +78,7 @@ __all__ = [
     "FORMATS",
     "fsync_dir",
     "hookimpl",
+    "Host",
     "HypervisorDriver",
     "ImageFile",
     "ImageInUse",
@@ -90,6 +92,7 @@ __all__ = [
     "LiveSnapshot",
     "LiveStream",
     "LockTimeout",
+    "lvm",
     "NotSupported",
     "OFFLINE_CREATE",
     "OFFLINE_DELETE",

@@ -64,12 +64,13 @@ class DiskGraph:
 class DiskOp:
     """One disk's part of a plan: the graph a backend edits, and the steps it appends."""
 
-    def __init__(self, domain: Domain, disk: Disk, graph: DiskGraph, tree: Tree, inspect):
+    def __init__(self, domain: Domain, disk: Disk, graph: DiskGraph, tree: Tree, inspect, host=None):
         self.domain = domain
         self.disk = disk
         self.graph = graph
         self.tree = tree
         self.inspect = inspect  # inspect(path, format) -> qemu-img info dict, checked and cached
+        self.host = host  # the connection's Host (snapfw.tools.host), for backends whose disks are not local files
         self.prepare: list = []
         self.finish: list = []
         self.notes: list[str] = []
@@ -101,6 +102,18 @@ class DiskBackend:
     # lower is preferred when several backends can snapshot a disk and nothing else decides
     priority: ClassVar[int] = 100
     cost: ClassVar[dict] = {}
+    # True: the disk's files are image files on this machine, which the core checks exist, reads with
+    # qemu-img and removes once nothing uses them. False: they live on the connection's host (block
+    # devices, volumes): the backend checks them (check_disk, problems) and removes what it retires itself.
+    local_files: ClassVar[bool] = True
+
+    def check_disk(self, host, disk: Disk) -> None:
+        """For a backend without ``local_files``: raise BadInput unless ``disk`` is there on ``host``."""
+
+    def problems(self, host, target: str, records: dict[str, dict]) -> list[str]:
+        """For a backend without ``local_files``: what ``snapfw check`` reports about the records of disk
+        ``target`` (snapshot name -> record data) on ``host``."""
+        return []
 
     def usable(self, disk: Disk) -> str | None:
         """Why this backend cannot snapshot ``disk``, or None if it can."""

@@ -23,6 +23,7 @@ from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_na
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
 from .tools import qemuimg
+from .tools.host import Host, open_host
 
 
 class Reporter:
@@ -88,6 +89,11 @@ class Session:
         # only where the driver says
         noted = os.path.exists(os.path.join(self.state, CATALOG_FILE))
         return Catalog.open(self.state if noted else self._confirmed_state())
+
+    @functools.cached_property
+    def host(self) -> Host:
+        """Where disks that are not local files live ($SNAPFW_HOST): steps find it here again on repair."""
+        return open_host()
 
     def step(self, step):
         self.reporter.step(step)
@@ -352,10 +358,15 @@ class _Operation:
             f"domain {other} cannot be read ({e}); images it runs on are not compared with {self.name}'s"))
         self.inspect = Inspector(self.domain.allowed_roots, self.files, live=self.domain.live_chains)
 
-    def start(self, disks) -> list[DiskOp]:
-        """One DiskOp per disk, remembering each graph as it was so the plan can store the difference."""
+    def start(self, disks, backends: dict | None = None) -> list[DiskOp]:
+        """One DiskOp per disk, remembering each graph as it was so the plan can store the difference.
+        ``backends``: target -> the backend at work on it; one without ``local_files`` checks its disk."""
         self.ops, self.befores = [], {}
         for disk in disks:
+            backend = (backends or {}).get(disk.target)
+            if backend is not None and not backend.local_files:
+                self._start_remote(disk, backend)
+                continue
             if not os.path.exists(disk.path):
                 if disk.path in self.files:
                     raise Inconsistent(f"disk {disk.target}: {disk.path} is in the catalog but missing on disk; "
@@ -369,8 +380,21 @@ class _Operation:
             if not any(f.target == disk.target for f in self.files.values()):
                 before.files = {}  # first snapshot of this disk: its image is new to the catalog
             self.befores[disk.target] = before
-            self.ops.append(DiskOp(self.domain, disk, graph, self.tree, self.inspect))
+            self.ops.append(DiskOp(self.domain, disk, graph, self.tree, self.inspect, self.s.host))
         return self.ops
+
+    def _start_remote(self, disk: Disk, backend):
+        """A disk on the connection's host (a block device there): the backend checks it, qemu-img never
+        opens it, and it reads through nothing."""
+        backend.check_disk(self.s.host, disk)
+        recorded = [p for p, f in self.files.items() if f.target == disk.target]
+        self._refuse_sharing(disk.target, disk.path, recorded, [disk.path])
+        graph = _graph(disk, self.tree, self.files, self.garbage, self.pinned, lambda path, fmt: {})
+        before = graph.copy()
+        if not recorded:
+            before.files = {}
+        self.befores[disk.target] = before
+        self.ops.append(DiskOp(self.domain, disk, graph, self.tree, self.inspect, self.s.host))
 
     def _refuse_sharing(self, target: str, active: str | None, recorded, chain=()):
         problem = self.users.conflict(self.name, target, active, recorded, chain)
@@ -489,7 +513,7 @@ def create(session: Session, domain: str, name: str, description: str = "",
             o.domain.disk(target)
         capability = LIVE_CREATE if o.domain.running else OFFLINE_CREATE
         chosen = {d.target: _pick_backend(d, o.tree, backends.get(d.target), capability) for d in o.domain.disks}
-        ops = o.start(o.domain.disks)
+        ops = o.start(o.domain.disks, chosen)
         records = [DiskRecord(op.disk.target, chosen[op.disk.target].name,
                               chosen[op.disk.target].create(op, name)) for op in ops]
         for op, r in zip(ops, records):
@@ -512,7 +536,8 @@ def revert(session: Session, domain: str, name: str, dry_run: bool = False) -> P
         o.load()
         snap = find_snapshot(o.tree, o.name, name)
         targets = {r.target for r in snap.disks}
-        ops = o.start([d for d in o.domain.disks if d.target in targets])
+        ops = o.start([d for d in o.domain.disks if d.target in targets],
+                      {r.target: _backend(r.backend) for r in snap.disks})
         for op in ops:
             r = snap.record(op.disk.target)
             _backend(r.backend).revert(op, name, r.data)
@@ -536,7 +561,8 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
         find_snapshot(o.tree, o.name, name)
         names = [name] + (o.tree.descendants(name) if children else [])
         targets = {r.target for n in names for r in o.tree.by_name[n].disks}
-        ops = o.start([d for d in o.domain.disks if d.target in targets])
+        ops = o.start([d for d in o.domain.disks if d.target in targets],
+                      {r.target: _backend(r.backend) for n in names for r in o.tree.by_name[n].disks})
         for op in ops:
             for n in reversed(names):  # deepest first; the top one merges only if it goes alone
                 r = o.tree.by_name[n].record(op.disk.target)
@@ -623,7 +649,13 @@ def _disagreements(session: Session, name: str, users: ImageUsers) -> list[str]:
 
     inspect = Inspector(dom.allowed_roots, files, in_use, dom.live_chains)
     out = []
+    remote = _remote_backends(dom, tree)
+    for target, backend in sorted(remote.items()):
+        records = {s.name: s.record(target).data for s in tree if s.record(target)}
+        out += [f"{target}: {problem}" for problem in backend.problems(session.host, target, records)]
     for path, f in sorted(files.items()):
+        if f.target in remote:
+            continue
         if not os.path.exists(path):
             out.append(f"{f.target}: {path} is in the catalog but missing on disk")
             continue
@@ -643,7 +675,7 @@ def _disagreements(session: Session, name: str, users: ImageUsers) -> list[str]:
         if problem:
             out.append(problem)
         try:
-            chain = inspect.chain(d.path, d.format) if d.path in mine else []
+            chain = inspect.chain(d.path, d.format) if d.path in mine and d.target not in remote else []
         except SnapfwError:
             chain = []  # reported above
         problem = users.conflict(name, d.target, d.path, mine, [node["filename"] for node in chain])
@@ -659,6 +691,19 @@ def _disagreements(session: Session, name: str, users: ImageUsers) -> list[str]:
                            {os.path.dirname(p) for p in files}, known):
         out.append(f"{path} is named like a file snapfw makes, but no catalog entry or disk uses it; snapfw "
                    "cannot prove it made it, so `check --repair` leaves it: remove it if nothing needs it")
+    return out
+
+
+def _remote_backends(dom: Domain, tree: Tree) -> dict:
+    """target -> backend, for the disks whose backend (named by the domain or by their snapshots'
+    records) keeps them on the connection's host rather than in local files."""
+    backends = plugins.disk_backends()
+    out = {}
+    for d in dom.disks:
+        names = {d.backend} | {r.backend for s in tree for r in s.disks if r.target == d.target}
+        for name in sorted(n for n in names if n in backends):
+            if not backends[name][0].local_files:
+                out[d.target] = backends[name][0]()
     return out
 
 

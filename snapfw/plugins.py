@@ -11,7 +11,7 @@ import warnings
 from . import connection
 from .errors import PluginError
 
-BUILTIN = ("snapfw_images", "snapfw_qcow2", "snapfw_external", "snapfw_qmp", "snapfw_libvirt")
+BUILTIN = ("snapfw_images", "snapfw_qcow2", "snapfw_external", "snapfw_qmp", "snapfw_libvirt", "snapfw_lvm")
 ENTRY_POINT_GROUP = "snapfw"
 DISABLE_ENV = "SNAPFW_DISABLE_PLUGINS"
 ENTRY_POINTS_CACHE = "entry-points.json"  # in connection.cache_home()

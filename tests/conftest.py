@@ -185,3 +185,22 @@ def env(tmp_path):
     root = tmp_path / "vms"
     root.mkdir()
     return Env(root)
+
+
+@pytest.fixture(scope="session")
+def guest(tmp_path_factory):
+    """One TCG guest per session with real LVM2 and device-mapper (tests/guest.py), reached through its
+    guest agent; its PV disk is /dev/disk/by-serial/pv0. A missing part fails in CI and skips elsewhere."""
+    from guest import Guest, GuestUnavailable
+
+    from snapfw.connection import cache_home
+
+    require("qemu-system-x86_64")
+    try:
+        g = Guest(str(tmp_path_factory.mktemp("guest")), cache_home(), {"pv0": 1 << 30}).start()
+    except GuestUnavailable as e:
+        if IN_CI:
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    yield g
+    g.stop()

@@ -40,18 +40,21 @@ class QMP:
         self._sock: socket.socket | None = None
         self._buf = b""
 
-    def connect(self) -> "QMP":
+    def _open(self, what: str = "QMP"):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         s.settimeout(self.timeout)
         try:
             s.connect(self.path)
         except FileNotFoundError:
             s.close()
-            raise BadInput(f"no QMP socket at {self.path}") from None
+            raise BadInput(f"no {what} socket at {self.path}") from None
         except OSError as e:
             s.close()
-            raise ToolError(f"cannot connect to QMP socket {self.path}: {e.strerror or e}", ["qmp"]) from None
+            raise ToolError(f"cannot connect to {what} socket {self.path}: {e.strerror or e}", ["qmp"]) from None
         self._sock = s
+
+    def connect(self) -> "QMP":
+        self._open()
         try:
             greeting = self._answer(time.monotonic() + self.timeout, "greet", self.timeout)
             if not isinstance(greeting.get("QMP"), dict):
