@@ -177,13 +177,17 @@ def test_external_delete_removes_only_files_nothing_uses(env):
     assert env.snapshot_names() == []
 
 
-def test_internal_revert_under_overlays_is_refused(env):
+def one_disk_chain(env, *snapshots):
+    """A domain with one qcow2 disk: generation 1, then per (name, backend) a snapshot and the next one."""
     env.make_domain("web", disks=(("vda", "qcow2"),))
     gen(env, 1)
-    env.run("create", "web", "int", "--disk", "vda=qcow2")
-    gen(env, 2)
-    env.run("create", "web", "ext", "--disk", "vda=external")
-    gen(env, 3)
+    for g, (name, backend) in enumerate(snapshots, 2):
+        create(env, name, {"vda": backend})
+        gen(env, g)
+
+
+def test_internal_revert_under_overlays_is_refused(env):
+    one_disk_chain(env, ("int", "qcow2"), ("ext", "external"))
     before = env.state()
     r = env.run("revert", "web", "int", check=False)
     assert r.returncode != 0 and "frozen image of snapshot(s) ext" in r.stderr and "Traceback" not in r.stderr
@@ -200,14 +204,7 @@ def test_internal_revert_discards_an_overlay_only_the_active_state_reads_through
     """Issue 16: once the external snapshots are deleted, the tag's file is read through only by the
     active overlay, which the revert discards anyway; it must not block the revert (nor leave the tag
     undeletable)."""
-    env.make_domain("web", disks=(("vda", "qcow2"),))
-    gen(env, 1)
-    env.run("create", "web", "i1", "--disk", "vda=qcow2")
-    gen(env, 2)
-    env.run("create", "web", "e1", "--disk", "vda=external")
-    gen(env, 3)
-    env.run("create", "web", "e2", "--disk", "vda=external")
-    gen(env, 4)
+    one_disk_chain(env, ("i1", "qcow2"), ("e1", "external"), ("e2", "external"))
     env.run("revert", "web", "e1")
     gen(env, 5)
     env.run("delete", "web", "e1")
