@@ -60,6 +60,16 @@ class DiskGraph:
     def referenced(self, path: str) -> bool:
         return path == self.active or path in self.pinned or bool(self.referrers(path))
 
+    def needed_overlays(self, path: str) -> list[str]:
+        """The overlays of ``path`` that must stay if the active file moves to ``path``: each is, or lies
+        below it, a file a snapshot or another domain uses, or one snapfw did not create (never removed).
+        The others hold only the active state and hidden tags, so the core removes them with that state."""
+        def needed(p):
+            return (p in self.pinned or bool(self.referrers(p)) or not self.files[p].owned
+                    or any(needed(c) for c in self.children(p)))
+
+        return [c for c in self.children(path) if needed(c)]
+
 
 class DiskOp:
     """One disk's part of a plan: the graph a backend edits, and the steps it appends."""

@@ -178,22 +178,58 @@ def test_external_delete_removes_only_files_nothing_uses(env):
     assert env.snapshot_names() == []
 
 
-def test_internal_revert_under_overlays_is_refused(env):
+def one_disk_chain(env, *snapshots):
+    """A domain with one qcow2 disk: generation 1, then per (name, backend) a snapshot and the next one."""
     env.make_domain("web", disks=(("vda", "qcow2"),))
     gen(env, 1)
-    env.run("create", "web", "int", "--disk", "vda=qcow2")
-    gen(env, 2)
-    env.run("create", "web", "ext", "--disk", "vda=external")
-    gen(env, 3)
+    for g, (name, backend) in enumerate(snapshots, 2):
+        create(env, name, {"vda": backend})
+        gen(env, g)
+
+
+def test_internal_revert_under_overlays_is_refused(env):
+    one_disk_chain(env, ("int", "qcow2"), ("ext", "external"))
     before = env.state()
     r = env.run("revert", "web", "int", check=False)
-    assert r.returncode != 0 and "overlay" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "frozen image of snapshot(s) ext" in r.stderr and "Traceback" not in r.stderr
     assert env.state() == before
     holds(env, {1, 2, 3})
     # once the later external snapshot is gone (merged by commit), the internal one can be reverted
     env.run("delete", "web", "ext")
     holds(env, {1, 2, 3})
     env.run("revert", "web", "int")
+    holds(env, {1})
+
+
+def test_internal_revert_discards_an_overlay_only_the_active_state_reads_through(env):
+    """Issue 16: once the external snapshots are deleted, the tag's file is read through only by the
+    active overlay, which the revert discards anyway; it must not block the revert (nor leave the tag
+    undeletable)."""
+    one_disk_chain(env, ("i1", "qcow2"), ("e1", "external"), ("e2", "external"))
+    env.run("revert", "web", "e1")
+    gen(env, 5)
+    env.run("delete", "web", "e1")
+    env.run("delete", "web", "e2")
+    assert env.snapshot_names() == ["i1"]
+    holds(env, {1, 2, 5})
+    overlay = env.domain()["vda"][0]
+    env.json("delete", "web", "i1", "--dry-run")
+    plan = env.json("revert", "web", "i1", "--dry-run")["plan"]
+    assert f"remove {overlay}" in [s["describe"] for s in plan["steps"] if s["phase"] == "finish"]
+    # the tag is applied under the doomed overlay: a failure before the commit gives back what it read,
+    # and a crash after it leaves the overlay to `check --repair` to remove
+    before = env.layout()
+    r = env.run("revert", "web", "i1", check=False, env={"SNAPFW_FAULT": "commit:0:raise"})
+    assert r.returncode == 1 and "injected fault" in r.stderr and env.layout() == before
+    holds(env, {1, 2, 5})
+    assert env.run("revert", "web", "i1", check=False, env={"SNAPFW_FAULT": "finish:1:kill"}).returncode == -9
+    env.run("check", "--repair")
+    holds(env, {1})
+    assert not os.path.exists(overlay)
+    assert env.files() == {"web-vda.qcow2"}
+    env.run("delete", "web", "i1")
+    tags = info_chain(os.path.join(env.dir, "web-vda.qcow2"), "qcow2")[0].get("snapshots", [])
+    assert tags == [] and env.snapshot_names() == []
     holds(env, {1})
 
 

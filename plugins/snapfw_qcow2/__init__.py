@@ -1,7 +1,9 @@
 """The ``qcow2`` backend: internal snapshots, tags inside the disk's qcow2 file (qemu-img snapshot).
 
-A tag lives in the file that was active when it was taken. It is never applied under overlays (that
-would change what they read), and deleting it waits until no overlay reads through its file.
+A tag lives in the file that was active when it was taken. It is never applied under overlays that a
+snapshot still reads through (that would change what they read), and deleting it waits until no overlay
+reads through its file. Overlays that hold only the active state go with it: the revert discards that
+state, the core removes them after the commit, and a failure before the commit restores what they read.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class InternalBackend(DiskBackend):
     def revert(self, op, snapshot, record):
         g = op.graph
         path = record["file"]
-        overlays = g.children(path) + (["of another domain"] if path in g.pinned else [])
+        overlays = g.needed_overlays(path) + (["of another domain"] if path in g.pinned else [])
         frozen = [n for n in g.referrers(path) if "tag" not in g.records[n]]
         if overlays or frozen:
             why = (f"overlays {', '.join(overlays)} read through it" if overlays
@@ -55,6 +57,10 @@ class InternalBackend(DiskBackend):
             raise Refused(f"cannot revert disk {g.target} to internal snapshot {snapshot!r}: {path} has "
                           f"changed since ({why}); reverting under them would corrupt them. Delete those "
                           "later snapshots first")
+        discarded = g.children(path)
+        if discarded:
+            op.notes.append(f"{', '.join(discarded)} read through {path} but hold only the state this revert "
+                            "discards: removed once it is done")
         op.inspect(path, g.format(path))
         keep = f"snapfw-revert-{uuid.uuid4().hex[:12]}"
         op.prepare.append(ApplyTag(path, record["tag"], keep))
