@@ -69,7 +69,9 @@ class Domain:
     when not). ``live_chains``: for each file a running disk's chain holds, that chain from the file down
     (top first, in ``qemu-img info`` form) as the hypervisor reports it; inspection reads it instead of
     opening an image the guest holds (rule 1). ``notes``: what the driver leaves out and why (a
-    read-only CD-ROM), for every plan to say.
+    read-only CD-ROM), for every plan to say. ``definition``: the rest of the domain's configuration in
+    the driver's own form (libvirt: the inactive XML; qmp: the launch spec's argv), kept with each
+    snapshot so a revert puts it back; empty for a driver that has none.
     """
 
     name: str
@@ -79,6 +81,7 @@ class Domain:
     state: str = ""
     live_chains: dict[str, list[dict]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    definition: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.state = self.state or ("running" if self.running else "shut off")
@@ -91,7 +94,8 @@ class Domain:
 
     def config(self) -> dict:
         """What a snapshot keeps of the domain so a revert can rebuild it."""
-        return {"name": self.name, "disks": [{"target": d.target, "format": d.format} for d in self.disks]}
+        config = {"name": self.name, "disks": [{"target": d.target, "format": d.format} for d in self.disks]}
+        return {**config, "definition": self.definition} if self.definition else config
 
 
 @dataclass
