@@ -15,6 +15,7 @@ import sys
 import threading
 
 import pytest
+import yaml
 from live import LiveEnv, Qemu
 
 from conftest import KIB64, check_image, reads
@@ -131,6 +132,14 @@ def test_revert_without_a_launch_spec_and_internal_delete_of_a_running_domain_ar
     assert r.returncode == 1 and f"cannot revert web to s1 live: QEMU must be started again afterwards, and it " \
         f"has no launch spec ({qemu.spec_path}" in r.stderr, r.stderr
     assert qemu.qmp("query-status")["status"] == "running"
+    qemu.write_spec()
+    spec = qemu.spec()
+    spec["argv"].remove("-daemonize")
+    with open(qemu.spec_path, "w") as f:
+        yaml.safe_dump(spec, f)
+    r = live.run("revert", "web", "s1", check=False)
+    assert r.returncode == 2 and f"launch spec {qemu.spec_path}: argv must include -daemonize" in r.stderr, r.stderr
+    os.unlink(qemu.spec_path)
     r = live.run("delete", "web", "s1", check=False)
     assert r.returncode == 1 and "backend qcow2 cannot delete snapshot s1 of disk vda while domain web is " \
         "running (it has no live.delete)" in r.stderr, r.stderr
