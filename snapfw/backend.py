@@ -156,7 +156,9 @@ class DiskBackend:
 class HypervisorDriver:
     """Base of hypervisor drivers: how to reach domains behind a connection URI.
 
-    ``define`` takes and ``domain_dict`` gives the plain-dict form of a domain (as steps journal it).
+    ``define`` takes and ``domain_dict`` gives the plain-dict form of a domain (as steps journal it): its
+    name, its disks and, when a revert puts back a snapshot's configuration, ``definition`` (see
+    :attr:`Domain.definition`).
     Live operations (pause, freeze, block jobs) raise NotSupported until a driver provides them.
     """
 
@@ -187,6 +189,22 @@ class HypervisorDriver:
 
     def resume(self, domain: Domain) -> None:
         raise NotSupported(f"driver {self.scheme} cannot resume domains")
+
+    def restart_problem(self, domain: Domain) -> str | None:
+        """Why snapfw cannot stop ``domain`` and start it again from its definition (a live revert does,
+        and so does its rollback), or None if it can."""
+        return f"driver {self.scheme} cannot stop and start domains"
+
+    def stop(self, domain: str) -> None:
+        """Stop running ``domain`` at once, discarding its running state (the disks keep what was
+        written); return once the hypervisor holds none of its images. Idempotent: nothing if stopped."""
+        raise NotSupported(f"driver {self.scheme} cannot stop domains")
+
+    def start(self, domain: str, paused: bool) -> None:
+        """Start ``domain`` from its definition as it is now (the disks it names), ``paused`` or running.
+        Idempotent: a domain that runs already is left as it is, except that one a crash left waiting to
+        be continued is continued unless ``paused``."""
+        raise NotSupported(f"driver {self.scheme} cannot start domains")
 
     def live_snapshot(self, domain: str, actions: list[dict]) -> None:
         """Run every disk's live action (snapfw.live) of running ``domain`` as ONE atomic operation:

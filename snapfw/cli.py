@@ -201,14 +201,19 @@ def create(ctx, domain, name, description, disks, as_json, dry_run):
 @main.command()
 @click.argument("domain")
 @click.argument("name")
+@click.option("--running", "state", flag_value="running", help="Leave DOMAIN running (default if it ran).")
+@click.option("--paused", "state", flag_value="paused", help="Leave DOMAIN started but paused.")
+@click.option("--stopped", "state", flag_value="shut off", help="Leave DOMAIN shut off (default if it was).")
+@click.option("--keep-config", is_flag=True, help="Keep DOMAIN's configuration as it is now, not as stored with NAME.")
 @json_option
 @dry_run_option
 @click.pass_context
-def revert(ctx, domain, name, as_json, dry_run):
-    """Revert DOMAIN to snapshot NAME (the state since the current snapshot is discarded)."""
+def revert(ctx, domain, name, state, keep_config, as_json, dry_run):
+    """Revert DOMAIN to snapshot NAME (the state since the current snapshot is discarded; a running
+    DOMAIN is stopped and started again)."""
     from . import lifecycle
 
-    plan = lifecycle.revert(_session(ctx, as_json), domain, name, dry_run)
+    plan = lifecycle.revert(_session(ctx, as_json), domain, name, dry_run, state, keep_config)
     _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "revert"})
     if not dry_run and not as_json:
         click.echo(f"Domain {domain} reverted to snapshot {name}.")

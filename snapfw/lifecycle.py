@@ -7,6 +7,7 @@ also fails on an image a running QEMU holds), and the agreement between those ch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -18,7 +19,7 @@ from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
                      UnknownSnapshot)
-from .live import LiveSnapshot
+from .live import LiveSnapshot, StartDomain, StopDomain
 from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
@@ -401,7 +402,9 @@ class _Operation:
         if problem:
             raise Refused(problem)
 
-    def assemble(self, summary: str) -> Plan:
+    def assemble(self, summary: str, definition: dict | None = None) -> Plan:
+        """The plan of the operation's disks; ``definition``: a domain configuration (driver's form) to put
+        back with the new active files."""
         plan = Plan(self.operation, self.name, summary)
         plan.notes += self.domain.notes
         for op in self.ops:  # the files the backends add, as the catalog will record them
@@ -421,6 +424,8 @@ class _Operation:
         for op in self.ops:
             entry = next(d for d in new["disks"] if d["target"] == op.disk.target)
             entry["path"], entry["format"] = op.graph.active, op.graph.active_format
+        if definition and definition != self.domain.definition:
+            old["definition"], new["definition"] = self.domain.definition, definition
         if new != old:
             late = any(op.define_after_finish for op in self.ops)
             (plan.finish if late else plan.prepare).append(DefineDomain(new, old))
@@ -528,20 +533,45 @@ def create(session: Session, domain: str, name: str, description: str = "",
                      f"snapshot {name} of {o.name} was created")
 
 
-def revert(session: Session, domain: str, name: str, dry_run: bool = False) -> Plan:
-    """Make every disk read as snapshot ``name`` and make it current; other branches stay."""
+RUNNING, PAUSED, STOPPED = "running", "paused", "shut off"
+
+
+def revert(session: Session, domain: str, name: str, dry_run: bool = False, state: str | None = None,
+           keep_config: bool = False) -> Plan:
+    """Make every disk read as snapshot ``name`` and make it current; other branches stay. A running
+    domain is stopped first and started again afterwards. ``state``: RUNNING, PAUSED or STOPPED once
+    done (default: as it was). The configuration stored with the snapshot is put back unless
+    ``keep_config``."""
     o = _Operation(session, domain, "revert")
     check_name("snapshot", name)
+    if state not in (None, RUNNING, PAUSED, STOPPED):
+        raise BadInput(f"invalid state {state!r} after a revert: expected {RUNNING}, {PAUSED} or {STOPPED}")
     with session.lock(o.name):
         o.load()
         snap = find_snapshot(o.tree, o.name, name)
+        was = o.domain.state
+        state = state or (was if o.domain.running else STOPPED)
+        if o.domain.running or state != STOPPED:
+            problem = session.driver.restart_problem(o.domain)
+            if problem:
+                raise NotSupported(f"cannot revert {o.name} to {name} {'live' if o.domain.running else 'and start it'}:"
+                                   f" {problem}")
+        if o.domain.running:  # the backends revert offline, once the guest is stopped
+            o.domain = dataclasses.replace(o.domain, running=False, state=STOPPED, live_chains={})
         targets = {r.target for r in snap.disks}
         ops = o.start([d for d in o.domain.disks if d.target in targets],
                       {r.target: _backend(r.backend) for r in snap.disks})
         for op in ops:
             r = snap.record(op.disk.target)
             _backend(r.backend).revert(op, name, r.data)
-        plan = o.assemble(f"revert {o.name} to snapshot {name}")
+        definition = None if keep_config else snap.config.get("definition")
+        plan = o.assemble(f"revert {o.name} to snapshot {name}", definition)
+        if was != STOPPED:
+            plan.prepare.insert(0, StopDomain(o.name, paused=was == PAUSED))
+        if state != STOPPED:
+            plan.finish.append(StartDomain(o.name, paused=state == PAUSED))
+        if definition is None and not keep_config and o.domain.definition:
+            plan.notes.append(f"snapshot {name} was taken without a stored configuration; {o.name} keeps its own")
         for d in o.domain.disks:
             if d.target not in targets:
                 plan.notes.append(f"disk {d.target} was added after snapshot {name}; it is left as it is")

@@ -15,6 +15,9 @@ Deleting a snapshot of a running domain merges files the guest's chain holds: no
 them (rule 1), so a backend appends :class:`LiveCommit` / :class:`LiveStream` finish steps for those, and
 the driver runs each as a block job of the hypervisor. A job outlives snapfw: its id is fixed by the step
 (journaled before it starts), so ``check --repair`` re-attaches to it instead of starting it again.
+
+Reverting a running domain stops it (:class:`StopDomain`, undone by starting it again), reverts the disks
+offline as the backends always do, and starts it again from its definition (:class:`StartDomain`).
 """
 
 from __future__ import annotations
@@ -120,3 +123,36 @@ class LiveStream(Step):
         onto = self.new_backing or "no backing file (standalone)"
         return (f"live stream {self.old_backing} into {self.path} onto {onto} on disk {self.target} of running "
                 f"{self.domain} (block job {self.job}, {self.bytes_to_copy} bytes)")
+
+
+@dataclass
+class StopDomain(Step):
+    """Stop running ``domain`` so a revert can work on its images offline (the state since the current
+    snapshot is discarded, as with ``virsh snapshot-revert``). Undo starts it again from its definition,
+    which the undo of the later steps has put back to the old chain, ``paused`` as it was."""
+
+    domain: str
+    paused: bool = False
+
+    def do(self, ctx):
+        ctx.driver.stop(self.domain)
+
+    def undo(self, ctx):
+        ctx.driver.start(self.domain, self.paused)
+
+    def describe(self):
+        return f"stop {self.domain} (its running state is discarded)"
+
+
+@dataclass
+class StartDomain(Step):
+    """Start ``domain`` from its (new) definition, ``paused`` or running; forward-only and idempotent."""
+
+    domain: str
+    paused: bool = False
+
+    def do(self, ctx):
+        ctx.driver.start(self.domain, self.paused)
+
+    def describe(self):
+        return f"start {self.domain}{' paused' if self.paused else ''}"

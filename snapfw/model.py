@@ -71,7 +71,9 @@ class Domain:
     opening an image the guest holds (rule 1). ``notes``: what the driver leaves out and why (a
     read-only CD-ROM), for every plan to say. ``stream_below_active``: the driver can stream into a file
     below a running disk's active one (QEMU's block-stream can; libvirt's block pull writes the active
-    file only), so a live delete plans a stream there.
+    file only), so a live delete plans a stream there. ``definition``: the rest of the domain's
+    configuration in the driver's own form (libvirt: the inactive XML; qmp: the launch spec's argv), kept
+    with each snapshot so a revert puts it back; empty for a driver that has none.
     """
 
     name: str
@@ -82,6 +84,7 @@ class Domain:
     live_chains: dict[str, list[dict]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     stream_below_active: bool = True
+    definition: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.state = self.state or ("running" if self.running else "shut off")
@@ -94,7 +97,8 @@ class Domain:
 
     def config(self) -> dict:
         """What a snapshot keeps of the domain so a revert can rebuild it."""
-        return {"name": self.name, "disks": [{"target": d.target, "format": d.format} for d in self.disks]}
+        config = {"name": self.name, "disks": [{"target": d.target, "format": d.format} for d in self.disks]}
+        return {**config, "definition": self.definition} if self.definition else config
 
 
 @dataclass

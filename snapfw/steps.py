@@ -234,4 +234,5 @@ class DefineDomain(Step):
 
     def describe(self):
         files = ", ".join(f"{d['target']}={d['path']}" for d in self.new["disks"])
-        return f"point domain {self.new['name']} at {files}"
+        config = " with the configuration stored with the snapshot" if "definition" in self.new else ""
+        return f"point domain {self.new['name']} at {files}{config}"

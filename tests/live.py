@@ -19,6 +19,15 @@ from snapfw.connection import STATE_DIR_ENV
 from snapfw.tools.qmp import QMP
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not: PID 1 here may never reap a daemonized QEMU)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 class Qemu:
     """``qemu-system-x86_64 -name NAME`` with one virtio-blk disk per ``(id, format)`` in ``disks``."""
 
@@ -37,15 +46,46 @@ class Qemu:
         self.extra = list(extra)  # more QEMU arguments: devices the harness does not make
         self.pid = None
 
-    def argv(self) -> list[str]:
-        argv = [self.binary, "-machine", "q35,accel=kvm:tcg", "-m", "64", "-nodefaults", "-display", "none",
+    def argv(self, placeholders: bool = False, memory: int = 64) -> list[str]:
+        """The command line; with ``placeholders``, as a launch spec has it ({vda}, {vda.format})."""
+        argv = [self.binary, "-machine", "q35,accel=kvm:tcg", "-m", str(memory), "-nodefaults", "-display", "none",
                 "-qmp", f"unix:{self.sock},server=on,wait=off", "-name", self.name, "-daemonize",
                 "-pidfile", self.pidfile]
         for i, (target, (path, fmt)) in enumerate(self.images.items()):
+            if placeholders:
+                path, fmt = f"{{{target}}}", f"{{{target}.format}}"
             argv += ["-blockdev", f"driver=file,filename={path},node-name=file{i}",
                      "-blockdev", f"driver={fmt},file=file{i},node-name=disk{i}",
                      "-device", f"virtio-blk-pci,drive=disk{i},id={target}"]
         return argv + self.extra
+
+    @property
+    def spec_path(self) -> str:
+        return self.sock + ".launch.yaml"
+
+    def write_spec(self, memory: int = 64, disks: dict | None = None):
+        """The launch spec snapfw starts this QEMU from (disks: what it runs on now, by default)."""
+        import yaml
+
+        disks = disks or {t: {"path": p, "format": f} for t, (p, f) in self.images.items()}
+        with open(self.spec_path, "w") as f:
+            yaml.safe_dump({"name": self.name, "argv": self.argv(True, memory), "disks": disks}, f)
+
+    def spec(self) -> dict:
+        import yaml
+
+        with open(self.spec_path) as f:
+            return yaml.safe_load(f)
+
+    def reattach(self) -> bool:
+        """Follow a QEMU that snapfw started (its -pidfile); False if none runs."""
+        try:
+            with open(self.pidfile) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            pid = None
+        self.pid = pid if pid is not None and _alive(pid) else None
+        return self.pid is not None
 
     def start(self) -> "Qemu":
         subprocess.run(self.argv(), check=True, capture_output=True, timeout=60)
@@ -80,7 +120,7 @@ class Qemu:
 
     def quit(self):
         """Quit QEMU and wait until it has released its images."""
-        if self.pid is None:
+        if not self.reattach():
             return
         try:
             self.qmp("quit")
@@ -90,7 +130,7 @@ class Qemu:
         self.pid = None
 
     def kill(self):
-        if self.pid is not None:
+        if self.reattach():
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -102,7 +142,8 @@ class Qemu:
 class LiveEnv(Env):
     """The `snapfw` command on ``qmp:///SOCK`` of a running :class:`Qemu`, with its catalog in the temp dir.
 
-    ``domain()`` is what QEMU runs on while it runs, and what it last ran on once it has quit.
+    ``domain()`` is what QEMU runs on while it runs, and once it has quit what its launch spec names (what
+    it last ran on without one).
     """
 
     def __init__(self, root, qemu: Qemu):
@@ -117,8 +158,10 @@ class LiveEnv(Env):
                            timeout=timeout)
 
     def domain(self, name: str = "web") -> dict:
-        if self.qemu.pid is not None:
+        if self.qemu.reattach():
             self.last_active = self.qemu.active()
+        elif os.path.exists(self.qemu.spec_path):
+            self.last_active = {t: (d["path"], d["format"]) for t, d in self.qemu.spec()["disks"].items()}
         return dict(self.last_active)
 
     def write(self, domain: str, target: str, byte: int, offset: int):

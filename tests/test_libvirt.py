@@ -207,8 +207,6 @@ def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
     assert "No problems found" in lv.run("check", name).stdout  # catalog against libvirt's live XML
     assert [(s["name"], s["current"]) for s in lv.json("list", name)] == [("s1", False), ("l1", False),
                                                                            ("l2", True)]
-    r = lv.run("revert", name, "s1", check=False)  # not built for libvirt yet: refused up front
-    assert r.returncode == 1 and "cannot" in r.stderr and "of a running domain yet" in r.stderr, r.stderr
     r = lv.run("delete", name, "l2", check=False)  # vda's part is an internal snapshot: refused by name
     assert r.returncode == 1 and f"backend qcow2 cannot delete snapshot l2 of disk vda while domain {name} is " \
         "running (it has no live.delete)" in r.stderr, r.stderr
@@ -406,3 +404,66 @@ def test_transient_domain_libvirt_metadata_and_network_disk_are_refused(conn, tm
         assert r.returncode == 2 and "no domain 'no-such-domain'" in r.stderr
     finally:
         guest.remove()
+
+
+def memory(guest, live: bool) -> int:
+    """The domain XML's <memory>, in MiB: which configuration it was defined or started from."""
+    import libvirt
+
+    xml = ET.fromstring(guest.dom.XMLDesc(0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE))
+    return int(xml.find("memory").text) >> 10
+
+
+def set_memory(guest, mib: int):
+    """Change the persistent definition, as `virsh edit` would (for the next start)."""
+    import libvirt
+
+    xml = ET.fromstring(guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    for tag in ("memory", "currentMemory"):
+        if xml.find(tag) is not None:
+            xml.find(tag).text, xml.find(tag).attrib = str(mib << 10), {"unit": "KiB"}
+    guest.conn.defineXML(ET.tostring(xml, encoding="unicode"))
+
+
+def test_live_revert_of_a_libvirt_domain(lv, guest):
+    import libvirt
+
+    name = guest.name
+    guest.start()
+    lv.gen(1)
+    lv.run("create", name, "l1", "--disk", "vda=external", "--disk", "vdb=external")  # keeps <memory> 64
+    lv.gen(2)
+    set_memory(guest, 80)
+    lv.run("create", name, "l2", "--disk", "vda=qcow2", "--disk", "vdb=external")  # keeps <memory> 80
+    lv.gen(3)
+    on_l2 = lv.domain()
+
+    lv.run("revert", name, "l1")  # destroyed, reverted offline, l1's XML defined, started again
+    assert guest.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING and memory(guest, live=True) == 64
+    lv.gen(4)
+    # killed once the guest is destroyed (prepare: [stop, an overlay per disk, define]): repair starts it
+    before = lv.domain()
+    r = lv.run("revert", name, "l2", env={"SNAPFW_FAULT": "prepare:1:kill"}, check=False)
+    assert r.returncode == -9 and not guest.dom.isActive()
+    assert "rolled back revert" in lv.run("check", name, "--repair").stdout
+    assert guest.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING and lv.domain() == before
+    lv.run("revert", name, "l2", "--paused")
+    assert guest.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED and memory(guest, live=True) == 80
+    assert lv.domain()["vda"] == on_l2["vda"]  # the tag applied in place
+    guest.dom.resume()
+    lv.gen(5)
+    lv.run("revert", name, "l1", "--stopped", "--keep-config")
+    assert not guest.dom.isActive() and memory(guest, live=False) == 80  # l2's XML stays
+    assert lv.all_read([1]) and not lv.all_read([2])
+    # killed after the commit: repair finishes the revert and starts the guest on the new chain
+    r = lv.run("revert", name, "l2", "--running", env={"SNAPFW_FAULT": "finish:0:kill"}, check=False)
+    assert r.returncode == -9 and not guest.dom.isActive()
+    assert "finished revert" in lv.run("check", name, "--repair").stdout
+    assert guest.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING and lv.domain()["vda"] == on_l2["vda"]
+    lv.gen(6)
+    assert "No problems found" in lv.run("check", name).stdout
+    guest.destroy()
+    assert lv.all_read([1, 2, 6])
+    for g in (3, 4, 5):
+        assert all(reads(path, fmt, 0, g * KIB64) for path, fmt in lv.domain().values()), g
+    lv.assert_consistent(name)

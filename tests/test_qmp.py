@@ -13,6 +13,7 @@ import subprocess
 import threading
 
 import pytest
+import yaml
 from live import LiveEnv, Qemu, kill_mid_job
 
 from conftest import KIB64, check_image, reads
@@ -121,11 +122,21 @@ def test_a_disk_that_is_not_a_local_file_is_refused_by_name(tmp_path):
         qemu.kill()
 
 
-def test_revert_and_internal_delete_of_a_running_domain_are_refused(live, qemu):
+def test_revert_without_a_launch_spec_and_internal_delete_of_a_running_domain_are_refused(live, qemu):
     live.run("create", "web", "s1")  # vda: an internal snapshot, vdb: external
     before = (live.files(), qemu_chains(qemu))
     r = live.run("revert", "web", "s1", check=False)
-    assert r.returncode == 1 and "cannot revert snapshots of a running domain yet" in r.stderr, r.stderr
+    assert r.returncode == 1 and f"cannot revert web to s1 live: QEMU must be started again afterwards, and it " \
+        f"has no launch spec ({qemu.spec_path}" in r.stderr, r.stderr
+    assert qemu.qmp("query-status")["status"] == "running"
+    qemu.write_spec()
+    spec = qemu.spec()
+    spec["argv"].remove("-daemonize")
+    with open(qemu.spec_path, "w") as f:
+        yaml.safe_dump(spec, f)
+    r = live.run("revert", "web", "s1", check=False)
+    assert r.returncode == 2 and f"launch spec {qemu.spec_path}: argv must include -daemonize" in r.stderr, r.stderr
+    os.unlink(qemu.spec_path)
     r = live.run("delete", "web", "s1", check=False)
     assert r.returncode == 1 and "backend qcow2 cannot delete snapshot s1 of disk vda while domain web is " \
         "running (it has no live.delete)" in r.stderr, r.stderr
@@ -359,3 +370,80 @@ def test_kill_during_a_live_commit_then_repair_reattaches_to_the_job(tmp_path):
         live.assert_consistent()
     finally:
         qemu.kill()
+
+
+# --- live revert ---------------------------------------------------------------------------------------
+def status(qemu) -> str:
+    return qemu.qmp("query-status")["status"]
+
+
+def memory(qemu) -> int:
+    """QEMU's -m, in MiB: which launch argv it was started from."""
+    return qemu.qmp("query-memory-size-summary")["base-memory"] >> 20
+
+
+def spec_disks(live) -> dict:
+    return {t: {"path": p, "format": f} for t, (p, f) in live.domain().items()}
+
+
+def test_live_revert_restarts_qemu_from_its_launch_spec(live, qemu):
+    qemu.write_spec(memory=64)
+    gen(live, 1)
+    live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")  # keeps -m 64
+    gen(live, 2)
+    qemu.write_spec(memory=80, disks=qemu.spec()["disks"])  # the user edits the argv for the next start
+    live.run("create", "web", "s2", "--disk", "vda=qcow2", "--disk", "vdb=external")  # keeps -m 80
+    gen(live, 3)
+
+    plan = live.json("revert", "web", "s1", "--dry-run")["plan"]["steps"]
+    assert plan[0]["describe"] == "stop web (its running state is discarded)" and plan[-1]["describe"] == "start web"
+    live.run("revert", "web", "s1")  # stopped, reverted offline, started again from s1's argv: running
+    assert status(qemu) == "running" and memory(qemu) == 64
+    assert qemu_chains(qemu) == live_chains(live) and qemu.spec()["disks"] == spec_disks(live)
+    gen(live, 4)
+    live.run("revert", "web", "s2", "--paused")  # vda's tag, a new overlay on vdb's frozen file
+    assert status(qemu) != "running" and memory(qemu) == 80
+    assert qemu_chains(qemu) == live_chains(live) and qemu.spec()["disks"] == spec_disks(live)
+    qemu.qmp("cont")
+    gen(live, 5)
+    live.run("revert", "web", "s1", "--stopped", "--keep-config")
+    assert not qemu.reattach() and "80" in qemu.spec()["argv"]  # s2's argv stays
+    for target, (path, fmt) in live.domain().items():  # s1, read offline
+        assert reads(path, fmt, BYTES[target] + 1, KIB64) and reads(path, fmt, 0, 2 * KIB64), target
+    assert "No problems found" in live.run("check", "web").stdout  # a QEMU that is down: read from its spec
+    live.run("revert", "web", "s2", "--running")  # started from shut off
+    assert status(qemu) == "running" and memory(qemu) == 80
+    assert qemu_chains(qemu) == live_chains(live)
+    gen(live, 6)
+
+    qemu.quit()
+    for target, (path, fmt) in live.domain().items():
+        for g in (1, 2, 6):
+            assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+        for g in (3, 4, 5):
+            assert reads(path, fmt, 0, g * KIB64), (target, g)
+    live.assert_consistent()
+
+
+def test_kill_during_a_live_revert_then_repair_starts_qemu_on_the_right_chain(live, qemu):
+    qemu.write_spec()
+    gen(live, 1)
+    live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    gen(live, 2)
+    before = qemu_chains(qemu)
+    # prepare: [stop, an overlay per disk, define]: killed once QEMU is stopped
+    r = live.run("revert", "web", "s1", env={"SNAPFW_FAULT": "prepare:1:kill"}, check=False)
+    assert r.returncode == -9 and not qemu.reattach()
+    assert "rolled back revert" in live.run("check", "web", "--repair").stdout
+    assert status(qemu) == "running" and qemu_chains(qemu) == before  # the old chain, as it was
+    gen(live, 3)
+    r = live.run("revert", "web", "s1", env={"SNAPFW_FAULT": "finish:0:kill"}, check=False)  # after the commit
+    assert r.returncode == -9 and not qemu.reattach()
+    assert "finished revert" in live.run("check", "web", "--repair").stdout
+    assert status(qemu) == "running" and qemu_chains(qemu) == live_chains(live) != before
+    gen(live, 4)
+    qemu.quit()
+    for target, (path, fmt) in live.domain().items():
+        assert reads(path, fmt, BYTES[target] + 1, KIB64) and reads(path, fmt, BYTES[target] + 4, 4 * KIB64)
+        assert reads(path, fmt, 0, 2 * KIB64) and reads(path, fmt, 0, 3 * KIB64)
+    live.assert_consistent()

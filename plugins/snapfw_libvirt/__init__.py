@@ -28,6 +28,7 @@ from snapfw.api import (
     INTERNAL,
     LIVE_CREATE,
     LIVE_DELETE,
+    LIVE_REVERT,
     CreateOverlay,
     Disk,
     Domain,
@@ -108,7 +109,7 @@ def _chain(disk: ET.Element, fmt: str, target: str) -> list[dict]:
 
 class LibvirtDriver(HypervisorDriver):
     scheme = "qemu"
-    capabilities = frozenset({LIVE_CREATE, LIVE_DELETE})
+    capabilities = frozenset({LIVE_CREATE, LIVE_DELETE, LIVE_REVERT})
     description = "libvirt's QEMU/KVM domains on this host: qemu:///system (libvirt-python)"
 
     def __init__(self, uri: str):
@@ -219,20 +220,28 @@ class LibvirtDriver(HypervisorDriver):
                     roots.append(os.path.dirname(store.find("source").get("file")))
             disks.append(Disk(target, path, fmt, node=node))
         states = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTOFF: "shut off"}
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        with _calls("XMLDesc"):
+            definition = {"xml": dom.XMLDesc(flags)}  # kept with each snapshot, put back by a revert
         return Domain(name, disks, running=running, allowed_roots=tuple(dict.fromkeys(roots)),
                       state=states.get(state, "running" if running else "shut off"), live_chains=chains,
-                      notes=notes, stream_below_active=False)
+                      notes=notes, stream_below_active=False, definition=definition)
 
     def define(self, domain: dict) -> None:
+        """Point the persistent XML's disks at the new files; with ``definition``, in that XML (a snapshot's)."""
         dom = self._lookup(domain["name"])
-        self._set_sources(dom, {d["target"]: (d["path"], d["format"]) for d in domain["disks"]})
+        base = ET.fromstring(domain["definition"]["xml"]) if "definition" in domain else None
+        self._set_sources(dom, {d["target"]: (d["path"], d["format"]) for d in domain["disks"]}, base)
 
-    def _set_sources(self, dom, sources: dict[str, tuple[str, str]]) -> None:
-        """Point the persistent XML's disks at ``sources`` (target -> (file, format)), dropping the
-        ``<backingStore>`` libvirt recorded for the old file (libvirt would use it instead of the image's
-        own header); nothing is written when the XML already says so."""
+    def _set_sources(self, dom, sources: dict[str, tuple[str, str]], base: ET.Element | None = None) -> None:
+        """Point the persistent XML's disks (or those of XML ``base``, which then replaces it) at
+        ``sources`` (target -> (file, format)), dropping the ``<backingStore>`` libvirt recorded for the old
+        file (libvirt would use it instead of the image's own header); nothing is written when the XML
+        already says so."""
         xml = self._xml(dom, live=False)
         changed = False
+        if base is not None and ET.tostring(base) != ET.tostring(xml):
+            xml, changed = base, True
         for el in xml.findall("devices/disk"):
             target = el.find("target").get("dev")
             if target not in sources:
@@ -252,6 +261,25 @@ class LibvirtDriver(HypervisorDriver):
                 ET.register_namespace(prefix, uri)
             with _calls("defineXML"):
                 self.conn.defineXML(ET.tostring(xml, encoding="unicode"))
+
+    # --- stop and start (revert) -----------------------------------------------------------------------
+    def restart_problem(self, domain: Domain) -> str | None:
+        return None  # domain() refuses transient domains: a persistent definition to start from is there
+
+    def stop(self, domain: str) -> None:
+        """``destroy``: the guest's state since the current snapshot is discarded anyway (as ``virsh
+        snapshot-revert`` does); libvirt returns once QEMU is gone."""
+        dom = self._lookup(domain)
+        with _calls("destroy"):
+            if dom.isActive():
+                dom.destroy()
+
+    def start(self, domain: str, paused: bool) -> None:
+        libvirt = _libvirt()
+        dom = self._lookup(domain)
+        with _calls("create"):
+            if not dom.isActive():
+                dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
 
     # --- live snapshots --------------------------------------------------------------------------------
     def _live_sources(self, dom) -> dict[str, str]:

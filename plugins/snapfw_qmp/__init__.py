@@ -2,15 +2,34 @@
 
 The domain is the QEMU listening there, named by its ``-name``. Its disks, their chains and internal
 snapshots come from QEMU's own view (``query-block``), never from a ``qemu-img`` on an image QEMU holds.
-Such a QEMU has no persistent definition: its running block graph is the truth, so ``define`` has nothing
-to write. Live snapshots of all disks are one QMP ``transaction``; live merges are ``block-commit`` and
-``block-stream`` jobs (auto-dismiss off, so a job that outlives snapfw waits for ``check --repair``).
+Such a QEMU has no persistent definition: its running block graph is the truth. Live snapshots of all
+disks are one QMP ``transaction``; live merges are ``block-commit`` and ``block-stream`` jobs
+(auto-dismiss off, so a job that outlives snapfw waits for ``check --repair``).
+
+A revert stops QEMU and starts it again, which needs its command line: the *launch spec*, a file next to
+the socket, ``SOCKET.launch.yaml``, which then is the domain's definition (``define`` rewrites its disks):
+
+    name: web                          # QEMU's -name
+    argv: [qemu-system-x86_64, -name, web, -daemonize, -qmp, "unix:SOCKET,server=on,wait=off",
+           -blockdev, "driver=file,filename={vda},node-name=f0",
+           -blockdev, "driver={vda.format},file=f0,node-name=d0", -device, "virtio-blk-pci,drive=d0,id=vda"]
+    disks:                             # what QEMU runs on: snapfw keeps these current
+      vda: {path: /srv/vms/web-vda.qcow2, format: qcow2}
+
+``{TARGET}`` and ``{TARGET.format}`` stand for the disk's active file and its format (in an option
+string, a comma of the file name is doubled; in a JSON argument, it is JSON-escaped). The argv runs with
+no shell and must daemonize; snapfw adds ``-S`` and continues the guest once QEMU runs on the planned
+files. Without a launch spec, create and delete work on any QEMU found by its socket; a revert is
+refused before anything changes. While QEMU is down, the domain is read from the spec (shut off).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import re
 import stat
 import time
 
@@ -19,17 +38,23 @@ from snapfw.api import (
     INTERNAL,
     LIVE_CREATE,
     LIVE_DELETE,
+    LIVE_REVERT,
     QMP,
     BadInput,
     CreateOverlay,
     Disk,
     Domain,
+    FileError,
     HypervisorDriver,
     Inconsistent,
     NotSupported,
     QMPError,
     UnknownDomain,
+    check_name,
+    fit_file_name,
+    fsync_dir,
     hookimpl,
+    run,
 )
 
 # how long undoing an external snapshot may wait for its commit job (the data the guest wrote since)
@@ -38,6 +63,11 @@ UNDO_JOB_SECONDS = 600.0
 # re-attaches to it
 MERGE_JOB_SECONDS = 3600.0
 # keys of QEMU's ImageInfo that inspection reads (the same names qemu-img info --output=json prints)
+# how long starting QEMU from its launch spec may take, until it has daemonized
+START_SECONDS = 60.0
+# the launch spec of the QEMU at SOCKET (see the module docstring)
+SPEC_SUFFIX = ".launch.yaml"
+PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)(\.format)?\}")
 CHAIN_KEYS = ("filename", "format", "backing-filename", "full-backing-filename", "backing-filename-format",
               "snapshots", "format-specific", "virtual-size")
 
@@ -76,9 +106,56 @@ def _local_file_problem(name: str) -> str | None:
     return None
 
 
+def _load_spec(path: str) -> dict | None:
+    """The launch spec at ``path``, checked; None if there is none."""
+    if not os.path.exists(path):
+        return None
+    import yaml  # only QEMUs with a launch spec pay for it
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = yaml.safe_load(f)
+    except OSError as e:
+        raise FileError.of(e, path) from None
+    except yaml.YAMLError as e:
+        raise BadInput(f"launch spec {path}: not plain YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise BadInput(f"launch spec {path}: expected a mapping with name, argv and disks")
+    check_name("domain", spec["name"])
+    argv, disks = spec.get("argv"), spec.get("disks")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
+        raise BadInput(f"launch spec {path}: argv must be a list of strings (the QEMU command line, no shell)")
+    if "-daemonize" not in argv:
+        raise BadInput(f"launch spec {path}: argv must include -daemonize (snapfw waits for QEMU to daemonize)")
+    if not isinstance(disks, dict) or not disks:
+        raise BadInput(f"launch spec {path}: disks must map each disk's target to its path and format")
+    for target, d in disks.items():
+        if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not os.path.isabs(d["path"]):
+            raise BadInput(f"launch spec {path}: disk {target} needs an absolute path")
+        if d.get("format") not in FORMATS:
+            raise BadInput(f"launch spec {path}: disk {target} format must be one of {', '.join(FORMATS)}")
+    used = {m.group(1) for a in argv for m in PLACEHOLDER.finditer(a)}
+    if used != set(disks):
+        raise BadInput(f"launch spec {path}: argv must use {{TARGET}} for exactly the disks it lists "
+                       f"(disks: {', '.join(sorted(disks))}; argv uses: {', '.join(sorted(used)) or 'none'})")
+    return spec
+
+
+def _argv(spec: dict) -> list[str]:
+    """The spec's argv with each disk's active file and format in place of its placeholders."""
+    def fill(arg: str) -> str:
+        def value(m):
+            d = spec["disks"][m.group(1)]
+            text = d["format"] if m.group(2) else d["path"]
+            return json.dumps(text)[1:-1] if arg.startswith("{\"") else text.replace(",", ",,")
+        return PLACEHOLDER.sub(value, arg)
+
+    return [fill(a) for a in spec["argv"]]
+
+
 class QMPDriver(HypervisorDriver):
     scheme = "qmp"
-    capabilities = frozenset({LIVE_CREATE, LIVE_DELETE})
+    capabilities = frozenset({LIVE_CREATE, LIVE_REVERT, LIVE_DELETE})
     description = "a running QEMU reached through its QMP socket: qmp:///PATH/TO/SOCKET"
 
     def __init__(self, uri: str):
@@ -87,6 +164,7 @@ class QMPDriver(HypervisorDriver):
         if not rest.startswith("/"):
             raise BadInput(f"invalid connection URI {uri!r}: qmp:// needs the absolute path of a QMP socket")
         self.socket = os.path.normpath(rest)
+        self.spec_path = self.socket + SPEC_SUFFIX
         self._qmp: QMP | None = None
 
     @property
@@ -107,8 +185,15 @@ class QMPDriver(HypervisorDriver):
         if actual != name:
             raise UnknownDomain(f"no domain {name!r}: the QEMU at {self.socket} is named {actual!r}")
 
+    def _down(self) -> dict | None:
+        """The launch spec if QEMU is down and has one (the domain is then read from it), else None."""
+        if self._qmp is not None or QMP.listening(self.socket):
+            return None
+        return _load_spec(self.spec_path)
+
     def list_domains(self) -> list[str]:
-        return [self._name()]
+        spec = self._down()
+        return [spec["name"]] if spec else [self._name()]
 
     def _blocks(self) -> dict[str, dict]:
         """target -> query-block entry, for every drive with a medium."""
@@ -124,6 +209,13 @@ class QMPDriver(HypervisorDriver):
         return out
 
     def domain(self, name: str) -> Domain:
+        spec = self._down()
+        if spec is not None:
+            if spec["name"] != name:
+                raise UnknownDomain(f"no domain {name!r}: the launch spec {self.spec_path} is of {spec['name']!r}")
+            disks = [Disk(t, d["path"], d["format"]) for t, d in spec["disks"].items()]
+            return Domain(name, disks, allowed_roots=tuple(dict.fromkeys(os.path.dirname(d.path) for d in disks)),
+                          definition={"argv": spec["argv"]})
         self._check(name)
         status = self.qmp.execute("query-status").get("status", "running")
         disks, chains, roots = [], {}, []
@@ -141,11 +233,87 @@ class QMPDriver(HypervisorDriver):
                 raise NotSupported(f"disk {target} is a {fmt} node, not one of {', '.join(FORMATS)}; snapfw "
                                    "cannot snapshot it")
             disks.append(Disk(target, chain[0]["filename"], fmt, node=b["inserted"]["node-name"]))
+        spec = _load_spec(self.spec_path)
+        if spec is not None and spec["name"] != name:
+            raise BadInput(f"launch spec {self.spec_path} is of {spec['name']!r}, but the QEMU at {self.socket} is "
+                           f"named {name!r}")
         return Domain(name, disks, running=True, allowed_roots=tuple(dict.fromkeys(roots)),
-                      state="running" if status == "running" else "paused", live_chains=chains)
+                      state="running" if status == "running" else "paused", live_chains=chains,
+                      definition={"argv": spec["argv"]} if spec else {})
 
     def define(self, domain: dict) -> None:
-        """Nothing to write: a bare QEMU has no persistent definition, its running block graph is the truth."""
+        """Rewrite the launch spec's disks (and its argv, to put back a snapshot's): nothing without a spec,
+        since a bare QEMU's running block graph is then the only truth."""
+        spec = _load_spec(self.spec_path)
+        if spec is None:
+            return
+        new = {**spec, "disks": {d["target"]: {"path": d["path"], "format": d["format"]} for d in domain["disks"]}}
+        if "definition" in domain:
+            new["argv"] = domain["definition"]["argv"]
+        if new != spec:
+            self._write_spec(new)
+
+    def _write_spec(self, spec: dict) -> None:
+        """Atomically: a temp file with the spec's mode, fsync, rename, fsync the directory. The temp name is
+        fixed per domain (written under its lock), so a crash's leftover is written over next time."""
+        import yaml
+
+        folder = os.path.dirname(self.spec_path)
+        tmp = os.path.join(folder, f".{fit_file_name(spec['name'], 255 - 12)}.launch.tmp")
+        try:
+            mode = stat.S_IMODE(os.stat(self.spec_path).st_mode)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                os.fchmod(f.fileno(), mode)
+                yaml.safe_dump(spec, f, sort_keys=False, width=1 << 16)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.spec_path)
+            fsync_dir(folder)
+        except OSError as e:
+            raise FileError.of(e, self.spec_path) from e
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    # --- stop and start (revert) -----------------------------------------------------------------------
+    def restart_problem(self, domain: Domain) -> str | None:
+        spec = _load_spec(self.spec_path)
+        if spec is None:
+            return (f"QEMU must be started again afterwards, and it has no launch spec ({self.spec_path}: its "
+                    "argv and disks, see the README's qmp section)")
+        missing = {d.target for d in domain.disks} ^ set(spec["disks"])
+        if missing:
+            return (f"the launch spec {self.spec_path} lists disks {', '.join(sorted(spec['disks']))}, the domain "
+                    f"has {', '.join(d.target for d in domain.disks)}")
+        return None
+
+    def stop(self, domain: str) -> None:
+        """Write what QEMU runs on into the launch spec (a start puts it back on exactly that), then quit it."""
+        if self._qmp is None and not QMP.listening(self.socket):
+            return
+        self.define({"name": domain, "disks": [d.as_dict() for d in self.domain(domain).disks]})
+        self.qmp.quit()
+        self._qmp = None
+
+    def start(self, domain: str, paused: bool) -> None:
+        if self._qmp is None and not QMP.listening(self.socket):
+            spec = _load_spec(self.spec_path)
+            if spec is None or spec["name"] != domain:
+                raise NotSupported(f"cannot start {domain}: no launch spec for it at {self.spec_path}")
+            argv = _argv(spec)
+            run(argv + ([] if "-S" in argv else ["-S"]), timeout=START_SECONDS)
+            self._check(domain)
+            running = {t: b["inserted"]["image"]["filename"] for t, b in self._blocks().items()}
+            planned = {t: d["path"] for t, d in spec["disks"].items()}
+            if running != planned:
+                self.qmp.quit()
+                self._qmp = None
+                raise Inconsistent(f"QEMU started from {self.spec_path} ran on {running}, not on {planned}; "
+                                   "stopped it again")
+        self._check(domain)
+        if not paused and self.qmp.execute("query-status").get("status") == "prelaunch":
+            self.qmp.execute("cont")
 
     # --- live snapshots --------------------------------------------------------------------------------
     def live_snapshot(self, domain: str, actions: list[dict]) -> None:

@@ -29,6 +29,10 @@ class QMPError(ToolError):
         self.desc = desc
 
 
+class _Closed(ToolError):
+    """QEMU closed the connection (it exited)."""
+
+
 class QMP:
     """A negotiated QMP session on the unix socket ``path``. Use :meth:`connect` (or ``with``)."""
 
@@ -39,6 +43,22 @@ class QMP:
         self.greeting: dict = {}
         self._sock: socket.socket | None = None
         self._buf = b""
+
+    @staticmethod
+    def listening(path: str) -> bool:
+        """Whether a process listens on the unix socket ``path`` (a QEMU that is up, whether or not its
+        monitor is free); False when the socket is missing or refuses (the QEMU that made it has exited)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(CONNECT_TIMEOUT)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError as e:
+            raise ToolError(f"cannot connect to QMP socket {path}: {e.strerror or e}", ["qmp"]) from None
+        finally:
+            s.close()
+        return True
 
     def _open(self, what: str = "QMP"):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -90,10 +110,12 @@ class QMP:
                 chunk = self._sock.recv(65536)
             except socket.timeout:
                 return None
+            except ConnectionResetError:
+                chunk = b""
             except OSError as e:
                 raise ToolError(f"QMP socket {self.path}: {e.strerror or e}", ["qmp"]) from None
             if not chunk:
-                raise ToolError(f"QMP socket {self.path} closed the connection (QEMU exited?)", ["qmp"])
+                raise _Closed(f"QMP socket {self.path} closed the connection (QEMU exited?)", ["qmp"])
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         try:
@@ -134,6 +156,20 @@ class QMP:
                 raise QMPError(command, err.get("class", "GenericError"), err.get("desc", str(err)))
             elif "return" in reply:
                 return reply["return"]
+
+    def quit(self, timeout: float = COMMAND_TIMEOUT) -> None:
+        """Quit QEMU and wait until it has closed the monitor, which it does only after closing every
+        image (so their locks are released); then close this session."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.execute("quit")
+            while self._read(deadline) is not None:
+                pass
+            raise ToolError(f"QEMU at {self.path} did not exit within {timeout:g} s of quit", ["qmp", "quit"])
+        except _Closed:
+            pass
+        finally:
+            self.close()
 
     def wait_events(self, seconds: float):
         """Collect events for up to ``seconds``, returning as soon as some have arrived."""
