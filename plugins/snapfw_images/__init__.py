@@ -157,7 +157,7 @@ class ImagesDriver(HypervisorDriver):
         data = self._load(source)
         # the clone reads through the source's images: their directories are allowed roots of the clone too
         roots = [os.path.join(self.dir, r) for r in data.get("allowed_roots", [])]
-        roots += [os.path.dirname(d.path) for d in self.domain(source).disks]
+        roots += [os.path.dirname(os.path.join(self.dir, d["path"])) for d in data["disks"]]
         by_target = {d["target"]: d for d in clone["disks"]}
         data["name"] = clone["name"]
         data["disks"] = [{**d, "path": self._relative(by_target[d["target"]]["path"]),
