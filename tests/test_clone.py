@@ -103,13 +103,11 @@ def test_a_snapshot_below_the_base_is_deleted_without_writing_it(env):
     env.write("web", "vda", 0x12, 65536)
     env.run("create", "web", "gold")
     env.run("clone", "web", "gold", "copy")
-    shared = [p for p in env.files() if p.startswith("web-vda")]
-    sums = {p: env.state()[p] for p in shared if not p.endswith(tuple(env.domain("web")["vda"][0][-20:]))}
+    path, fmt = env.domain("copy")["vda"]
+    shared = [os.path.basename(node["filename"]) for node in info_chain(path, fmt)[1:]]  # base and below
+    before = {n: env.state()[n] for n in shared}
     env.run("delete", "web", "old")
-    after = env.state()
-    for p in sums:
-        if p in after and env.domain("web")["vda"][0] != os.path.join(env.dir, p):
-            assert after[p] == sums[p], f"{p} was written"
+    assert {n: env.state()[n] for n in shared} == before, "a file the clone reads through was written"
     assert env.reads("copy", "vda", 0x11, 0) and env.reads("copy", "vda", 0x12, 65536)
     env.assert_consistent("web")
     assert env.run("check").stdout.strip() == "No problems found."
@@ -166,7 +164,6 @@ def test_dry_run_lists_every_file_and_bytes(env):
                                                           for t in ("vda", "vdb")]
     assert all(f["bytes"] > 0 for f in out["files"]) and out["bytes"] == sum(f["bytes"] for f in out["files"])
     text = env.run("clone", "web", "gold", "web-{n}", "--count", "2", "--full", "--dry-run").stdout
-    assert "qemu-img" not in text or True
     assert "File: " in text and "Bytes to write: " in text and "Nothing was changed" in text
     assert env.layout() == before
 

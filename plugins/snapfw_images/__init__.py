@@ -170,6 +170,7 @@ class ImagesDriver(HypervisorDriver):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
+                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(self._file(source)).st_mode))  # as the source's
                 yaml.safe_dump(data, f, sort_keys=False)
                 f.flush()
                 os.fsync(f.fileno())
