@@ -100,7 +100,8 @@ def _fault(phase: str, idx: int):
     `clone --count N` runs one plan per clone). PHASE is prepare, commit, undo or finish; several faults
     are separated by commas (to fail a step and then die while undoing it)."""
     for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        want_phase, want_idx, action, nth = (spec.split(":") + ["raise", ""])[:4]
+        want_phase, want_idx, *rest = spec.split(":")
+        action, nth = (rest + ["raise", ""][len(rest):])[:2]
         if want_phase == phase and int(want_idx) == idx and nth in ("", str(_plans_run)):
             if action in ("kill", "term"):
                 os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
