@@ -184,6 +184,20 @@ class HypervisorDriver:
     def define(self, domain: dict) -> None:
         raise NotSupported(f"driver {self.scheme} cannot change a domain's definition")
 
+    def define_clone(self, source: str, clone: dict) -> None:
+        """Define a new domain ``clone["name"]`` as a copy of domain ``source``'s definition with a new
+        identity and each disk of ``clone["disks"]`` (target, path, format) on the given file; disks of
+        ``source`` not in the list are left out. Refuses a name that exists; never starts it."""
+        raise NotSupported(f"driver {self.scheme} cannot define new domains (clones)")
+
+    def undefine_clone(self, clone: dict) -> None:
+        """Undo :meth:`define_clone`, also after a partial one: remove ``clone["name"]``'s definition only
+        while it is still the one define_clone made (the same disk files)."""
+        raise NotSupported(f"driver {self.scheme} cannot define new domains (clones)")
+
+    def start(self, name: str) -> None:
+        raise NotSupported(f"driver {self.scheme} cannot start domains")
+
     def pause(self, domain: Domain) -> None:
         raise NotSupported(f"driver {self.scheme} cannot pause domains")
 

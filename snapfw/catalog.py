@@ -74,6 +74,20 @@ _MIGRATIONS = [
         at REAL NOT NULL,
         PRIMARY KEY(plan_id, phase, idx));
     """,
+    # version 2: linked clones. One row per disk of a clone that reads through a shared base: the base's
+    # reference count is its number of rows, written in the transaction that makes or detaches the clone
+    """
+    CREATE TABLE clone_bases(
+        domain_id INTEGER NOT NULL REFERENCES domains(id) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        base TEXT NOT NULL,
+        gold_domain TEXT NOT NULL,
+        gold_snapshot TEXT NOT NULL,
+        gold_target TEXT NOT NULL,
+        PRIMARY KEY(domain_id, target));
+    CREATE INDEX clone_bases_base ON clone_bases(base);
+    CREATE INDEX clone_bases_gold ON clone_bases(gold_domain, gold_snapshot);
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -229,6 +243,16 @@ class Catalog:
             "SELECT d.name, f.path, f.target, f.format, f.backing, f.owned FROM files f "
             "JOIN domains d ON d.id = f.domain_id ORDER BY f.path")]
 
+    def clone_bases(self, gold: str | None = None, clone: str | None = None) -> list[dict]:
+        """The shared bases linked clones read through: of the clones made from ``gold``'s snapshots, or of
+        clone ``clone``'s disks. Each: clone, target, base, gold_domain, gold_snapshot, gold_target."""
+        sql = ("SELECT d.name, c.target, c.base, c.gold_domain, c.gold_snapshot, c.gold_target FROM clone_bases c "
+               "JOIN domains d ON d.id = c.domain_id WHERE ")
+        sql += "c.gold_domain = ?" if gold is not None else "d.name = ?"
+        keys = ("clone", "target", "base", "gold_domain", "gold_snapshot", "gold_target")
+        return [dict(zip(keys, r)) for r in self._q(sql + " ORDER BY d.name, c.target", (gold if gold is not None
+                                                                                      else clone,))]
+
     def garbage_tags(self, domain: str) -> list[tuple[str, str]]:
         return self._q("SELECT g.path, g.tag FROM garbage_tags g JOIN domains d ON d.id = g.domain_id "
                        "WHERE d.name = ? ORDER BY g.path, g.tag", (domain,)).fetchall()
@@ -349,6 +373,14 @@ class Changes:
     def remove_file(self, path: str):
         self._q("DELETE FROM files WHERE path = ?", (path,))
         self._q("DELETE FROM garbage_tags WHERE path = ?", (path,))
+
+    def add_clone_base(self, clone: str, target: str, base: str, gold: str, snapshot: str, gold_target: str):
+        self._q("INSERT INTO clone_bases(domain_id, target, base, gold_domain, gold_snapshot, gold_target) "
+                "VALUES (?,?,?,?,?,?)", (self._domain_id(clone), target, base, gold, snapshot, gold_target))
+
+    def remove_clone_base(self, clone: str, target: str):
+        self._q("DELETE FROM clone_bases WHERE target = ? AND domain_id = (SELECT id FROM domains WHERE name = ?)",
+                (target, clone))
 
     def add_garbage_tag(self, domain: str, path: str, tag: str):
         self._q("INSERT OR IGNORE INTO garbage_tags(domain_id, path, tag) VALUES (?,?,?)",

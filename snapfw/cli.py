@@ -83,7 +83,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 
 # the commands that change disks: an unexpected error in one of them may leave something for `check`
-_CHANGING = ("create", "revert", "delete")
+_CHANGING = ("create", "revert", "delete", "clone", "detach")
 
 
 class _Group(click.Group):
@@ -234,6 +234,59 @@ def delete(ctx, domain, name, children, as_json, dry_run):
     _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "delete"})
     if not dry_run and not as_json:
         click.echo(f"Snapshot {name} of {domain} deleted{' with its descendants' if children else ''}.")
+
+
+@main.command("clone")
+@click.argument("domain")
+@click.argument("snapshot")
+@click.argument("newname")
+@click.option("--count", default=1, show_default=True, help="How many clones; NEWNAME then holds {n} (web-{n}).")
+@click.option("--full", is_flag=True, help="Independent sparse copies instead of overlays on a shared base.")
+@click.option("--start", is_flag=True, help="Start each clone once it is defined (drivers that run domains).")
+@json_option
+@dry_run_option
+@click.pass_context
+def clone_(ctx, domain, snapshot, newname, count, full, start, as_json, dry_run):
+    """Make new domains NEWNAME whose disks read as SNAPSHOT of DOMAIN (linked clones unless --full)."""
+    from . import clone
+
+    clones = clone.clone(_session(ctx, as_json), domain, snapshot, newname, count, full, start, dry_run)
+    files = [{"clone": c.name, "path": p, "bytes": b} for c in clones for p, b in c.files]
+    if as_json:
+        _emit({"domain": domain, "snapshot": snapshot, "operation": "clone", "dry_run": dry_run, "full": full,
+               "clones": [c.name for c in clones], "files": files, "bytes": sum(f["bytes"] for f in files),
+               "plans": [c.plan.as_dict() for c in clones]})
+        return
+    if dry_run:
+        for c in clones:
+            click.echo(f"Plan: {c.plan.summary}")
+            for i, s in enumerate(c.plan.as_dict()["steps"], 1):
+                click.echo(f"  {i}. [{s['phase']}] {s['describe']}")
+        for f in files:
+            click.echo(f"File: {f['path']} ({f['bytes']} bytes)")
+        click.echo(f"Bytes to write: {sum(f['bytes'] for f in files)}")
+    for note in dict.fromkeys(n for c in clones for n in c.plan.notes):
+        click.echo(f"Note: {note}")
+    if dry_run:
+        click.echo("Nothing was changed (--dry-run).")
+        return
+    kind = "full" if full else "linked"
+    click.echo(f"{len(clones)} {kind} clone(s) of {domain} snapshot {snapshot} made: {', '.join(c.name for c in clones)}.")
+
+
+@main.command()
+@click.argument("clone")
+@json_option
+@dry_run_option
+@click.pass_context
+def detach(ctx, clone, as_json, dry_run):
+    """Make linked clone CLONE standalone: copy its shared bases into it and drop their references."""
+    from . import clone as clones
+
+    plan = clones.detach(_session(ctx, as_json), clone, dry_run)
+    _print_plan(plan, as_json, dry_run, {"domain": clone, "operation": "detach"})
+    if not dry_run and not as_json:
+        click.echo(f"Clone {clone} detached: it reads through no shared base any more.")
 
 
 @main.command("list")

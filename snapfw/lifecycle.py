@@ -257,6 +257,20 @@ class ImageUsers:
         return None
 
 
+def _pinned(domain: str, placements: list[tuple[str, ImageFile]]) -> set[str]:
+    """The files of ``domain`` that other domains' images read through (shared bases, linked clones' gold
+    images), and every file those read through in turn: none of them may be written or removed."""
+    mine = {f.path: f for d, f in placements if d == domain}
+    pinned, todo = set(), [f.backing for d, f in placements if d != domain and f.backing]
+    while todo:
+        path = todo.pop()
+        if path not in pinned:
+            pinned.add(path)
+            if path in mine and mine[path].backing:
+                todo.append(mine[path].backing)
+    return pinned
+
+
 def _graph(disk: Disk, tree: Tree, files: dict[str, ImageFile], garbage, pinned, inspect) -> DiskGraph:
     mine = {p: f for p, f in files.items() if f.target == disk.target}
     records = {}
@@ -354,7 +368,7 @@ class _Operation:
         self.files = s.catalog.files(self.name)
         self.garbage = s.catalog.garbage_tags(self.name)
         placements = s.catalog.placements()
-        self.pinned = {f.backing for d, f in placements if d != self.name and f.backing}
+        self.pinned = _pinned(self.name, placements)
         self.users = ImageUsers(s.driver, placements, lambda other, e: s.reporter.warn(
             f"domain {other} cannot be read ({e}); images it runs on are not compared with {self.name}'s"))
         self.inspect = Inspector(self.domain.allowed_roots, self.files, live=self.domain.live_chains)
@@ -590,6 +604,7 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
         o.load()
         find_snapshot(o.tree, o.name, name)
         names = [name] + (o.tree.descendants(name) if children else [])
+        _refuse_clone_bases(session.catalog, o.name, names)
         targets = {r.target for n in names for r in o.tree.by_name[n].disks}
         ops = o.start([d for d in o.domain.disks if d.target in targets],
                       {r.target: _backend(r.backend) for n in names for r in o.tree.by_name[n].disks})
@@ -615,6 +630,15 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
         return o.run(plan, dry_run, lambda: h.snapfw_pre_delete(domain=o.domain, names=names),
                      functools.partial(h.snapfw_post_delete, domain=o.domain, names=names),
                      f"{what} of {o.name} was deleted")
+
+
+def _refuse_clone_bases(catalog: Catalog, domain: str, names: list[str]):
+    """Linked clones read through the disk state of these snapshots: deleting one is refused, naming them."""
+    deps = [c for c in catalog.clone_bases(gold=domain) if c["gold_snapshot"] in names]
+    if deps:
+        listed = ", ".join(sorted({f"{c['clone']} (snapshot {c['gold_snapshot']})" for c in deps}))
+        raise Refused(f"linked clones of {domain} read through snapshots being deleted: {listed}; "
+                      "`snapfw detach` them first")
 
 
 def find_snapshot(tree: Tree, domain: str, name: str) -> Snapshot:

@@ -91,13 +91,18 @@ class Plan:
         }
 
 
+_plans_run = 0  # plans this process has started: the fault hook's optional PLAN field counts them
+
+
 def _fault(phase: str, idx: int):
-    """Test hook: SNAPFW_FAULT=PHASE:INDEX:raise|kill|term fails, dies, or gets SIGTERM (as from a service
-    manager or Ctrl-C) just before that step. PHASE is prepare, commit, undo or finish; several faults
+    """Test hook: SNAPFW_FAULT=PHASE:INDEX:raise|kill|term[:PLAN] fails, dies, or gets SIGTERM (as from a
+    service manager or Ctrl-C) just before that step, of the PLAN-th plan the process runs (default: any;
+    `clone --count N` runs one plan per clone). PHASE is prepare, commit, undo or finish; several faults
     are separated by commas (to fail a step and then die while undoing it)."""
     for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        want_phase, want_idx, action = (spec.split(":") + ["raise"])[:3]
-        if want_phase == phase and int(want_idx) == idx:
+        want_phase, want_idx, *rest = spec.split(":")
+        action, nth = (rest + ["raise", ""][len(rest):])[:2]
+        if want_phase == phase and int(want_idx) == idx and nth in ("", str(_plans_run)):
             if action in ("kill", "term"):
                 os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
                 return  # SIGTERM: the CLI's handler raises KeyboardInterrupt at once
@@ -106,6 +111,8 @@ def _fault(phase: str, idx: int):
 
 def execute(plan: Plan, catalog, ctx) -> None:
     """Run ``plan``: journal, prepare, commit, finish. On failure before the commit, undo and re-raise."""
+    global _plans_run
+    _plans_run += 1
     plan_id = uuid.uuid4().hex
     catalog.begin_plan(plan_id, plan.domain, plan.operation,
                        {"format": JOURNAL_FORMAT, "prepare": [s.to_json() for s in plan.prepare],

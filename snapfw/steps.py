@@ -26,6 +26,13 @@ def _delete_tag(path: str, tag: str):
         qemuimg.snapshot("-d", path, tag)
 
 
+def work_name(path: str) -> str:
+    """A hidden name ``.<name>.<token>.tmp`` next to ``path`` to write it under, drawn when a plan is made."""
+    folder, name = os.path.split(path)
+    token = secrets.token_hex(6)  # within NAME_MAX
+    return os.path.join(folder, f".{fit_file_name(name, 255 - 18)}.{token}.tmp")
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         x, y = os.lstat(a), os.lstat(b)
@@ -57,10 +64,7 @@ class CreateOverlay(Step):
     work: str = ""
 
     def __post_init__(self):
-        if not self.work:
-            folder, name = os.path.split(self.path)
-            token = secrets.token_hex(6)  # `.<name>.<token>.tmp` within NAME_MAX
-            self.work = os.path.join(folder, f".{fit_file_name(name, 255 - 18)}.{token}.tmp")
+        self.work = self.work or work_name(self.path)
 
     def do(self, ctx):
         os.close(os.open(self.work, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # guest data: owner only

@@ -103,6 +103,11 @@ class ExternalBackend(DiskBackend):
         children = g.children(frozen)
         if not children:
             return  # nothing reads through it: the core removes it
+        shared = [c for c in children if c in g.pinned]
+        if shared:  # either merge would write a file other domains (linked clones) read through
+            op.notes.append(f"{frozen} stays as a hidden backing file: {', '.join(shared)} is a shared base "
+                            "other domains read through")
+            return
         fmt = g.format(frozen)
         op.inspect(frozen, fmt)
         with_tags = [c for c in children if op.inspect(c, g.format(c)).get("snapshots")]

@@ -132,11 +132,10 @@ class ImagesDriver(HypervisorDriver):
         for d in data["disks"]:
             new = by_target[d["target"]]
             path = new["path"]
-            rel = os.path.relpath(path, self.dir)
-            d["path"] = path if rel.startswith("..") else rel
+            d["path"] = self._relative(path)
             d["format"] = new["format"]
         target = self._file(name)
-        tmp = os.path.join(self.dir, f".{fit_file_name(name, 255 - 12)}.snapfw.tmp")
+        tmp = self._tmp(name)
         try:
             if data != old:
                 st = os.stat(target)
@@ -155,6 +154,54 @@ class ImagesDriver(HypervisorDriver):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def define_clone(self, source: str, clone: dict) -> None:
+        """Write ``DIR/<clone>.yaml``: the source's file with the clone's disks, under a hidden name first,
+        then linked into place (a link never replaces a file; the name was free when the plan was made)."""
+        data = self._load(source)
+        # the clone reads through the source's images: their directories are allowed roots of the clone too
+        roots = [os.path.join(self.dir, r) for r in data.get("allowed_roots", [])]
+        roots += [os.path.dirname(os.path.join(self.dir, d["path"])) for d in data["disks"]]
+        by_target = {d["target"]: d for d in clone["disks"]}
+        data["name"] = clone["name"]
+        data["disks"] = [{**d, "path": self._relative(by_target[d["target"]]["path"]),
+                          "format": by_target[d["target"]]["format"]}
+                         for d in data["disks"] if d["target"] in by_target]
+        roots = sorted({os.path.normpath(r) for r in roots} - {self.dir})
+        if roots:
+            data["allowed_roots"] = roots
+        target, tmp = self._file(clone["name"]), self._tmp(clone["name"])
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(self._file(source)).st_mode))  # as the source's
+                yaml.safe_dump(data, f, sort_keys=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, target)
+            os.unlink(tmp)
+            fsync_dir(self.dir)
+        except OSError as e:
+            raise FileError.of(e, target) from e
+
+    def undefine_clone(self, clone: dict) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp(clone["name"]))
+        try:
+            mine = {(d.target, d.path) for d in self.domain(clone["name"]).disks}
+        except UnknownDomain:
+            return
+        if mine == {(d["target"], os.path.normpath(d["path"])) for d in clone["disks"]}:
+            os.unlink(self._file(clone["name"]))
+            fsync_dir(self.dir)
+
+    def _relative(self, path: str) -> str:
+        rel = os.path.relpath(path, self.dir)
+        return path if rel.startswith("..") else rel
+
+    def _tmp(self, name: str) -> str:
+        """The one temporary name a domain file is written under (see :meth:`define`)."""
+        return os.path.join(self.dir, f".{fit_file_name(name, 255 - 12)}.snapfw.tmp")
 
 
 @hookimpl

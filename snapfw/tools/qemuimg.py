@@ -106,3 +106,26 @@ def map_extents(path: str, fmt: str, shared: bool = False) -> list[dict]:
     argv = [QEMU_IMG, "map", "--output=json", "-f", fmt, *(["-U"] if shared else []), path]
     return _json(argv, run(argv, limited=True), lambda d: isinstance(d, list) and all(map(_extent, d)))
 
+
+
+def measure(path: str | None, fmt: str | None, out_fmt: str, size: int | None = None, tag: str | None = None) -> int:
+    """``qemu-img measure``: the bytes a new ``out_fmt`` image needs, either as a copy of ``path`` (through
+    its backing chain; of internal snapshot ``tag`` if given) or, with ``size``, empty."""
+    argv = [QEMU_IMG, "measure", "--output=json", "-O", out_fmt]
+    if size is not None:
+        argv += ["--size", str(size)]
+    else:
+        argv += ["-f", fmt] + (["-l", f"snapshot.name={tag}"] if tag else []) + [path]
+    return _json(argv, run(argv, limited=True), lambda d: isinstance(d, dict) and isinstance(d.get("required"), int))[
+        "required"]
+
+
+def convert_argv(src: str, src_fmt: str, dst: str, dst_fmt: str, tag: str | None = None) -> list[str]:
+    """A standalone sparse copy of ``src`` as its whole chain reads (or of its internal snapshot ``tag``):
+    zeroed and unallocated clusters are not written."""
+    snap = ["-l", f"snapshot.name={tag}"] if tag else []
+    return [QEMU_IMG, "convert", "-p", "-f", src_fmt, *snap, "-O", dst_fmt, src, dst]
+
+
+def convert(src: str, src_fmt: str, dst: str, dst_fmt: str, tag: str | None = None, progress=None):
+    run(convert_argv(src, src_fmt, dst, dst_fmt, tag), progress=progress)
