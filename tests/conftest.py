@@ -157,10 +157,11 @@ class Env:
     def export(self, domain: str = "web") -> dict:
         return yaml.safe_load(self.run("export", domain).stdout)
 
-    def assert_consistent(self, domain: str = "web"):
+    def assert_consistent(self, domain: str = "web", exported: dict | None = None):
         """Catalog matches the disks: every managed file exists with the recorded format and backing,
-        every snapshot's files exist, every qcow2 checks clean (0) or with leaks only (3)."""
-        exported = self.export(domain)
+        every snapshot's files exist, every qcow2 checks clean (0) or with leaks only (3). ``exported``:
+        the catalog's export, if the caller has it already."""
+        exported = exported or self.export(domain)
         for f in exported["files"]:
             assert os.path.exists(f["path"]), f"catalog names missing file {f['path']}"
             top = info_chain(f["path"], f["format"])[0]
