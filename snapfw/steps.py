@@ -11,6 +11,7 @@ import secrets
 import struct
 from dataclasses import dataclass
 
+from .connection import fsync_dir
 from .model import fit_file_name
 from .plan import Step
 from .tools import qemuimg
@@ -67,6 +68,7 @@ class CreateOverlay(Step):
         qemuimg.create_overlay(self.work, self.backing, self.backing_format)
         os.link(self.work, self.path)
         os.unlink(self.work)
+        fsync_dir(os.path.dirname(self.path))  # the overlay's name is there before the journal says so
 
     def undo(self, ctx):
         if self._ours():
@@ -210,6 +212,7 @@ class RemoveFile(Step):
 
     def do(self, ctx):
         _remove(self.path)
+        fsync_dir(os.path.dirname(self.path))  # gone for good before the journal says so
 
     def describe(self):
         return f"remove {self.path}"
