@@ -241,4 +241,6 @@ def test_power_loss(rig, kind, capsys):
         print(f"\npower loss ({kind}): {len(points)} cut points tried (of {available}), {len(failures)} failures, "
               f"seed {seed} (SNAPFW_POWER_LOSS_SEED={seed} replays it); recorded in {recorded:.0f} s, cut in "
               f"{time.monotonic() - began - recorded:.0f} s; operation after repair: {sides}")
+        for failure in failures[:20]:
+            print(f"  {failure}")
     assert not failures, "\n".join(failures[:10])
