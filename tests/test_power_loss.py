@@ -20,14 +20,14 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import time
+from dataclasses import dataclass
 
 import pytest
 import yaml
 
 import powerloss
-from conftest import IN_CI, KIB64, Env, check_image, info_chain, write
+from conftest import IN_CI, KIB64, Env, check_image
 
 MIB = 1 << 20
 GENS = (1, 2, 3)  # generation g writes 0x10+g (vda) and 0x80+g (vdb) at (g-1) * 128 KiB
@@ -98,9 +98,24 @@ def state(env: Env) -> dict:
     return {"export": yaml.safe_load(r.stdout) if r.returncode == 0 else None, "domain": env.domain()}
 
 
-def record(rig, kind: str):
-    """Run the script on the recorded device; return the operations as (name, first entry, last entry,
-    state before, state after, generations each snapshot and the active disks hold before and after)."""
+@dataclass
+class Op:
+    """One recorded operation: its log entries [first, last), ``returned`` entries logged when snapfw
+    had exited (and said it was done), the states before and after, and the generations each snapshot
+    (and None: the active disks) holds before and after."""
+
+    name: str
+    first: int
+    last: int
+    returned: int
+    before: dict
+    after: dict
+    held_before: dict
+    held_after: dict
+
+
+def record(rig, kind: str) -> list[Op]:
+    """Run the script on the recorded device."""
     env, parts, export = rig["env"], rig["parts"], os.path.join(rig["dir"], "export.img")
     disks, backend = KINDS[kind]
     open(rig["device"], "wb").close()
@@ -125,13 +140,15 @@ def record(rig, kind: str):
                 continue
             before, held_before, first = state(env), dict(held), boundary()
             env.run(verb, "web", arg)
+            returned = powerloss.entries_so_far(rig["log"])
             if verb == "create":
                 held[arg] = held[None]
             elif verb == "revert":
                 held[None] = held[arg]
             else:
                 del held[arg]
-            ops.append((f"{verb} {arg}", first, boundary(), before, state(env), held_before, dict(held)))
+            last = boundary()
+            ops.append(Op(f"{verb} {arg}", first, last, returned, before, state(env), held_before, dict(held)))
         umount(parts)
     return ops
 
@@ -146,7 +163,8 @@ def reads(path: str, fmt: str, expect: dict[int, int], tag: str | None = None) -
         r = subprocess.run([*argv, path], capture_output=True, text=True)
         out = r.stdout + r.stderr
         bad = r.returncode != 0 or "Pattern verification failed" in out or "error" in out.lower()
-        return f"{path}: {out.strip()[-300:]}" if bad else None
+        wrong = [ln for ln in out.splitlines() if not ln.startswith(("read ", "64 KiB,"))]
+        return f"{path}: {' '.join(wrong) or out.strip()}" if bad else None
     raw = path + f".{tag}.raw"
     try:
         subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-l", f"snapshot.name={tag}", "-O", "raw",
@@ -163,29 +181,30 @@ def reads(path: str, fmt: str, expect: dict[int, int], tag: str | None = None) -
     return None
 
 
-def verify(env: Env, op) -> str:
+def verify(env: Env, op: Op, returned: bool) -> str:
     """After `check --repair` on a cut device: which side of ``op`` it is on; AssertionError if neither,
-    or if anything a user wrote does not read back."""
-    name, _, _, before, after, held_before, held_after = op
+    if anything a user wrote does not read back, or if the cut came after snapfw ``returned`` (said it
+    was done) and the operation is not there."""
     r = env.run("check", "--repair", "--json", check=False)
     assert r.returncode == 0, f"check --repair failed ({r.returncode}): {r.stderr.strip()[-300:]}"
     problems = [f for f in json.loads(r.stdout)["findings"] if not re.match(r"web: (rolled back|finished) ", f)]
     assert not problems, f"check --repair left: {problems}"
     now = state(env)
-    side = "absent" if now == before else "there" if now == after else None
-    assert side, (f"{name} is neither wholly absent nor wholly there: catalog {now['export']}, "
+    side = "absent" if now == op.before else "there" if now == op.after else None
+    assert side, (f"{op.name} is neither wholly absent nor wholly there: catalog {now['export']}, "
                   f"domain {now['domain']}")
-    held = held_before if side == "absent" else held_after
+    assert side == "there" or not returned, f"{op.name} had returned, but is absent"
+    held = op.held_before if side == "absent" else op.held_after
     formats = {f["path"]: f["format"] for f in (now["export"] or {}).get("files", [])}
     for target, (path, fmt) in now["domain"].items():
         bad = reads(path, fmt, {g: byte(target, g) if g in held[None] else 0 for g in GENS})
-        assert bad is None, f"{name} {side}: active {target} reads wrong: {bad}"
+        assert bad is None, f"{op.name} {side}: active {target} reads wrong: {bad}"
     for snap in (now["export"] or {}).get("snapshots", []):
         for d in snap["disks"]:
             t = d["target"]
             expect = {g: byte(t, g) if g in held[snap["name"]] else 0 for g in GENS}
             bad = reads(d["file"], formats[d["file"]], expect, d.get("tag"))
-            assert bad is None, f"{name} {side}: snapshot {snap['name']} {t} reads wrong: {bad}"
+            assert bad is None, f"{op.name} {side}: snapshot {snap['name']} {t} reads wrong: {bad}"
     if now["export"]:
         env.assert_consistent(exported=now["export"])
     else:  # no catalog yet: the images are as the user made them
@@ -194,24 +213,27 @@ def verify(env: Env, op) -> str:
     return side
 
 
-def cut_points(replayer, ops, rng, n: int | None):
+def cut_points(replayer, ops: list[Op], rng, n: int | None):
     """(op, flush entry, unflushed entries kept) to try: each operation's flush points, and after each
-    a random subset of the writes before the next flush; sampled down to ``n`` evenly over the ops."""
-    points = []
+    a random subset of the writes before the next flush; sampled down to ``n`` evenly over the ops, but
+    always the last flush before snapfw returned (then the operation must be there, whatever the
+    kernel had not written out yet). Returns the points and how many there were to sample from."""
+    points, available = [], 0
     for op in ops:
         mine = []
-        for f in powerloss.flush_points(replayer.entries, op[1], op[2] + 1):
+        for f in powerloss.flush_points(replayer.entries, op.first, op.last):
             mine.append((op, f, ()))
-            later = replayer.after(f, op[2])
+            later = replayer.after(f, op.last)
             if later:
                 mine.append((op, f, tuple(e for e in later if rng.random() < 0.5)))
-        points.append(mine)
-    available = sum(len(m) for m in points)
-    if n is not None:
-        per_op = max(1, n // len(ops))
-        points = [sorted(rng.sample(mine, min(per_op, len(mine))), key=lambda p: (p[1], len(p[2])))
-                  for mine in points]
-    return [p for mine in points for p in mine], available
+        assert replayer.entries[op.returned - 1].flags & powerloss.FLUSH, "snapfw returned between flushes"
+        returned = (op, op.returned - 1, ())
+        mine = [p for p in mine if p != returned]
+        available += len(mine) + 1
+        if n is not None:
+            mine = rng.sample(mine, min(max(0, n // len(ops) - 1), len(mine)))
+        points += sorted([*mine, returned], key=lambda p: (p[1], len(p[2])))
+    return points, available
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -227,12 +249,12 @@ def test_power_loss(rig, kind, capsys):
     failures, sides = [], {}
     for op, flush, unflushed in points:
         replayer.device(flush, cut, unflushed)
-        where = f"{op[0]} cut at entry {flush}" + (f" + {len(unflushed)} unflushed writes" if unflushed else "")
+        where = f"{op.name} cut at entry {flush}" + (f" + {len(unflushed)} unflushed writes" if unflushed else "")
         try:
             mount(rig["parts"], cut)
             try:
-                side = verify(rig["env"], op)
-                sides[op[0], side] = sides.get((op[0], side), 0) + 1
+                side = verify(rig["env"], op, returned=flush == op.returned - 1 and not unflushed)
+                sides[op.name, side] = sides.get((op.name, side), 0) + 1
             finally:
                 umount(rig["parts"])
         except (AssertionError, subprocess.CalledProcessError) as e:
