@@ -20,8 +20,9 @@ import os
 import shutil
 import struct
 import subprocess
-import time
 from dataclasses import dataclass
+
+from conftest import fuse_export, mounted
 
 MAGIC = 0x6A736677736872
 VERSION = 1
@@ -83,11 +84,6 @@ def copy(src: str, dst: str) -> None:
     subprocess.run(["cp", "--sparse=always", "--reflink=auto", src, dst], check=True)
 
 
-def mounted(path: str) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
-
-
 @dataclass(frozen=True)
 class Part:
     """One ext4 filesystem at ``offset`` of the device, mounted on ``mountpoint``."""
@@ -119,31 +115,15 @@ def mkfs(device: str, parts) -> None:
 
 
 @contextlib.contextmanager
-def recording(qsd: str, device: str, log: str, export: str, log_size: int = 1 << 30):
+def recording(device: str, log: str, export: str, log_size: int = 1 << 30):
     """``export`` is ``device`` as a FUSE file whose every write and flush is logged to ``log``."""
     with open(log, "wb") as f:
         f.truncate(log_size)
     open(export, "w").close()
-    proc = subprocess.Popen(
-        [qsd, "--blockdev", f"driver=file,node-name=dev,filename={device}",
-         "--blockdev", f"driver=file,node-name=logf,filename={log}",
-         "--blockdev", f"driver=blklogwrites,node-name=lw,file=dev,log=logf,log-sector-size={SECTOR}",
-         "--export", f"type=fuse,id=e0,node-name=lw,mountpoint={export},writable=on"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 10
-        while not mounted(export):
-            if proc.poll() is not None:
-                raise RuntimeError(f"qemu-storage-daemon failed: {proc.stderr.read().strip()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the FUSE export did not appear")
-            time.sleep(0.02)
+    with fuse_export([f"driver=file,node-name=dev,filename={device}", f"driver=file,node-name=logf,filename={log}",
+                      f"driver=blklogwrites,node-name=lw,file=dev,log=logf,log-sector-size={SECTOR}"],
+                     "lw", export):
         yield
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        if mounted(export):
-            subprocess.run(["umount", export], check=True)
 
 
 def flush_points(entries, start: int, stop: int) -> list[int]:

@@ -65,15 +65,14 @@ def sample_size() -> int | None:
 def rig(tmp_path):
     """Where a recording lives: the device, its log, and the two mount points (the catalog's filesystem
     is mounted on the domain directory's state dir)."""
-    qsd = shutil.which("qemu-storage-daemon")
-    if qsd is None:
+    if shutil.which("qemu-storage-daemon") is None:
         unavailable("qemu-storage-daemon is not installed (apt-get install qemu-system-x86)")
     if not os.path.exists("/dev/fuse") or not shutil.which("mkfs.ext4") or os.geteuid() != 0:
         unavailable("the power-loss recording needs root, /dev/fuse and mkfs.ext4 (e2fsprogs)")
     mnt = str(tmp_path / "mnt")
     parts = [powerloss.Part(IMAGES.offset, IMAGES.size, mnt),
              powerloss.Part(STATE.offset, STATE.size, os.path.join(mnt, "vms", ".snapfw"))]
-    rig = {"qsd": qsd, "dir": str(tmp_path), "parts": parts, "env": Env(os.path.join(mnt, "vms")),
+    rig = {"dir": str(tmp_path), "parts": parts, "env": Env(os.path.join(mnt, "vms")),
            "device": str(tmp_path / "dev.raw"), "log": str(tmp_path / "log.raw")}
     yield rig
     for p in reversed(parts):
@@ -122,7 +121,7 @@ def record(rig, kind: str) -> list[Op]:
     powerloss.mkfs(rig["device"], parts)
     powerloss.copy(rig["device"], os.path.join(rig["dir"], "start.raw"))
     ops = []
-    with powerloss.recording(rig["qsd"], rig["device"], rig["log"], export):
+    with powerloss.recording(rig["device"], rig["log"], export):
         mount(parts, export)
         os.makedirs(env.dir, exist_ok=True)
         env.make_domain("web", disks=disks, backends={t: backend for t, _ in disks})
