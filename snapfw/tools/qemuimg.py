@@ -87,8 +87,9 @@ def commit(top: str, top_fmt: str, progress=None):
 def rebase_argv(path: str, fmt: str, backing: str | None, backing_fmt: str | None,
                 unsafe: bool = False) -> list[str]:
     argv = [QEMU_IMG, "rebase", "-p", "-f", fmt]
-    if unsafe:
-        argv.append("-u")
+    # a safe rebase copies data, then rewrites the header: writethrough makes the data durable first, so
+    # a power cut never leaves a header saying "no backing file" over data that never reached the disk
+    argv += ["-u"] if unsafe else ["-t", "writethrough"]
     if backing is None:
         argv += ["-b", ""]
     else:
