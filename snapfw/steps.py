@@ -27,6 +27,13 @@ def _delete_tag(path: str, tag: str):
         qemuimg.snapshot("-d", path, tag)
 
 
+def _release_leaks(path: str):
+    """After undoing a tag operation that may have been cut short (by a power cut, say), release the
+    clusters it had counted for a snapshot that never came to be."""
+    if os.path.exists(path):
+        qemuimg.repair_leaks(path)
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         x, y = os.lstat(a), os.lstat(b)
@@ -111,6 +118,7 @@ class CreateTag(Step):
 
     def undo(self, ctx):
         _delete_tag(self.path, self.tag)
+        _release_leaks(self.path)
 
     def describe(self):
         return f"create internal snapshot {self.tag!r} in {self.path}"
@@ -136,6 +144,7 @@ class ApplyTag(Step):
         if self.keep in _tags(self.path):
             qemuimg.snapshot("-a", self.path, self.keep)
             qemuimg.snapshot("-d", self.path, self.keep)
+        _release_leaks(self.path)
 
     def describe(self):
         return f"revert {self.path} to internal snapshot {self.tag!r} (current state kept as {self.keep!r} until done)"
