@@ -28,8 +28,8 @@ def _delete_tag(path: str, tag: str):
 
 
 def _release_leaks(path: str):
-    """After undoing a tag operation that may have been cut short (by a power cut, say), release the
-    clusters it had counted for a snapshot that never came to be."""
+    """After a tag operation that may have been cut short (by a power cut, say), release the clusters it
+    had counted for a snapshot that never came to be, or that is gone."""
     if os.path.exists(path):
         qemuimg.repair_leaks(path)
 
@@ -160,6 +160,7 @@ class DeleteTag(Step):
 
     def do(self, ctx):
         _delete_tag(self.path, self.tag)
+        _release_leaks(self.path)  # a run cut short may have dropped the tag but not its clusters' counts
 
     def describe(self):
         return f"delete internal snapshot {self.tag!r} from {self.path}"
