@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 from .backend import HypervisorDriver
+from .connection import fsync_dir
 from .errors import BadInput, Inconsistent, NotSupported, Refused
 from .lifecycle import RUNS_ON, Reporter, Session, _identity, _Operation, find_snapshot
 from .model import ImageFile, check_name, fit_file_name
@@ -50,6 +51,7 @@ class CopyImage(Step):
         os.close(os.open(self.work, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # guest data: owner only
         qemuimg.convert(self.source, self.source_format, self.work, self.format, self.tag, progress=ctx.progress)
         os.link(self.work, self.path)
+        fsync_dir(os.path.dirname(self.path))  # the copy's name is there before the journal says so
 
     def undo(self, ctx):
         if os.path.lexists(self.work):

@@ -11,6 +11,7 @@ import secrets
 import struct
 from dataclasses import dataclass
 
+from .connection import fsync_dir
 from .model import fit_file_name
 from .plan import Step
 from .tools import qemuimg
@@ -31,6 +32,13 @@ def work_name(path: str) -> str:
     folder, name = os.path.split(path)
     token = secrets.token_hex(6)  # within NAME_MAX
     return os.path.join(folder, f".{fit_file_name(name, 255 - 18)}.{token}.tmp")
+
+
+def _release_leaks(path: str):
+    """After a tag operation that may have been cut short (by a power cut, say), release the clusters it
+    had counted for a snapshot that never came to be, or that is gone."""
+    if os.path.exists(path):
+        qemuimg.repair_leaks(path)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -71,6 +79,7 @@ class CreateOverlay(Step):
         qemuimg.create_overlay(self.work, self.backing, self.backing_format)
         os.link(self.work, self.path)
         os.unlink(self.work)
+        fsync_dir(os.path.dirname(self.path))  # the overlay's name is there before the journal says so
 
     def undo(self, ctx):
         if self._ours():
@@ -114,6 +123,7 @@ class CreateTag(Step):
 
     def undo(self, ctx):
         _delete_tag(self.path, self.tag)
+        _release_leaks(self.path)
 
     def describe(self):
         return f"create internal snapshot {self.tag!r} in {self.path}"
@@ -139,6 +149,7 @@ class ApplyTag(Step):
         if self.keep in _tags(self.path):
             qemuimg.snapshot("-a", self.path, self.keep)
             qemuimg.snapshot("-d", self.path, self.keep)
+        _release_leaks(self.path)
 
     def describe(self):
         return f"revert {self.path} to internal snapshot {self.tag!r} (current state kept as {self.keep!r} until done)"
@@ -154,6 +165,7 @@ class DeleteTag(Step):
 
     def do(self, ctx):
         _delete_tag(self.path, self.tag)
+        _release_leaks(self.path)  # a run cut short may have dropped the tag but not its clusters' counts
 
     def describe(self):
         return f"delete internal snapshot {self.tag!r} from {self.path}"
@@ -215,6 +227,7 @@ class RemoveFile(Step):
 
     def do(self, ctx):
         _remove(self.path)
+        fsync_dir(os.path.dirname(self.path))  # gone for good before the journal says so
 
     def describe(self):
         return f"remove {self.path}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -64,6 +65,33 @@ def exited_within(pid: int, seconds: float) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def mounted(path: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path for line in f)
+
+
+@contextlib.contextmanager
+def fuse_export(blockdevs: list[str], node: str, mountpoint: str):
+    """qemu-storage-daemon with ``blockdevs`` (--blockdev values), exporting ``node`` writable as the
+    file ``mountpoint`` through FUSE, for the length of the block."""
+    proc = subprocess.Popen(
+        [require("qemu-storage-daemon"), *(a for b in blockdevs for a in ("--blockdev", b)),
+         "--export", f"type=fuse,id=fuse,node-name={node},mountpoint={mountpoint},writable=on"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not mounted(mountpoint):
+            assert proc.poll() is None, f"qemu-storage-daemon failed: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the FUSE export did not appear"
+            time.sleep(0.02)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if mounted(mountpoint):
+            subprocess.run(["umount", mountpoint], check=True)
 
 
 def check_image(path: str, fmt: str) -> int:
@@ -157,10 +185,11 @@ class Env:
     def export(self, domain: str = "web") -> dict:
         return yaml.safe_load(self.run("export", domain).stdout)
 
-    def assert_consistent(self, domain: str = "web"):
+    def assert_consistent(self, domain: str = "web", exported: dict | None = None):
         """Catalog matches the disks: every managed file exists with the recorded format and backing,
-        every snapshot's files exist, every qcow2 checks clean (0) or with leaks only (3)."""
-        exported = self.export(domain)
+        every snapshot's files exist, every qcow2 checks clean (0) or with leaks only (3). ``exported``:
+        the catalog's export, if the caller has it already."""
+        exported = exported or self.export(domain)
         for f in exported["files"]:
             assert os.path.exists(f["path"]), f"catalog names missing file {f['path']}"
             top = info_chain(f["path"], f["format"])[0]

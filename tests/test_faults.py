@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IN_CI, KIB64, Env, check_image, exited_within, info_chain, qemu_io, require, write
+from conftest import IN_CI, KIB64, Env, check_image, exited_within, fuse_export, info_chain, qemu_io, require, write
 
 MIB = 1024 * 1024
 
@@ -393,39 +393,20 @@ def test_catalog_filling_up_during_an_operation(env, tmp_path, monkeypatch, oper
 
 
 # --- EIO ---------------------------------------------------------------------------------------------
-def _mounted(path: str) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
-
-
 @contextlib.contextmanager
 def exported(store: str, mountpoint: str, fail: str | None = None):
     """The qcow2 ``store`` as a raw file at ``mountpoint``: qemu-storage-daemon's FUSE export, through
     blkdebug, which fails every data read (``fail="read_aio"``) or write (``"write_aio"``) with EIO.
     snapfw sees a plain file whose disk is failing."""
-    qsd = require("qemu-storage-daemon")
+    require("qemu-storage-daemon")
     if not os.path.exists("/dev/fuse"):
         unavailable("no /dev/fuse")
     debug = {"driver": "blkdebug", "node-name": "dbg", "image": "store"}
     if fail:
         debug["inject-error"] = [{"event": fail, "iotype": fail.partition("_")[0], "errno": 5}]
-    proc = subprocess.Popen(
-        [qsd, "--blockdev", f"driver=file,node-name=store,filename={store}", "--blockdev", json.dumps(debug),
-         "--blockdev", "driver=qcow2,node-name=disk,file=dbg",
-         "--export", f"type=fuse,id=fuse,node-name=disk,mountpoint={mountpoint},writable=on"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 10
-        while not _mounted(mountpoint):
-            assert proc.poll() is None, f"qemu-storage-daemon failed: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "the FUSE export did not appear"
-            time.sleep(0.02)
+    with fuse_export([f"driver=file,node-name=store,filename={store}", json.dumps(debug),
+                      "driver=qcow2,node-name=disk,file=dbg"], "disk", mountpoint):
         yield
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        if _mounted(mountpoint):
-            subprocess.run(["umount", mountpoint], check=True)
 
 
 @pytest.fixture
