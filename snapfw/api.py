@@ -48,7 +48,7 @@ from .live import (
 )
 from .model import FORMATS, Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name, fit_file_name
 from .plan import Plan, Step
-from .steps import ApplyTag, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile
+from .steps import ApplyTag, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile, remove_overlay
 from .tools import lvm, qemuimg
 from .tools.host import Host
 from .tools.qmp import QMP, QMPError
@@ -104,6 +104,7 @@ __all__ = [
     "QMPError",
     "Rebase",
     "Refused",
+    "remove_overlay",
     "RemoveFile",
     "run",
     "SnapfwError",

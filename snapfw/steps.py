@@ -56,6 +56,27 @@ def _remove(path: str):
         pass
 
 
+def overlay_on(path: str, backing: str) -> bool:
+    """Whether ``path`` is a whole qcow2 overlay whose header names ``backing``: the file a snapshot step
+    made, and the only one its undo may remove."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+            if len(header) < 20 or header[:4] != b"QFI\xfb":
+                return False
+            offset, size = struct.unpack(">QI", header[8:20])
+            f.seek(offset)
+            return f.read(size) == os.fsencode(backing)
+    except FileNotFoundError:
+        return False
+
+
+def remove_overlay(path: str, backing: str) -> None:
+    """Remove ``path`` if it is the overlay on ``backing`` a snapshot made (a hypervisor's, when live)."""
+    if overlay_on(path, backing):
+        _remove(path)
+
+
 @dataclass
 class CreateOverlay(Step):
     """A new qcow2 overlay on ``backing``: the external snapshot's new active file.
@@ -93,16 +114,7 @@ class CreateOverlay(Step):
         removed ``work``, only the whole overlay on ``backing`` that ``do`` leaves."""
         if os.path.lexists(self.work):
             return _same_file(self.work, self.path)
-        try:
-            with open(self.path, "rb") as f:
-                header = f.read(20)
-                if len(header) < 20 or header[:4] != b"QFI\xfb":
-                    return False
-                offset, size = struct.unpack(">QI", header[8:20])
-                f.seek(offset)
-                return f.read(size) == os.fsencode(self.backing)
-        except FileNotFoundError:
-            return False
+        return overlay_on(self.path, self.backing)
 
     def describe(self):
         return f"create overlay {self.path} on {self.backing}"

@@ -29,7 +29,6 @@ from snapfw.api import (
     LIVE_CREATE,
     LIVE_DELETE,
     LIVE_REVERT,
-    CreateOverlay,
     Disk,
     Domain,
     HypervisorDriver,
@@ -40,6 +39,7 @@ from snapfw.api import (
     UnknownDomain,
     check_name,
     hookimpl,
+    remove_overlay,
 )
 
 # local transports only (see the module docstring); qemu:///session is the same scheme
@@ -376,7 +376,7 @@ class LibvirtDriver(HypervisorDriver):
             raise Inconsistent(f"disk {target} runs on {active}, expected {a['file']} after undoing its snapshot")
         if any(s.get("file") == a["overlay"] for s in self._xml(dom, live=True).iter("source")):
             raise Inconsistent(f"{a['overlay']} is still in disk {target}'s live chain after the pivot; not removed")
-        CreateOverlay(a["overlay"], a["file"], a["format"]).undo(None)  # removes it only if it is that overlay
+        remove_overlay(a["overlay"], a["file"])
 
     def _wait_job(self, dom, target: str, deadline: float, progress, pivot: bool):
         """Wait until the block job on ``target`` has ended (``pivot``: an active commit, pivoted to its

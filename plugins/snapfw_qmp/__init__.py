@@ -41,7 +41,6 @@ from snapfw.api import (
     LIVE_REVERT,
     QMP,
     BadInput,
-    CreateOverlay,
     Disk,
     Domain,
     FileError,
@@ -54,6 +53,7 @@ from snapfw.api import (
     fit_file_name,
     fsync_dir,
     hookimpl,
+    remove_overlay,
     run,
 )
 
@@ -378,7 +378,7 @@ class QMPDriver(HypervisorDriver):
             raise Inconsistent(f"disk {a['target']} runs on {inserted['image']['filename']}, expected "
                                f"{a['file']} after undoing its snapshot")
         self._close(a["overlay"])
-        CreateOverlay(a["overlay"], a["file"], a["format"]).undo(None)  # removes it only if it is that overlay
+        remove_overlay(a["overlay"], a["file"])
 
     def _close(self, path: str):
         """Make sure QEMU no longer holds ``path`` once its chain dropped it. QEMU closes the nodes it
