@@ -216,20 +216,36 @@ def env(tmp_path):
     return Env(root)
 
 
-@pytest.fixture(scope="session")
-def guest(tmp_path_factory):
-    """One TCG guest per session with real LVM2 and device-mapper (tests/guest.py), reached through its
-    guest agent; its PV disk is /dev/disk/by-serial/pv0. A missing part fails in CI and skips elsewhere."""
-    from guest import Guest, GuestUnavailable
-
-    from snapfw.connection import cache_home
+def _guest_part(make):
+    """``make()``, a part of the TCG guest (tests/guest.py): its failure fails in CI and skips elsewhere."""
+    from guest import GuestUnavailable
 
     require("qemu-system-x86_64")
     try:
-        g = Guest(str(tmp_path_factory.mktemp("guest")), cache_home(), {"pv0": 1 << 30}).start()
+        return make()
     except GuestUnavailable as e:
         if IN_CI:
             pytest.fail(str(e))
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def guest_system():
+    """The TCG guest's (kernel, initramfs), built once and cached, for a QEMU that boots a real Linux
+    with its guest agent (tests/live.py ``Qemu(system=...)``)."""
+    from guest import build
+
+    from snapfw.connection import cache_home
+
+    return _guest_part(lambda: build(cache_home()))
+
+
+@pytest.fixture(scope="session")
+def guest(tmp_path_factory, guest_system):
+    """One TCG guest per session with real LVM2 and device-mapper (tests/guest.py), reached through its
+    guest agent; its PV disk is /dev/disk/by-serial/pv0. A missing part fails in CI and skips elsewhere."""
+    from guest import Guest
+
+    g = _guest_part(lambda: Guest(str(tmp_path_factory.mktemp("guest")), guest_system, {"pv0": 1 << 30}).start())
     yield g
     g.stop()

@@ -207,9 +207,9 @@ class Guest:
     """One booted guest: ``disks`` (serial -> host image) appear as /dev/disk/by-serial/SERIAL in it;
     ``agent`` is its guest agent socket (what ``SNAPFW_HOST=qga:SOCKET`` names)."""
 
-    def __init__(self, folder: str, cache: str, disks: dict[str, int]):
+    def __init__(self, folder: str, system: tuple[str, str], disks: dict[str, int]):
         self.dir = folder
-        self.kernel, self.initrd = build(cache)
+        self.kernel, self.initrd = system
         self.agent = os.path.join(folder, "qga.sock")
         self.disks = {}
         for serial, size in disks.items():
@@ -234,28 +234,12 @@ class Guest:
     def start(self) -> "Guest":
         log = open(self.console, "wb")
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + BOOT_SECONDS
-        while True:
-            with open(self.console, "rb") as f:
-                if READY.encode() in f.read():
-                    break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise GuestUnavailable(f"the guest did not boot: {self.tail()}")
-            time.sleep(0.1)
-        while True:  # qemu-ga starts just after the marker
-            try:
-                with GuestAgent(self.agent, timeout=2):
-                    return self
-            except Exception:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise GuestUnavailable(f"the guest agent does not answer: {self.tail()}") from None
-                time.sleep(0.2)
-
-    def tail(self) -> str:
-        with open(self.console, "rb") as f:
-            return f.read()[-600:].decode(errors="replace")
+        try:
+            wait_for_agent(self.agent, self.console, BOOT_SECONDS, lambda: self.proc.poll() is None)
+        except GuestUnavailable:
+            self.stop()
+            raise
+        return self
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -267,10 +251,43 @@ class Guest:
                 self.proc.wait()
 
     def sh(self, script: str, timeout: float = 120, check: bool = True) -> tuple[int, str, str]:
-        """Run ``script`` with the guest's busybox sh; (exit code, stdout, stderr)."""
-        with GuestAgent(self.agent) as agent:
-            code, out, err = agent.exec(["sh", "-c", script], timeout)
-        out, err = out.decode(errors="replace"), err.decode(errors="replace")
-        if check and code != 0:
-            raise AssertionError(f"guest: {script!r} exited {code}: {err}{out}")
-        return code, out, err
+        return guest_sh(self.agent, script, timeout, check)
+
+
+def wait_for_agent(agent: str, console: str, timeout: float, alive=lambda: True):
+    """Wait until the guest booting with ``console`` (its serial output) has printed READY and its agent
+    answers on socket ``agent``; GuestUnavailable (with the console's tail) if not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+
+    def tail():
+        with open(console, "rb") as f:
+            return f.read()[-600:].decode(errors="replace")
+
+    while True:
+        try:
+            with open(console, "rb") as f:
+                if READY.encode() in f.read():
+                    break
+        except FileNotFoundError:
+            pass
+        if not alive() or time.monotonic() > deadline:
+            raise GuestUnavailable(f"the guest did not boot: {tail()}")
+        time.sleep(0.1)
+    while True:  # qemu-ga starts just after the marker
+        try:
+            with GuestAgent(agent, timeout=2):
+                return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise GuestUnavailable(f"the guest agent does not answer: {tail()}") from None
+            time.sleep(0.2)
+
+
+def guest_sh(agent: str, script: str, timeout: float = 120, check: bool = True) -> tuple[int, str, str]:
+    """Run ``script`` with the guest's busybox sh through its agent; (exit code, stdout, stderr)."""
+    with GuestAgent(agent) as agent_:
+        code, out, err = agent_.exec(["sh", "-c", script], timeout)
+    out, err = out.decode(errors="replace"), err.decode(errors="replace")
+    if check and code != 0:
+        raise AssertionError(f"guest: {script!r} exited {code}: {err}{out}")
+    return code, out, err

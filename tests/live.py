@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from conftest import KIB64, Env, exited_within, require
+from guest import AGENT_PORT, BOOT_SECONDS, MEMORY_MB, guest_sh, wait_for_agent
 
 from snapfw.connection import STATE_DIR_ENV
 from snapfw.tools.qmp import QMP
@@ -29,10 +30,15 @@ def _alive(pid: int) -> bool:
 
 
 class Qemu:
-    """``qemu-system-x86_64 -name NAME`` with one virtio-blk disk per ``(id, format)`` in ``disks``."""
+    """``qemu-system-x86_64 -name NAME`` with one virtio-blk disk per ``(id, format)`` in ``disks``.
+
+    Firmware only by default; with ``system`` (the TCG guest's ``(kernel, initramfs)``, the
+    ``guest_system`` fixture) it boots that Linux with its guest agent on socket ``agent``, for tests that
+    need guest-visible state (memory, a filesystem to freeze): a disk is /dev/disk/by-serial/TARGET in it.
+    """
 
     def __init__(self, folder: str, name: str = "web", disks=(("vda", "qcow2"), ("vdb", "raw")),
-                 size: str = "4M", extra: tuple[str, ...] = ()):
+                 size: str = "4M", extra: tuple[str, ...] = (), system: tuple[str, str] | None = None):
         require("qemu-img")
         self.binary = require("qemu-system-x86_64")
         self.dir, self.name = folder, name
@@ -44,26 +50,39 @@ class Qemu:
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
             self.images[target] = (path, fmt)
         self.extra = list(extra)  # more QEMU arguments: devices the harness does not make
+        self.system = system
+        self.agent = os.path.join(folder, f"{name}.qga")
+        self.console = os.path.join(folder, f"{name}.console")
         self.pid = None
 
-    def argv(self, placeholders: bool = False, memory: int = 64) -> list[str]:
+    def argv(self, placeholders: bool = False, memory: int | None = None) -> list[str]:
         """The command line; with ``placeholders``, as a launch spec has it ({vda}, {vda.format})."""
-        argv = [self.binary, "-machine", "q35,accel=kvm:tcg", "-m", str(memory), "-nodefaults", "-display", "none",
+        memory = memory or (MEMORY_MB if self.system else 64)
+        argv = [self.binary, "-m", str(memory), "-nodefaults", "-display", "none",
                 "-qmp", f"unix:{self.sock},server=on,wait=off", "-name", self.name, "-daemonize",
                 "-pidfile", self.pidfile]
+        if self.system:  # the guest kernel needs TCG: the KVM here cannot run it
+            kernel, initrd = self.system
+            argv += ["-machine", "q35", "-accel", "tcg,tb-size=64", "-cpu", "max", "-smp", "1",
+                     "-kernel", kernel, "-initrd", initrd, "-append", "console=ttyS0 quiet panic=-1",
+                     "-serial", f"file:{self.console}",
+                     "-chardev", f"socket,id=qga,path={self.agent},server=on,wait=off",
+                     "-device", "virtio-serial", "-device", f"virtserialport,chardev=qga,name={AGENT_PORT}"]
+        else:
+            argv += ["-machine", "q35,accel=kvm:tcg"]
         for i, (target, (path, fmt)) in enumerate(self.images.items()):
             if placeholders:
                 path, fmt = f"{{{target}}}", f"{{{target}.format}}"
             argv += ["-blockdev", f"driver=file,filename={path},node-name=file{i}",
                      "-blockdev", f"driver={fmt},file=file{i},node-name=disk{i}",
-                     "-device", f"virtio-blk-pci,drive=disk{i},id={target}"]
+                     "-device", f"virtio-blk-pci,drive=disk{i},id={target},serial={target}"]
         return argv + self.extra
 
     @property
     def spec_path(self) -> str:
         return self.sock + ".launch.yaml"
 
-    def write_spec(self, memory: int = 64, disks: dict | None = None):
+    def write_spec(self, memory: int | None = None, disks: dict | None = None):
         """The launch spec snapfw starts this QEMU from (disks: what it runs on now, by default)."""
         import yaml
 
@@ -91,7 +110,17 @@ class Qemu:
         subprocess.run(self.argv(), check=True, capture_output=True, timeout=60)
         with open(self.pidfile) as f:
             self.pid = int(f.read())
+        if self.system:
+            self.wait_ready()
         return self
+
+    def wait_ready(self, timeout: float = BOOT_SECONDS):
+        """Wait until the booted guest's agent answers (also after snapfw started this QEMU again)."""
+        wait_for_agent(self.agent, self.console, timeout)
+
+    def sh(self, script: str, timeout: float = 120, check: bool = True) -> tuple[int, str, str]:
+        """Run ``script`` in the booted guest (its busybox sh) through the guest agent."""
+        return guest_sh(self.agent, script, timeout, check)
 
     def qmp(self, command: str, args: dict | None = None):
         """One command on a fresh connection, closed at once: QEMU's monitor serves one client at a time."""

@@ -447,3 +447,27 @@ def test_kill_during_a_live_revert_then_repair_starts_qemu_on_the_right_chain(li
         assert reads(path, fmt, BYTES[target] + 1, KIB64) and reads(path, fmt, BYTES[target] + 4, 4 * KIB64)
         assert reads(path, fmt, 0, 2 * KIB64) and reads(path, fmt, 0, 3 * KIB64)
     live.assert_consistent()
+
+
+# --- a booted Linux guest as a qmp domain -------------------------------------------------------------------
+def test_booted_guest_disk_only_revert_discards_its_memory(tmp_path, guest_system):
+    """The TCG guest (real kernel, guest agent) as a qmp domain with a launch spec: a disk-only snapshot
+    keeps the disks, not the running state; a revert starts QEMU again from the spec and the guest boots
+    afresh (a tmpfs file written before the snapshot is gone, a disk write before it reads back)."""
+    qemu = Qemu(str(tmp_path), disks=(("vda", "qcow2"),), size="16M", system=guest_system)
+    qemu.write_spec()
+    qemu.start()
+    try:
+        live = LiveEnv(tmp_path, qemu)
+        qemu.sh("echo before > /run/marker; printf disk-before | dd of=/dev/disk/by-serial/vda conv=fsync "
+                "2>/dev/null")
+        live.run("create", "web", "s1")
+        qemu.sh("echo after > /run/marker; printf disk-after! | dd of=/dev/disk/by-serial/vda conv=fsync "
+                "2>/dev/null")
+        live.run("revert", "web", "s1")
+        qemu.reattach()
+        qemu.wait_ready()
+        assert qemu.sh("cat /run/marker", check=False)[0] != 0
+        assert qemu.sh("dd if=/dev/disk/by-serial/vda bs=11 count=1 2>/dev/null")[1] == "disk-before"
+    finally:
+        qemu.kill()
