@@ -291,8 +291,8 @@ class LibvirtDriver(HypervisorDriver):
         out = []
         for name, el in sorted(records.items()):
             if name in wanted and not _ours(el):
-                out.append(f"libvirt's snapshot {name} has the name of a mirrored snapshot, but snapfw did not make it: "
-                           "left as it is, and snapfw's is not mirrored")
+                out.append(f"libvirt's snapshot {name} has the name of a mirrored snapshot, but snapfw did not make "
+                           "it: left as it is, and snapfw's is not mirrored")
             elif name not in wanted and not _ours(el):
                 out.append(f"libvirt has snapshot {name}, which snapfw did not make (left as it is)")
             elif name not in wanted:
@@ -317,7 +317,8 @@ class LibvirtDriver(HypervisorDriver):
                 line = (f"libvirt has {_summary(el)[0] or 'no snapshot'} as snapshot {e['name']}'s parent, the catalog "
                         f"{e['parent'] or 'none'}")
             else:
-                line = f"libvirt's record of snapshot {e['name']} differs from the catalog's (description, time or disks)"
+                line = (f"libvirt's record of snapshot {e['name']} differs from the catalog's (description, time or "
+                        "disks)")
             if repair:
                 self._redefine(dom, xml)
                 line += ": mirrored again"
