@@ -766,7 +766,7 @@ def _mirror_drift(session: Session, name: str, repair: bool) -> list[str]:
     except UnknownDomain:
         return []  # _disagreements says so
     except SnapfwError as e:
-        return [f"its snapshots cannot be compared with the {session.driver_class.scheme} driver's records: {e}"]
+        return [f"comparing its mirrored snapshots with the {session.driver_class.scheme} driver's records failed: {e}"]
 
 
 def _disagreements(session: Session, name: str, users: ImageUsers) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import time
@@ -277,18 +278,36 @@ class LibvirtDriver(HypervisorDriver):
     def _redefine(self, dom, xml: str, current: bool = False):
         libvirt = _libvirt()
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
-        with _calls("snapshotCreateXML (redefine)"):
+        name = ET.fromstring(xml).findtext("name")
+        with _calls(f"snapshotCreateXML of {name} (redefine)"):
             dom.snapshotCreateXML(xml, flags | (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT if current else 0))
+
+    def _forget(self, dom, name: str):
+        libvirt = _libvirt()
+        with _calls(f"snapshotDelete of {name} (metadata only)"):
+            dom.snapshotLookupByName(name, 0).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
 
     def mirror(self, domain: str, snapshots: list[dict], current: str | None, repair: bool) -> list[str]:
         """Records are redefined (REDEFINE) from the catalog and removed with METADATA_ONLY, which never
-        touches a disk; a record without snapfw's mark is only ever reported."""
+        touches a disk; a record without snapfw's mark is only ever reported. A record libvirt refuses
+        does not stop the others; the refusals are raised together at the end."""
         libvirt = _libvirt()
         dom = self._lookup(domain)
         records = self._records(dom)
         wanted = {e["name"]: e for e in snapshots}
-        now = None
-        out = []
+        now = self._xml(dom, live=False)
+        out, failed = [], []
+
+        def fix(line: str, done: str, change):
+            if repair:
+                try:
+                    change()
+                except ToolError as e:
+                    failed.append(str(e))
+                    return
+                line += f": {done}"
+            out.append(line)
+
         for name, el in sorted(records.items()):
             if name in wanted and not _ours(el):
                 out.append(f"libvirt's snapshot {name} has the name of a mirrored snapshot, but snapfw did not make "
@@ -296,18 +315,12 @@ class LibvirtDriver(HypervisorDriver):
             elif name not in wanted and not _ours(el):
                 out.append(f"libvirt has snapshot {name}, which snapfw did not make (left as it is)")
             elif name not in wanted:
-                line = f"libvirt still has snapshot {name}, which snapfw mirrored, but the catalog has no such snapshot"
-                if repair:
-                    with _calls("snapshotDelete (metadata only)"):
-                        dom.snapshotLookupByName(name, 0).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
-                    line += ": removed from libvirt's records"
-                out.append(line)
+                fix(f"libvirt still has snapshot {name}, which snapfw mirrored, but the catalog has no such snapshot",
+                    "removed from libvirt's records", functools.partial(self._forget, dom, name))
         for e in snapshots:
             el = records.get(e["name"])
             if el is not None and not _ours(el):
                 continue
-            if now is None:
-                now = self._xml(dom, live=False)
             xml = _snapshot_xml(e, now)
             if el is None:
                 line = f"snapshot {e['name']} is mirrored in the catalog but missing from libvirt's records"
@@ -319,18 +332,14 @@ class LibvirtDriver(HypervisorDriver):
             else:
                 line = (f"libvirt's record of snapshot {e['name']} differs from the catalog's (description, time or "
                         "disks)")
-            if repair:
-                self._redefine(dom, xml)
-                line += ": mirrored again"
-            out.append(line)
+            fix(line, "mirrored again", functools.partial(self._redefine, dom, xml))
         with _calls("snapshotCurrent"):
             has = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
         if current is not None and has != current and not (current in records and not _ours(records[current])):
-            line = f"libvirt's current snapshot is {has or 'none'}, the catalog's {current}"
-            if repair:
-                self._redefine(dom, _snapshot_xml(wanted[current], now or self._xml(dom, live=False)), current=True)
-                line += ": set again"
-            out.append(line)
+            fix(f"libvirt's current snapshot is {has or 'none'}, the catalog's {current}", "set again",
+                functools.partial(self._redefine, dom, _snapshot_xml(wanted[current], now), current=True))
+        if failed:
+            raise ToolError("; ".join(failed), ["libvirt", "snapshotCreateXML"])
         return out
 
     # --- stop and start (revert) -----------------------------------------------------------------------
