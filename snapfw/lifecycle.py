@@ -561,6 +561,9 @@ def create(session: Session, domain: str, name: str, description: str = "",
         disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
         plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
         plan.changes += [lambda ch: ch.add_snapshot(o.name, snap), lambda ch: ch.set_current(o.name, name)]
+        if mirror:
+            plan.notes.append(f"once recorded, snapshot {name} is mirrored into the {session.driver_class.scheme} "
+                              "driver's own snapshot records (virsh snapshot-list)")
         h = plugins.hook()
         return o.run(plan, dry_run, lambda: h.snapfw_pre_snapshot(domain=o.domain, name=name),
                      functools.partial(h.snapfw_post_snapshot, domain=o.domain, snapshot=snap),

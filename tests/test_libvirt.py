@@ -492,6 +492,9 @@ def test_mirror_into_libvirts_snapshot_records(lv, guest):
 
     name = guest.name
     lv.gen(1)
+    r = lv.run("create", name, "s1", "--mirror", "--dry-run")
+    assert "snapshot s1 is mirrored into the qemu driver's own snapshot records" in r.stdout, r.stdout
+    assert virsh_names(name) == [] and lv.json("list", name) == []
     lv.run("create", name, "s1", "--mirror", "--description", "first one")  # offline: vda a tag, vdb an overlay
     lv.gen(2)
     lv.run("create", name, "s2", "--mirror")
