@@ -600,11 +600,13 @@ def mirror_entries(tree: Tree) -> tuple[list[dict], str | None]:
         queue += s.children
         if MIRRORED in s.config:
             m = s.config[MIRRORED]
+            disks = [{"target": r.target, "file": r.data.get("file"), "active": m["active"].get(r.target)}
+                     for r in s.disks]
+            for d, r in zip(disks, s.disks):
+                if "tag" in r.data:
+                    d["tag"] = r.data["tag"]
             entries.append({"name": s.name, "parent": parent(s), "created": s.created, "description": s.description,
-                            "state": m["state"], "definition": s.config.get("definition", {}),
-                            "disks": [{"target": r.target, "file": r.data.get("file"),
-                                       "active": m["active"].get(r.target), **({"tag": r.data["tag"]} if "tag" in
-                                                                               r.data else {})} for r in s.disks]})
+                            "state": m["state"], "definition": s.config.get("definition", {}), "disks": disks})
     current = tree.current if tree.current and MIRRORED in tree.by_name[tree.current].config else None
     return entries, current
 

@@ -8,7 +8,9 @@ off. ``define`` rewrites the persistent XML's disk sources. Live snapshots: exte
 passthrough (``virDomainQemuMonitorCommand``) in one ``transaction``; a domain with both kinds is paused
 around the two calls so every disk is snapshotted at the same instant. Live merges (delete) are libvirt
 block jobs, ``blockCommit`` and ``blockRebase``, named by their disk; block pull writes only a disk's
-active file, so the Domain says it cannot stream below it (``stream_below_active``).
+active file, so the Domain says it cannot stream below it (``stream_below_active``). Mirrored snapshots
+(``create --mirror``) are redefined into libvirt's own records (REDEFINE), each marked as snapfw's in its
+domain's ``<metadata>``; only marked records are ever changed or removed (METADATA_ONLY).
 
 Only local connections: snapfw runs ``qemu-img`` on the image paths the XML names, which are the
 hypervisor's files only on the hypervisor's own host.
