@@ -29,6 +29,8 @@ LIVE_CREATE = "live.create"
 LIVE_REVERT = "live.revert"
 LIVE_DELETE = "live.delete"
 CAPABILITIES = (OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE, LIVE_CREATE, LIVE_REVERT, LIVE_DELETE)
+# a driver capability: it keeps snapshot records of its own, and can mirror snapfw's into them
+MIRROR = "mirror"
 
 
 @dataclass
@@ -216,6 +218,16 @@ class HypervisorDriver:
         Idempotent: a domain that runs already is left as it is, except that one a crash left waiting to
         be continued is continued unless ``paused``."""
         raise NotSupported(f"driver {self.scheme} cannot start domains")
+
+    def mirror(self, domain: str, snapshots: list[dict], current: str | None, repair: bool) -> list[str]:
+        """Compare the hypervisor's own snapshot records of ``domain`` with ``snapshots``, the catalog's
+        mirrored ones (parents first; each a dict: name, parent (its nearest mirrored ancestor), created,
+        description, state (the domain's when it was taken), definition, and disks: target, file, active
+        (the file the disk ran on right after it), tag for an internal one), and with ``current``; return
+        each difference in words. With ``repair``, first make the records match, saying so in each line:
+        only records snapfw made may be changed or removed, never one the user made. Drivers with
+        MIRROR in ``capabilities`` only."""
+        raise NotSupported(f"driver {self.scheme} keeps no snapshot records of its own to mirror into")
 
     def live_snapshot(self, domain: str, actions: list[dict]) -> None:
         """Run every disk's live action (snapfw.live) of running ``domain`` as ONE atomic operation:

@@ -177,10 +177,13 @@ dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan (c
 @click.option("--description", default="", help="Free text kept with the snapshot.")
 @click.option("--disk", "disks", multiple=True, metavar="TARGET=BACKEND",
               help="Backend for one disk, e.g. vda=external (repeatable).")
+@click.option("--mirror/--no-mirror", default=None,
+              help="Also record NAME in the hypervisor's own snapshot list (virsh snapshot-list); "
+                   "default: the config file's `mirror`.")
 @json_option
 @dry_run_option
 @click.pass_context
-def create(ctx, domain, name, description, disks, as_json, dry_run):
+def create(ctx, domain, name, description, disks, mirror, as_json, dry_run):
     """Snapshot every disk of DOMAIN as NAME."""
     from . import lifecycle
 
@@ -192,7 +195,7 @@ def create(ctx, domain, name, description, disks, as_json, dry_run):
         if target in backends:
             raise BadInput(f"--disk names {target} twice")
         backends[target] = backend
-    plan = lifecycle.create(_session(ctx, as_json), domain, name, description, backends, dry_run)
+    plan = lifecycle.create(_session(ctx, as_json), domain, name, description, backends, dry_run, mirror)
     _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "create"})
     if not dry_run and not as_json:
         click.echo(f"Snapshot {name} of {domain} created.")
@@ -417,7 +420,8 @@ def export(ctx, domain):
 @json_option
 @click.pass_context
 def check(ctx, domain, repair, as_json):
-    """Report (and with --repair, fix) interrupted operations."""
+    """Report (and with --repair, fix) interrupted operations and where the hypervisor's own snapshot
+    records differ from the mirrored snapshots."""
     from . import lifecycle
 
     findings = lifecycle.check(_session(ctx, as_json), domain, repair)

@@ -13,12 +13,12 @@ import os
 import re
 import time
 
-from . import connection, plugins
-from .backend import LIVE_CREATE, LIVE_DELETE, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
+from . import config, connection, plugins
+from .backend import LIVE_CREATE, LIVE_DELETE, MIRROR, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
 from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
-                     UnknownSnapshot)
+                     UnknownDomain, UnknownSnapshot)
 from .live import LiveSnapshot, StartDomain, StopDomain
 from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
@@ -448,16 +448,30 @@ class _Operation:
             plan.changes.append(functools.partial(_store_graph, self.name, self.befores[op.disk.target], op.graph))
         return plan
 
-    def run(self, plan: Plan, dry_run: bool, pre, post: functools.partial, done: str):
+    def run(self, plan: Plan, dry_run: bool, pre, post: functools.partial, done: str, mirror: bool = False):
         """Run ``plan`` between ``pre()`` and ``post``, a post hook with its arguments; ``done`` says what
-        the plan made, for the warning of a post hook that fails."""
+        the plan made, for the warning of a post hook that fails. ``mirror``: the plan makes a mirrored
+        snapshot (the tree may have some already)."""
         plugins.hook().snapfw_plan_built(operation=self.operation, domain=self.domain, plan=plan)
         if dry_run:
             return plan
         pre()
         execute(plan, self.s.catalog, self.s)
+        if mirror or any(MIRRORED in s.config for s in self.tree):
+            self._mirror(done)
         _after(post.func, post.keywords, self.s.reporter, done)
         return plan
+
+    def _mirror(self, done: str):
+        """Bring the driver's own snapshot records in line with the catalog just committed. Best effort,
+        after the commit: they are derived from the catalog, so a failure loses nothing and `check
+        --repair` redoes it, whereas inside the plan it would roll back (or hold up) the disks' change."""
+        try:
+            sync_mirror(self.s, self.name, repair=True)
+        except SnapfwError as e:
+            self.s.reporter.warn(f"{done}, but mirroring its snapshots into the {type(self.s.driver).scheme} "
+                                 f"driver's records failed ({e}); the catalog is right: `snapfw check --repair` "
+                                 "mirrors them again")
 
 
 def _after(hook, kwargs: dict, reporter: Reporter, done: str):
@@ -517,10 +531,13 @@ def _store_graph(domain: str, before: DiskGraph, after: DiskGraph, changes):
 
 
 def create(session: Session, domain: str, name: str, description: str = "",
-           backends: dict[str, str] | None = None, dry_run: bool = False) -> Plan:
-    """Snapshot every disk of ``domain`` as ``name``, a child of the current snapshot."""
+           backends: dict[str, str] | None = None, dry_run: bool = False, mirror: bool | None = None) -> Plan:
+    """Snapshot every disk of ``domain`` as ``name``, a child of the current snapshot. ``mirror``: also
+    record it in the driver's own snapshot records (None: as the config file's ``mirror`` says, for a
+    driver that can)."""
     o = _Operation(session, domain, "create")
     check_name("snapshot", name)
+    mirror = _wants_mirror(session, mirror)
     backends = dict(backends or {})
     for target, b in backends.items():
         check_name("disk target", target)
@@ -538,13 +555,67 @@ def create(session: Session, domain: str, name: str, description: str = "",
         for op, r in zip(ops, records):
             op.graph.records[name] = r.data
         snap = Snapshot(name, o.tree.current, time.time(), description, True, records, o.domain.config())
+        if mirror:
+            snap.config[MIRRORED] = {"state": o.domain.state, "active": {op.disk.target: op.graph.active
+                                                                          for op in ops}}
         disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
         plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
         plan.changes += [lambda ch: ch.add_snapshot(o.name, snap), lambda ch: ch.set_current(o.name, name)]
+        if mirror:
+            plan.notes.append(f"once recorded, snapshot {name} is mirrored into the {session.driver_class.scheme} "
+                              "driver's own snapshot records (virsh snapshot-list)")
         h = plugins.hook()
         return o.run(plan, dry_run, lambda: h.snapfw_pre_snapshot(domain=o.domain, name=name),
                      functools.partial(h.snapfw_post_snapshot, domain=o.domain, snapshot=snap),
-                     f"snapshot {name} of {o.name} was created")
+                     f"snapshot {name} of {o.name} was created", mirror)
+
+
+# the key of a snapshot's config that says it is mirrored into the driver's own records, and holds what
+# the catalog keeps nowhere else: the domain's state when it was taken, each disk's active file after it
+MIRRORED = "mirror"
+
+
+def _wants_mirror(session: Session, mirror: bool | None) -> bool:
+    """Whether a new snapshot is mirrored: ``mirror`` if given (refused before any change where the driver
+    cannot), else the config file's ``mirror`` where the driver can."""
+    can = MIRROR in session.driver_class.capabilities
+    if mirror and not can:
+        raise NotSupported(f"--mirror: the {session.driver_class.scheme} driver keeps no snapshot records of its "
+                           "own to mirror into")
+    return can and (mirror if mirror is not None else config.setting("mirror", bool, False))
+
+
+def mirror_entries(tree: Tree) -> tuple[list[dict], str | None]:
+    """The catalog's mirrored snapshots as :meth:`HypervisorDriver.mirror` takes them, parents first, each
+    one's parent its nearest mirrored ancestor; and the current snapshot if it is mirrored."""
+    def parent(s: Snapshot) -> str | None:
+        p = s.parent
+        while p is not None and MIRRORED not in tree.by_name[p].config:
+            p = tree.by_name[p].parent
+        return p
+
+    entries, queue = [], [s.name for s in tree if s.parent is None]
+    while queue:
+        s = tree.by_name[queue.pop(0)]
+        queue += s.children
+        if MIRRORED in s.config:
+            m = s.config[MIRRORED]
+            disks = [{"target": r.target, "file": r.data.get("file"), "active": m["active"].get(r.target)}
+                     for r in s.disks]
+            for d, r in zip(disks, s.disks):
+                if "tag" in r.data:
+                    d["tag"] = r.data["tag"]
+            entries.append({"name": s.name, "parent": parent(s), "created": s.created, "description": s.description,
+                            "state": m["state"], "definition": s.config.get("definition", {}), "disks": disks})
+    current = tree.current if tree.current and MIRRORED in tree.by_name[tree.current].config else None
+    return entries, current
+
+
+def sync_mirror(session: Session, domain: str, repair: bool) -> list[str]:
+    """The differences between the catalog's mirrored snapshots of ``domain`` and the driver's records, in
+    words; with ``repair``, the driver's records are made to match first."""
+    entries, current = mirror_entries(session.catalog.tree(domain))
+    return session.driver.mirror(domain, entries, current, repair)
 
 
 RUNNING, PAUSED, STOPPED = "running", "paused", "shut off"
@@ -684,7 +755,23 @@ def check(session: Session, domain: str | None = None, repair: bool = False) -> 
     users = ImageUsers(session.driver, session.catalog.placements()) if names else None
     for name in names:
         findings += [f"{name}: {problem}" for problem in _disagreements(session, name, users)]
+        if MIRROR in session.driver_class.capabilities:
+            findings += [f"{name}: {problem}" for problem in _mirror_drift(session, name, repair)]
     return list(dict.fromkeys(findings))
+
+
+def _mirror_drift(session: Session, name: str, repair: bool) -> list[str]:
+    """Where the driver's own snapshot records of ``name`` differ from the catalog (with ``repair``,
+    mirrored again under the domain's lock)."""
+    try:
+        if not repair:
+            return sync_mirror(session, name, repair=False)
+        with session.lock(name):
+            return sync_mirror(session, name, repair=True)
+    except UnknownDomain:
+        return []  # _disagreements says so
+    except SnapfwError as e:
+        return [f"comparing its mirrored snapshots with the {session.driver_class.scheme} driver's records failed: {e}"]
 
 
 def _disagreements(session: Session, name: str, users: ImageUsers) -> list[str]:

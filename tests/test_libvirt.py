@@ -129,10 +129,10 @@ class LibvirtEnv(Env):
         self.guest = guest
         self.uri = URI
         self.state_dir = os.path.join(self.dir, ".snapfw")
+        self.env = {STATE_DIR_ENV: self.state_dir}  # every run's environment
 
     def run(self, *args, check: bool = True, env: dict | None = None, timeout: float = 120):
-        return super().run(*args, check=check, env={STATE_DIR_ENV: self.state_dir, **(env or {})},
-                           timeout=timeout)
+        return super().run(*args, check=check, env={**self.env, **(env or {})}, timeout=timeout)
 
     def domain(self, name=None) -> dict:
         """target -> (active file, format): the live XML while it runs, else the persistent XML."""
@@ -466,4 +466,163 @@ def test_live_revert_of_a_libvirt_domain(lv, guest):
     assert lv.all_read([1, 2, 6])
     for g in (3, 4, 5):
         assert all(reads(path, fmt, 0, g * KIB64) for path, fmt in lv.domain().values()), g
+    lv.assert_consistent(name)
+
+
+def virsh(*args, check: bool = True) -> str:
+    """The real `virsh` on qemu:///system: what users (and virt-manager's list) see."""
+    require("virsh")
+    r = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 or not check, r.stderr
+    return r.stdout
+
+
+def virsh_names(name) -> list[str]:
+    return sorted(virsh("snapshot-list", name, "--name").split())
+
+
+def virsh_parent(name, snapshot) -> str | None:
+    info = dict(line.split(":", 1) for line in virsh("snapshot-info", name, snapshot).splitlines() if ":" in line)
+    parent = info["Parent"].strip()
+    return None if parent == "-" else parent
+
+
+def test_mirror_into_libvirts_snapshot_records(lv, guest):
+    import libvirt
+
+    name = guest.name
+    lv.gen(1)
+    r = lv.run("create", name, "s1", "--mirror", "--dry-run")
+    assert "snapshot s1 is mirrored into the qemu driver's own snapshot records" in r.stdout, r.stdout
+    assert virsh_names(name) == [] and lv.json("list", name) == []
+    lv.run("create", name, "s1", "--mirror", "--description", "first one")  # offline: vda a tag, vdb an overlay
+    lv.gen(2)
+    lv.run("create", name, "s2", "--mirror")
+    assert virsh_names(name) == ["s1", "s2"] and virsh_parent(name, "s2") == "s1" and virsh_parent(name, "s1") is None
+    xml = ET.fromstring(virsh("snapshot-dumpxml", name, "s1"))
+    assert xml.findtext("description") == "first one" and xml.findtext("state") == "shutoff"
+    disks = {d.get("name"): d for d in xml.findall("disks/disk")}
+    assert disks["vda"].get("snapshot") == "internal" and disks["vdb"].get("snapshot") == "external"
+    s1 = lv.json("show", name, "s1")
+    assert disks["vdb"].find("source").get("file") == lv.json("show", name, "s2")["disks"][1]["file"]  # s1's overlay
+    assert {d.find("target").get("dev"): d.find("source").get("file")
+            for d in xml.findall("domain/devices/disk[@device='disk']")} \
+        == {d["target"]: d["file"] for d in s1["disks"]}  # the definition of that instant: its frozen files
+
+    # --- running: a live mirrored snapshot, one that is not mirrored, then another mirrored one
+    guest.start()
+    lv.gen(3)
+    lv.run("create", name, "l1", "--mirror", "--disk", "vda=external", "--disk", "vdb=external")
+    lv.gen(4)
+    lv.run("create", name, "l2", "--no-mirror")
+    lv.gen(5)
+    lv.run("create", name, "l3", "--mirror")
+    assert virsh_names(name) == ["l1", "l3", "s1", "s2"]
+    assert virsh_parent(name, "l1") == "s2" and virsh_parent(name, "l3") == "l1"  # l2 is not mirrored
+    assert ET.fromstring(virsh("snapshot-dumpxml", name, "l1")).findtext("state") == "disk-snapshot"
+    assert virsh("snapshot-current", name, "--name").strip() == "l3"
+    assert "No problems found" in lv.run("check", name).stdout
+
+    # libvirt 9.0 tracks these external snapshots now: snapfw's live merges still run
+    lv.run("delete", name, "l1")  # blockCommit below the active file
+    lv.run("delete", name, "l3")  # an active blockCommit and pivot
+    assert virsh_names(name) == ["s1", "s2"] and lv.snapshot_names(name) == ["s1", "s2", "l2"]
+    lv.gen(6)
+    lv.run("create", name, "l4", "--mirror")
+    assert virsh_parent(name, "l4") == "s2"
+    assert "No problems found" in lv.run("check", name).stdout
+
+    # --- drift, made behind snapfw's back, is reported in words, and repaired
+    virsh("snapshot-delete", name, "s2", "--metadata")  # libvirt reparents l4 onto s1
+    l4 = guest.dom.snapshotLookupByName("l4", 0).getXMLDesc(0)
+    ghost = l4.replace("<name>l4</name>", "<name>ghost</name>")
+    guest.dom.snapshotCreateXML(ghost, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)  # carries snapfw's mark
+    r = lv.run("check", name, check=False)
+    assert r.returncode == 1
+    assert f"{name}: snapshot s2 is mirrored in the catalog but missing from libvirt's records" in r.stdout, r.stdout
+    assert f"{name}: libvirt has s1 as snapshot l4's parent, the catalog s2" in r.stdout
+    assert f"{name}: libvirt still has snapshot ghost, which snapfw mirrored, but the catalog has no such" in r.stdout
+    r = lv.run("check", name, "--repair")
+    assert "mirrored again" in r.stdout and "removed from libvirt's records" in r.stdout, r.stdout
+    assert virsh_names(name) == ["l4", "s1", "s2"] and virsh_parent(name, "l4") == "s2"
+    assert "No problems found" in lv.run("check", name).stdout
+
+    # --- revert moves libvirt's current snapshot; delete --children removes the subtree there
+    lv.run("create", name, "l5", "--mirror")
+    assert virsh("snapshot-current", name, "--name").strip() == "l5"
+    lv.run("revert", name, "l4")  # the guest is restarted on fresh overlays
+    assert virsh("snapshot-current", name, "--name").strip() == "l4" and guest.dom.isActive()
+    lv.gen(7)
+    guest.destroy()  # s2's vda part is a tag: deleted offline
+    lv.run("delete", name, "s2", "--children")
+    assert virsh_names(name) == ["s1"] and lv.snapshot_names(name) == ["s1"]
+    assert virsh("snapshot-current", name, "--name").strip() == "s1"
+    assert "No problems found" in lv.run("check", name).stdout
+    assert lv.all_read(range(1, 8))
+    lv.assert_consistent(name)
+    lv.run("delete", name, "s1")
+    assert virsh_names(name) == [] and guest.dom.snapshotNum(0) == 0
+
+
+@pytest.mark.parametrize("scenario", ["create", "delete"])
+def test_every_live_operation_runs_while_libvirt_tracks_the_snapshots(lv, guest, tmp_path, scenario):
+    """libvirt 9.0 refuses some operations on external snapshots it tracks: snapfw's own live snapshots
+    (both kinds), commits, pivots, streams and deletes still run with every snapshot mirrored."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "config.yaml").write_text("mirror: true\n")
+    lv.env["SNAPFW_CONFIG"] = str(tmp_path / "etc" / "config.yaml")
+    if scenario == "create":
+        test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path)
+    else:
+        test_live_delete_commits_pivots_and_streams(lv, guest)
+    assert virsh_names(guest.name) == sorted(lv.snapshot_names(guest.name)) != []
+
+
+def test_mirror_default_from_the_config_file(lv, guest, tmp_path):
+    name = guest.name
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "config.yaml"
+    config.write_text("mirror: true\n")
+    lv.run("create", name, "s1", env={"SNAPFW_CONFIG": str(config)})
+    lv.run("create", name, "s2", "--no-mirror", env={"SNAPFW_CONFIG": str(config)})
+    assert virsh_names(name) == ["s1"]
+    for text, problem in (("mirror: yes please\n", "'mirror' must be a bool"),
+                          ("!!python/object/apply:os.system ['true']\n", "is not valid YAML")):
+        config.write_text(text)
+        before = lv.state()
+        r = lv.run("create", name, "s3", env={"SNAPFW_CONFIG": str(config)}, check=False)
+        assert r.returncode == 2 and problem in r.stderr, r.stderr
+        assert lv.state() == before and virsh_names(name) == ["s1"]
+    # a driver without snapshot records of its own: --mirror is refused before any change, the default ignored
+    (tmp_path / "images").mkdir()
+    env = Env(tmp_path / "images")
+    env.make_domain("web")
+    before = env.state()
+    r = env.run("create", "web", "s1", "--mirror", check=False)
+    assert r.returncode == 1 and "--mirror: the images driver keeps no snapshot records of its own" in r.stderr
+    assert env.state() == before
+    config.write_text("mirror: true\n")
+    env.run("create", "web", "s1", env={"SNAPFW_CONFIG": str(config)})
+
+
+def test_a_failing_mirror_is_a_warning_and_loses_nothing(lv, guest):
+    name = guest.name
+    long = "m" * 253  # a valid snapfw name; libvirt's record file <name>.xml would exceed NAME_MAX
+    lv.gen(1)
+    r = lv.run("create", name, long, "--mirror")
+    assert f"snapshot {long} of {name} was created, but mirroring its snapshots into the qemu driver's records " \
+        f"failed (libvirt snapshotCreateXML of {long} (redefine) failed" in r.stderr, r.stderr
+    assert "`snapfw check --repair` mirrors them again" in r.stderr
+    assert lv.snapshot_names(name) == [long] and virsh_names(name) == []
+    lv.gen(2)
+    r = lv.run("create", name, "s2", "--mirror")  # libvirt has not its parent: held back too
+    assert f"parent {long} for moment s2 not found" in r.stderr, r.stderr
+    r = lv.run("check", name, check=False)
+    assert r.returncode == 1 and f"{name}: snapshot {long} is mirrored in the catalog but missing from libvirt's" \
+        in r.stdout and f"{name}: snapshot s2 is mirrored in the catalog but missing" in r.stdout, r.stdout
+    lv.run("revert", name, long)
+    assert lv.all_read([1]) and not lv.all_read([2])
+    lv.run("delete", name, long)  # s2 becomes a root: now libvirt takes it
+    assert virsh_names(name) == ["s2"] and virsh_parent(name, "s2") is None
+    assert "No problems found" in lv.run("check", name).stdout
     lv.assert_consistent(name)

@@ -8,7 +8,9 @@ off. ``define`` rewrites the persistent XML's disk sources. Live snapshots: exte
 passthrough (``virDomainQemuMonitorCommand``) in one ``transaction``; a domain with both kinds is paused
 around the two calls so every disk is snapshotted at the same instant. Live merges (delete) are libvirt
 block jobs, ``blockCommit`` and ``blockRebase``, named by their disk; block pull writes only a disk's
-active file, so the Domain says it cannot stream below it (``stream_below_active``).
+active file, so the Domain says it cannot stream below it (``stream_below_active``). Mirrored snapshots
+(``create --mirror``) are redefined into libvirt's own records (REDEFINE), each marked as snapfw's in its
+domain's ``<metadata>``; only marked records are ever changed or removed (METADATA_ONLY).
 
 Only local connections: snapfw runs ``qemu-img`` on the image paths the XML names, which are the
 hypervisor's files only on the hypervisor's own host.
@@ -17,6 +19,8 @@ hypervisor's files only on the hypervisor's own host.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import os
 import time
@@ -29,6 +33,7 @@ from snapfw.api import (
     LIVE_CREATE,
     LIVE_DELETE,
     LIVE_REVERT,
+    MIRROR,
     Disk,
     Domain,
     HypervisorDriver,
@@ -51,8 +56,11 @@ UNDO_JOB_SECONDS = 600.0
 MERGE_JOB_SECONDS = 3600.0
 # libvirt's virDomainBlockJobType: a block pull (stream), a commit below the active file, an active commit
 PULL_JOB, COMMIT_JOB, ACTIVE_COMMIT_JOB = 1, 3, 4
+# the namespace of the mark snapfw puts into the <domain><metadata> of every libvirt snapshot record it
+# mirrors: what proves a record is snapfw's, so that only those are ever redefined or removed
+MIRROR_NS = "https://snapfw.org/xmlns/libvirt-mirror/1"
 # namespaces of the domain XML that keep their prefixes when snapfw writes the XML back
-NAMESPACES = {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0"}
+NAMESPACES = {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0", "snapfw": MIRROR_NS}
 
 
 def _libvirt():
@@ -109,7 +117,7 @@ def _chain(disk: ET.Element, fmt: str, target: str) -> list[dict]:
 
 class LibvirtDriver(HypervisorDriver):
     scheme = "qemu"
-    capabilities = frozenset({LIVE_CREATE, LIVE_DELETE, LIVE_REVERT})
+    capabilities = frozenset({LIVE_CREATE, LIVE_DELETE, LIVE_REVERT, MIRROR})
     description = "libvirt's QEMU/KVM domains on this host: qemu:///system (libvirt-python)"
 
     def __init__(self, uri: str):
@@ -170,13 +178,14 @@ class LibvirtDriver(HypervisorDriver):
             if not dom.isPersistent():
                 raise NotSupported(f"domain {name} is transient (no persistent definition): snapfw keeps the "
                                    "domain's new chain in its definition; `virsh define` it first")
-            tracked = dom.snapshotNum(0)
+            foreign = [n for n, el in self._records(dom).items() if not _ours(el)] if dom.snapshotNum(0) else []
             state = dom.state()[0]
             running = bool(dom.isActive())
-        if tracked:  # libvirt's records would name files snapfw merges or removes
-            raise NotSupported(f"domain {name} has {tracked} libvirt snapshot(s) (virsh snapshot-list): snapfw "
-                               "does not take over libvirt's snapshot metadata; keep using virsh for this domain, "
-                               "or drop that metadata first (virsh snapshot-delete --metadata)")
+        if foreign:  # libvirt's records would name files snapfw merges or removes
+            raise NotSupported(f"domain {name} has {len(foreign)} libvirt snapshot(s) (virsh snapshot-list) that "
+                               "snapfw did not make: snapfw does not take over libvirt's snapshot metadata; keep "
+                               "using virsh for this domain, or drop that metadata first (virsh snapshot-delete "
+                               "--metadata)")
         xml = self._xml(dom, live=running)
         qemu = self._blocks(dom) if running else {}
         disks, chains, roots, notes = [], {}, [], []
@@ -261,6 +270,79 @@ class LibvirtDriver(HypervisorDriver):
                 ET.register_namespace(prefix, uri)
             with _calls("defineXML"):
                 self.conn.defineXML(ET.tostring(xml, encoding="unicode"))
+
+    # --- mirroring snapfw's snapshots into libvirt's own records ------------------------------------------
+    def _records(self, dom) -> dict[str, ET.Element]:
+        """libvirt's snapshot records of ``dom``: name -> its XML."""
+        with _calls("listAllSnapshots"):
+            return {s.getName(): ET.fromstring(s.getXMLDesc(0)) for s in dom.listAllSnapshots(0)}
+
+    def _redefine(self, dom, xml: str, current: bool = False):
+        libvirt = _libvirt()
+        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+        name = ET.fromstring(xml).findtext("name")
+        with _calls(f"snapshotCreateXML of {name} (redefine)"):
+            dom.snapshotCreateXML(xml, flags | (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT if current else 0))
+
+    def _forget(self, dom, name: str):
+        libvirt = _libvirt()
+        with _calls(f"snapshotDelete of {name} (metadata only)"):
+            dom.snapshotLookupByName(name, 0).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+
+    def mirror(self, domain: str, snapshots: list[dict], current: str | None, repair: bool) -> list[str]:
+        """Records are redefined (REDEFINE) from the catalog and removed with METADATA_ONLY, which never
+        touches a disk; a record without snapfw's mark is only ever reported. A record libvirt refuses
+        does not stop the others; the refusals are raised together at the end."""
+        libvirt = _libvirt()
+        dom = self._lookup(domain)
+        records = self._records(dom)
+        wanted = {e["name"]: e for e in snapshots}
+        now = self._xml(dom, live=False)
+        out, failed = [], []
+
+        def fix(line: str, done: str, change):
+            if repair:
+                try:
+                    change()
+                except ToolError as e:
+                    failed.append(str(e))
+                    return
+                line += f": {done}"
+            out.append(line)
+
+        for name, el in sorted(records.items()):
+            if name in wanted and not _ours(el):
+                out.append(f"libvirt's snapshot {name} has the name of a mirrored snapshot, but snapfw did not make "
+                           "it: left as it is, and snapfw's is not mirrored")
+            elif name not in wanted and not _ours(el):
+                out.append(f"libvirt has snapshot {name}, which snapfw did not make (left as it is)")
+            elif name not in wanted:
+                fix(f"libvirt still has snapshot {name}, which snapfw mirrored, but the catalog has no such snapshot",
+                    "removed from libvirt's records", functools.partial(self._forget, dom, name))
+        for e in snapshots:
+            el = records.get(e["name"])
+            if el is not None and not _ours(el):
+                continue
+            xml = _snapshot_xml(e, now)
+            if el is None:
+                line = f"snapshot {e['name']} is mirrored in the catalog but missing from libvirt's records"
+            elif _summary(el) == _summary(ET.fromstring(xml)):
+                continue
+            elif _summary(el)[0] != e["parent"]:
+                line = (f"libvirt has {_summary(el)[0] or 'no snapshot'} as snapshot {e['name']}'s parent, the catalog "
+                        f"{e['parent'] or 'none'}")
+            else:
+                line = (f"libvirt's record of snapshot {e['name']} differs from the catalog's (description, time or "
+                        "disks)")
+            fix(line, "mirrored again", functools.partial(self._redefine, dom, xml))
+        with _calls("snapshotCurrent"):
+            has = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
+        if current is not None and has != current and not (current in records and not _ours(records[current])):
+            fix(f"libvirt's current snapshot is {has or 'none'}, the catalog's {current}", "set again",
+                functools.partial(self._redefine, dom, _snapshot_xml(wanted[current], now), current=True))
+        if failed:
+            raise ToolError("; ".join(failed), ["libvirt", "snapshotCreateXML"])
+        return out
 
     # --- stop and start (revert) -----------------------------------------------------------------------
     def restart_problem(self, domain: Domain) -> str | None:
@@ -474,6 +556,59 @@ class LibvirtDriver(HypervisorDriver):
                 dom.blockRebase(target, new_backing, 0, 0)
 
         self._merge(dom, target, (PULL_JOB,), old_backing, done, start, progress)
+
+
+def _ours(record: ET.Element) -> bool:
+    """Whether libvirt snapshot record ``record`` carries snapfw's mark (snapfw mirrored it)."""
+    return record.find(f"domain/metadata/{{{MIRROR_NS}}}snapshot") is not None
+
+
+def _snapshot_xml(entry: dict, now: ET.Element) -> str:
+    """The libvirt snapshot record of mirrored snapshot ``entry`` (see HypervisorDriver.mirror), as libvirt
+    itself would have written it: a disk-only snapshot, external disks naming the overlay that began there,
+    the domain's definition at that instant (``now``'s, the persistent one, if the snapshot kept none)
+    with snapfw's mark in its metadata."""
+    root = ET.Element("domainsnapshot")
+    ET.SubElement(root, "name").text = entry["name"]
+    if entry["description"]:
+        ET.SubElement(root, "description").text = entry["description"]
+    ET.SubElement(root, "state").text = "shutoff" if entry["state"] == "shut off" else "disk-snapshot"
+    ET.SubElement(root, "creationTime").text = str(int(entry["created"]))
+    if entry["parent"]:
+        ET.SubElement(ET.SubElement(root, "parent"), "name").text = entry["parent"]
+    ET.SubElement(root, "memory", snapshot="no")
+    disks = ET.SubElement(root, "disks")
+    domain = ET.fromstring(entry["definition"]["xml"]) if entry["definition"].get("xml") else copy.deepcopy(now)
+    recorded = {d["target"]: d for d in entry["disks"]}
+    for el in domain.findall("devices/disk"):
+        d = recorded.get(el.find("target").get("dev"))
+        if d is None:
+            ET.SubElement(disks, "disk", name=el.find("target").get("dev"), snapshot="no")
+        elif "tag" in d:
+            ET.SubElement(disks, "disk", name=d["target"], snapshot="internal")
+        else:
+            spec = ET.SubElement(disks, "disk", name=d["target"], snapshot="external", type="file")
+            ET.SubElement(spec, "driver", type="qcow2")
+            ET.SubElement(spec, "source", file=d["active"] or d["file"])
+    metadata = domain.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(domain, "metadata")
+    if metadata.find(f"{{{MIRROR_NS}}}snapshot") is None:
+        ET.SubElement(metadata, f"{{{MIRROR_NS}}}snapshot")
+    root.append(domain)
+    for prefix, uri in NAMESPACES.items():
+        ET.register_namespace(prefix, uri)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _summary(record: ET.Element) -> tuple:
+    """What a mirror check compares of a libvirt snapshot record: parent, description, time, state and
+    the disks it snapshots (libvirt adds defaults to the rest)."""
+    parent = record.find("parent/name")
+    disks = sorted((d.get("name"), d.get("snapshot"), d.find("source").get("file") if d.find("source") is not None
+                    else None) for d in record.findall("disks/disk") if d.get("snapshot") != "no")
+    return (parent.text if parent is not None else None, record.findtext("description") or "",
+            record.findtext("creationTime"), record.findtext("state"), disks)
 
 
 def _attr(value: str) -> str:
