@@ -220,6 +220,14 @@ class HypervisorDriver:
         be continued is continued unless ``paused``."""
         raise NotSupported(f"driver {self.scheme} cannot start domains")
 
+    def explain(self, method: str, *args) -> tuple[list[str], str | None]:
+        """For --dry-run: the hypervisor calls ``self.<method>(*args)`` will make, in this driver's own words
+        (QMP commands with their arguments, libvirt API calls with their flags), and whether and for how
+        long at most the guest pauses meanwhile (None: the driver does not say). Reads the hypervisor's
+        state (node names) but changes nothing. ``method``: live_snapshot, block_commit, block_stream, stop
+        or start, with the arguments those take (without ``progress``)."""
+        return [], None
+
     def live_snapshot(self, domain: str, actions: list[dict]) -> None:
         """Run every disk's live action (snapfw.live) of running ``domain`` as ONE atomic operation:
         all take effect or none does."""

@@ -67,6 +67,9 @@ class LiveSnapshot(Step):
         actions = "; ".join(map(describe_action, self.actions))
         return f"snapshot the disks of running {self.domain} at once: {actions}"
 
+    def explain(self, ctx):
+        return ctx.driver.explain("live_snapshot", self.domain, self.actions)
+
 
 def job_id(*parts: str) -> str:
     """A block job's id, the same for the same work in every run, so recovery finds the job again."""
@@ -97,6 +100,9 @@ class LiveCommit(Step):
         return (f"live commit {self.top} into {self.base} on disk {self.target} of running {self.domain} "
                 f"(block job {self.job}, {self.bytes_to_copy} bytes)")
 
+    def explain(self, ctx):
+        return ctx.driver.explain("block_commit", self.domain, self.target, self.top, self.base, self.job)
+
 
 @dataclass
 class LiveStream(Step):
@@ -124,6 +130,10 @@ class LiveStream(Step):
         return (f"live stream {self.old_backing} into {self.path} onto {onto} on disk {self.target} of running "
                 f"{self.domain} (block job {self.job}, {self.bytes_to_copy} bytes)")
 
+    def explain(self, ctx):
+        return ctx.driver.explain("block_stream", self.domain, self.target, self.path, self.old_backing,
+                                  self.new_backing, self.job)
+
 
 @dataclass
 class StopDomain(Step):
@@ -143,6 +153,10 @@ class StopDomain(Step):
     def describe(self):
         return f"stop {self.domain} (its running state is discarded)"
 
+    def explain(self, ctx):
+        return (ctx.driver.explain("stop", self.domain)[0],
+                "the guest is down from here until the plan starts it again (or until a failure's undo does)")
+
 
 @dataclass
 class StartDomain(Step):
@@ -156,3 +170,6 @@ class StartDomain(Step):
 
     def describe(self):
         return f"start {self.domain}{' paused' if self.paused else ''}"
+
+    def explain(self, ctx):
+        return ctx.driver.explain("start", self.domain, self.paused)

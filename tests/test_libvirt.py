@@ -199,6 +199,12 @@ def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
     after_l1 = lv.domain()
     assert all(after_l1[t][0] != frozen1[t][0] for t in BYTES)
     lv.gen(5)
+    plan = lv.json("create", name, "l2", "--disk", "vda=qcow2", "--disk", "vdb=external", "--dry-run")["plan"]
+    calls, pause = plan["steps"][0]["calls"], plan["steps"][0]["pause"]
+    assert calls[0] == "suspend" and calls[1].startswith('qemuMonitorCommand {"execute": "transaction"'), calls
+    assert calls[2].startswith("snapshotCreateXML <domainsnapshot><disks><disk name='vdb' snapshot='external'>")
+    assert calls[2].endswith("flags=DISK_ONLY|ATOMIC|NO_METADATA") and calls[3].startswith("resume"), calls
+    assert pause.startswith("paused from suspend to resume") and lv.domain() == after_l1
     lv.run("create", name, "l2", "--disk", "vda=qcow2", "--disk", "vdb=external")  # a tag and an overlay at once
     assert guest.dom.state()[0] == 1  # VIR_DOMAIN_RUNNING: the short pause ended
     after_l2 = lv.domain()
@@ -292,6 +298,10 @@ def test_live_delete_commits_pivots_and_streams(lv, guest):
     assert not any(os.path.exists(o2[t]) for t in BYTES)
     assert "No problems found" in lv.run("check", name).stdout
 
+    plan = lv.json("delete", name, "s3", "--dry-run")["plan"]
+    calls = [c for step in plan["steps"] for c in step.get("calls", [])]
+    assert f"blockCommit(disk=vda, base={o1['vda']}, top={o3['vda']}, bandwidth=0, flags=ACTIVE)" in calls, calls
+    assert f"blockRebase(disk=vdb, base={orig['vdb']}, bandwidth=0, flags=0)" in calls, calls
     r = lv.run("delete", name, "s3", "--json")
     steps = [json.loads(line)["step"] for line in r.stderr.splitlines() if '"event": "step"' in line]
     assert any(s.startswith(f"live commit {o3['vda']} into {o1['vda']}") for s in steps), steps  # active: pivot

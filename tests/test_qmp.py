@@ -151,6 +151,12 @@ def test_live_create_external_then_internal_plus_external(live, qemu, tmp_path):
     after1 = live.domain()
     assert after1["vda"][0] != vda0 and after1["vdb"][0] != vdb0
     gen(live, 2)
+    r = live.run("create", "web", "s2", "--disk", "vda=qcow2", "--disk", "vdb=external", "--dry-run")
+    nodes = {b["qdev"].split("/")[3]: b["inserted"]["node-name"] for b in qemu.qmp("query-block")}
+    assert f'> transaction {{"actions": [{{"type": "blockdev-snapshot-internal-sync", "data": {{"device": ' \
+        f'"{nodes["vda"]}", "name": "s2"}}}}, {{"type": "blockdev-snapshot-sync", "data": {{"node-name": ' \
+        f'"{nodes["vdb"]}", "snapshot-file": ' in r.stdout, r.stdout
+    assert "guest pause: none beyond QEMU's own" in r.stdout and live.domain() == after1
     qemu.qmp("stop")  # a paused guest is snapshotted the same way, and stays paused
     live.run("create", "web", "s2", "--disk", "vda=qcow2", "--disk", "vdb=external")
     assert qemu.qmp("query-status")["status"] == "paused"
@@ -279,6 +285,15 @@ def test_live_delete_commits_and_streams_middle_and_newest(live, qemu):
     jobs = [d["describe"] for d in plan["steps"] if d["describe"].startswith("live")]
     assert len(jobs) == 2 and jobs[0].startswith(f"live commit {o2['vda']} into {o1['vda']}"), jobs
     assert jobs[1].startswith(f"live stream {o1['vdb']} into {o2['vdb']} onto {orig['vdb']}"), jobs
+    commit, stream = (d for d in plan["steps"] if d["describe"].startswith("live"))
+    nodes = {n["file"]: n["node-name"] for n in qemu.qmp("query-named-block-nodes", {"flat": True})
+             if n["drv"] != "file"}
+    assert commit["calls"][0].startswith(f'block-commit {{"job-id": "snapfw-') and \
+        f'"top-node": "{nodes[o2["vda"]]}", "base-node": "{nodes[o1["vda"]]}"' in commit["calls"][0], commit
+    assert not any(c.startswith("job-complete") for c in commit["calls"])  # below the active file: no pivot
+    assert stream["calls"][0].startswith("block-stream") and f'"device": "{nodes[o2["vdb"]]}"' in stream["calls"][0]
+    assert commit["bytes_to_copy"] == stream["bytes_to_copy"] == KIB64 == plan["bytes_to_copy"] / 2  # a generation each
+    assert commit["pause"] == stream["pause"] == "none: the guest runs on while the block job copies"
     live.run("delete", "web", "s2")
     assert qemu_chains(qemu) == {"vda": [o3["vda"], o1["vda"], orig["vda"]],
                                  "vdb": [o3["vdb"], o2["vdb"], orig["vdb"]]}
@@ -286,6 +301,9 @@ def test_live_delete_commits_and_streams_middle_and_newest(live, qemu):
     assert not os.path.exists(o2["vda"]) and not os.path.exists(o1["vdb"])
     assert "No problems found" in live.run("check", "web").stdout
 
+    r = live.run("delete", "web", "s3", "--dry-run")  # the active vda file: commit, then pivot
+    assert f"(once READY: the disk pivots to {o1['vda']})" in r.stdout, r.stdout
+    assert "guest pause: none: the guest runs on while the block job copies; the pivot drains" in r.stdout
     r = live.run("delete", "web", "s3", "--json")
     steps = [json.loads(line)["step"] for line in r.stderr.splitlines() if '"event": "step"' in line]
     assert any(s.startswith(f"live commit {o3['vda']} into {o1['vda']}") for s in steps), steps
@@ -397,6 +415,8 @@ def test_live_revert_restarts_qemu_from_its_launch_spec(live, qemu):
 
     plan = live.json("revert", "web", "s1", "--dry-run")["plan"]["steps"]
     assert plan[0]["describe"] == "stop web (its running state is discarded)" and plan[-1]["describe"] == "start web"
+    assert plan[0]["calls"][0].endswith("quit (then wait until QEMU has closed its images)"), plan[0]
+    assert plan[0]["pause"].startswith("the guest is down from here") and plan[-1]["calls"][-1] == "cont"
     live.run("revert", "web", "s1")  # stopped, reverted offline, started again from s1's argv: running
     assert status(qemu) == "running" and memory(qemu) == 64
     assert qemu_chains(qemu) == live_chains(live) and qemu.spec()["disks"] == spec_disks(live)

@@ -316,25 +316,67 @@ class LibvirtDriver(HypervisorDriver):
                 nodes = self._blocks(dom)
                 aliases = {el.find("target").get("dev"): el.find("alias").get("name")
                            for el in self._xml(dom, live=True).findall("devices/disk")}
-                self._monitor(dom, "transaction", {"actions": [
-                    {"type": "blockdev-snapshot-internal-sync",
-                     "data": {"device": nodes[aliases[a["target"]]]["node-name"], "name": a["tag"]}}
-                    for a in internal]})
+                self._monitor(dom, "transaction", _internal_transaction(
+                    internal, {t: nodes[alias]["node-name"] for t, alias in aliases.items() if alias in nodes}))
             if external:
-                specs = "".join(f"<disk name='{a['target']}' snapshot='external'><driver type='qcow2'/>"
-                                f"<source file={_attr(a['overlay'])}/></disk>" for a in external)
-                others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in active
-                                 if t not in {a["target"] for a in external})
                 flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
                          | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
                 with _calls("snapshotCreateXML"):
-                    dom.snapshotCreateXML(f"<domainsnapshot><disks>{specs}{others}</disks></domainsnapshot>", flags)
+                    dom.snapshotCreateXML(_snapshot_xml(external, active), flags)
         finally:
             if pause:
                 with _calls("resume"):
                     dom.resume()
         # libvirt writes the new overlays into the persistent XML of a persistent domain; make sure of it
         self._set_sources(dom, {a["target"]: (a["overlay"], "qcow2") for a in external})
+
+    # --- what the live steps will call (--dry-run) ------------------------------------------------------
+    def explain(self, method: str, *args):
+        return getattr(self, f"_explain_{method}")(*args)
+
+    def _explain_live_snapshot(self, domain, actions):
+        internal = [a for a in actions if a["kind"] == INTERNAL]
+        external = [a for a in actions if a["kind"] == EXTERNAL]
+        calls = []
+        if internal:
+            commands = _internal_transaction(internal, {a["target"]: a["node"] for a in internal})
+            calls.append(f"qemuMonitorCommand {json.dumps({'execute': 'transaction', 'arguments': commands})}")
+        if external:
+            active = self._live_sources(self._lookup(domain))
+            calls.append(f"snapshotCreateXML {_snapshot_xml(external, active)} "
+                         "flags=DISK_ONLY|ATOMIC|NO_METADATA")
+            calls.append("defineXML, only if the persistent XML does not name the new overlays")
+        if internal and external:
+            return (["suspend", *calls[:2], "resume (in finally: also when a call fails)", *calls[2:]],
+                    "paused from suspend to resume: as long as the two calls take (milliseconds here); "
+                    "resumed in finally, also when one fails")
+        return calls, ("none beyond QEMU's own: the vCPUs run on while QEMU drains the disks' in-flight I/O "
+                       "for the one transaction (milliseconds)")
+
+    def _explain_block_commit(self, domain, target, top, base, job):
+        active = self._live_sources(self._lookup(domain)).get(target) == top
+        calls = [f"blockCommit(disk={target}, base={base}, top={top}, bandwidth=0, flags={'ACTIVE' if active else 0})",
+                 f"blockJobInfo(disk={target}) (every 0.02 s, at most {MERGE_JOB_SECONDS:g} s)"]
+        if active:
+            calls += [f"blockJobAbort(disk={target}, flags=PIVOT) (once caught up: the disk pivots to {base})",
+                      f"defineXML, only if the persistent XML does not name {base}"]
+        calls += ["XMLDesc (the live chain without the top file)",
+                  f"qemuMonitorCommand query-named-block-nodes (no node still open on {top})"]
+        pivot = "; the pivot drains the disk's I/O for an instant (QEMU's own)" if active else ""
+        return calls, f"none: the guest runs on while the block job copies{pivot}"
+
+    def _explain_block_stream(self, domain, target, path, old_backing, new_backing, job):
+        return ([f"blockRebase(disk={target}, base={new_backing}, bandwidth=0, flags=0)",
+                 f"blockJobInfo(disk={target}) (every 0.02 s, at most {MERGE_JOB_SECONDS:g} s)",
+                 f"XMLDesc (the live chain without {old_backing})",
+                 f"qemuMonitorCommand query-named-block-nodes (no node still open on {old_backing})"],
+                "none: the guest runs on while the block job copies")
+
+    def _explain_stop(self, domain):
+        return ["destroy"], None
+
+    def _explain_start(self, domain, paused):
+        return [f"createWithFlags({'START_PAUSED' if paused else 0})"], None
 
     def undo_live_snapshot(self, domain: str, actions: list[dict], progress=None) -> None:
         dom = self._lookup(domain)
@@ -474,6 +516,21 @@ class LibvirtDriver(HypervisorDriver):
                 dom.blockRebase(target, new_backing, 0, 0)
 
         self._merge(dom, target, (PULL_JOB,), old_backing, done, start, progress)
+
+
+def _internal_transaction(actions: list[dict], nodes: dict[str, str]) -> dict:
+    """The QMP ``transaction`` arguments for internal live actions; ``nodes``: target -> QEMU node name."""
+    return {"actions": [{"type": "blockdev-snapshot-internal-sync",
+                         "data": {"device": nodes[a["target"]], "name": a["tag"]}} for a in actions]}
+
+
+def _snapshot_xml(external: list[dict], active: dict[str, str]) -> str:
+    """snapshotCreateXML's document: an external diskspec per action, ``snapshot='no'`` for every other
+    disk of ``active`` (target -> file)."""
+    specs = "".join(f"<disk name='{a['target']}' snapshot='external'><driver type='qcow2'/>"
+                    f"<source file={_attr(a['overlay'])}/></disk>" for a in external)
+    others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in active if t not in {a["target"] for a in external})
+    return f"<domainsnapshot><disks>{specs}{others}</disks></domainsnapshot>"
 
 
 def _attr(value: str) -> str:
