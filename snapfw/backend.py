@@ -181,6 +181,11 @@ class HypervisorDriver:
     def domain(self, name: str) -> Domain:
         raise NotImplementedError
 
+    def domain_state(self, name: str) -> str:
+        """"running", "paused" or "shut off" (``snapfw domains``). The default reads the whole domain; a
+        driver overrides it to tell the state also of a domain snapfw cannot snapshot."""
+        return self.domain(name).state
+
     def define(self, domain: dict) -> None:
         raise NotSupported(f"driver {self.scheme} cannot change a domain's definition")
 

@@ -338,6 +338,31 @@ def list_(ctx, domain, tree, as_json):
     click.echo("\n".join(out))
 
 
+@main.command()
+@json_option
+@click.pass_context
+def domains(ctx, as_json):
+    """List the domains of the connection: state, snapshot count and current snapshot."""
+    from . import lifecycle
+
+    rows = lifecycle.domains(_session(ctx, as_json))
+    if as_json:
+        _emit(rows)
+        return
+    table = [("Name", "State", "Snapshots", "Current")]
+    table += [(r["name"], r["state"], str(r["snapshots"]), r["current"] or "-") for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    out = []
+    for i, r in enumerate(table):
+        out.append(" " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+        if i == 0:
+            out.append("-" * (sum(widths) + 2 * 3 + 1 + len(r[3])))
+    for r in rows:
+        if "problem" in r:
+            out.append(f"{r['name']}: {r['problem']}")
+    click.echo("\n".join(out))
+
+
 def _print_tree(rows):
     children, roots = {}, []
     current = None

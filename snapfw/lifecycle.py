@@ -655,6 +655,24 @@ def snapshots(session: Session, domain: str) -> Tree:
     return catalog.tree(domain) if catalog is not None else Tree([])
 
 
+def domains(session: Session) -> list[dict]:
+    """The domains of the connection, by name: their state (running, paused, shut off; "unknown" with the
+    ``problem`` when the driver cannot tell) and, from the catalog, their snapshot count and current one."""
+    catalog = Catalog.open(session.state, create=False)
+    out = []
+    for name in session.driver.list_domains():
+        row = {"name": name, "state": "unknown", "snapshots": 0, "current": None}
+        try:
+            row["state"] = session.driver.domain_state(name)
+        except SnapfwError as e:
+            row["problem"] = str(e)
+        rows = catalog.list_rows(name) if catalog is not None else []
+        row["snapshots"] = len(rows)
+        row["current"] = next((n for n, _p, _t, _d, current, _disks in rows if current), None)
+        out.append(row)
+    return out
+
+
 def ensure_domain(session: Session, domain: str) -> Catalog | None:
     """Raise UnknownDomain unless the catalog or the driver knows ``domain``; return the catalog if it
     knows it (without creating a catalog just to read)."""

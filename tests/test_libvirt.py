@@ -383,8 +383,12 @@ def test_kill_during_a_live_commit_then_repair_finishes_it(conn, tmp_path):
 def test_transient_domain_libvirt_metadata_and_network_disk_are_refused(conn, tmp_path):
     transient = Guest(conn, str(tmp_path), persistent=False)
     try:
-        r = LibvirtEnv(tmp_path, transient).run("create", transient.name, "s1", check=False)
+        lv = LibvirtEnv(tmp_path, transient)
+        r = lv.run("create", transient.name, "s1", check=False)
         assert r.returncode == 1 and f"domain {transient.name} is transient" in r.stderr, r.stderr
+        # `domains` tells its state all the same (libvirt lists every domain of the connection)
+        rows = {row["name"]: row for row in lv.json("domains")}
+        assert rows[transient.name] == {"name": transient.name, "state": "running", "snapshots": 0, "current": None}
     finally:
         transient.remove()
     guest = Guest(conn, str(tmp_path))
@@ -464,6 +468,8 @@ def test_live_revert_of_a_libvirt_domain(lv, guest):
     lv.gen(5)
     lv.run("revert", name, "l1", "--stopped", "--keep-config")
     assert not guest.dom.isActive() and memory(guest, live=False) == 80  # l2's XML stays
+    rows = {row["name"]: row for row in lv.json("domains")}
+    assert rows[name] == {"name": name, "state": "shut off", "snapshots": 2, "current": "l1"}
     assert lv.all_read([1]) and not lv.all_read([2])
     # killed after the commit: repair finishes the revert and starts the guest on the new chain
     r = lv.run("revert", name, "l2", "--running", env={"SNAPFW_FAULT": "finish:0:kill"}, check=False)

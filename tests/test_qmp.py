@@ -103,6 +103,10 @@ def test_qmp_socket_that_is_not_qemu(tmp_path):
 # --- reading a running domain ----------------------------------------------------------------------------
 def test_list_show_check_on_a_running_domain(live, qemu):
     assert live.json("list", "web") == []
+    assert live.json("domains") == [{"name": "web", "state": "running", "snapshots": 0, "current": None}]
+    qemu.qmp("stop")
+    assert live.json("domains")[0]["state"] == "paused"
+    qemu.qmp("cont")
     r = live.run("check", "web")
     assert "No problems found" in r.stdout
     r = live.run("list", "other", check=False)
@@ -428,6 +432,7 @@ def test_live_revert_restarts_qemu_from_its_launch_spec(live, qemu):
     gen(live, 5)
     live.run("revert", "web", "s1", "--stopped", "--keep-config")
     assert not qemu.reattach() and "80" in qemu.spec()["argv"]  # s2's argv stays
+    assert live.json("domains") == [{"name": "web", "state": "shut off", "snapshots": 2, "current": "s1"}]
     for target, (path, fmt) in live.domain().items():  # s1, read offline
         assert reads(path, fmt, BYTES[target] + 1, KIB64) and reads(path, fmt, 0, 2 * KIB64), target
     assert "No problems found" in live.run("check", "web").stdout  # a QEMU that is down: read from its spec

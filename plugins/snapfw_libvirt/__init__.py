@@ -137,6 +137,9 @@ class LibvirtDriver(HypervisorDriver):
         with _calls("listAllDomains"):
             return sorted(d.name() for d in self.conn.listAllDomains())
 
+    def domain_state(self, name: str) -> str:
+        return _state(self._lookup(name))
+
     def _xml(self, dom, live: bool) -> ET.Element:
         libvirt = _libvirt()
         flags = 0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
@@ -171,8 +174,8 @@ class LibvirtDriver(HypervisorDriver):
                 raise NotSupported(f"domain {name} is transient (no persistent definition): snapfw keeps the "
                                    "domain's new chain in its definition; `virsh define` it first")
             tracked = dom.snapshotNum(0)
-            state = dom.state()[0]
-            running = bool(dom.isActive())
+            state = _state(dom)
+        running = state != "shut off"
         if tracked:  # libvirt's records would name files snapfw merges or removes
             raise NotSupported(f"domain {name} has {tracked} libvirt snapshot(s) (virsh snapshot-list): snapfw "
                                "does not take over libvirt's snapshot metadata; keep using virsh for this domain, "
@@ -219,12 +222,11 @@ class LibvirtDriver(HypervisorDriver):
                 if store.find("source") is not None and store.find("source").get("file"):
                     roots.append(os.path.dirname(store.find("source").get("file")))
             disks.append(Disk(target, path, fmt, node=node))
-        states = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTOFF: "shut off"}
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
         with _calls("XMLDesc"):
             definition = {"xml": dom.XMLDesc(flags)}  # kept with each snapshot, put back by a revert
         return Domain(name, disks, running=running, allowed_roots=tuple(dict.fromkeys(roots)),
-                      state=states.get(state, "running" if running else "shut off"), live_chains=chains,
+                      state=state, live_chains=chains,
                       notes=notes, stream_below_active=False, definition=definition)
 
     def define(self, domain: dict) -> None:
@@ -516,6 +518,17 @@ class LibvirtDriver(HypervisorDriver):
                 dom.blockRebase(target, new_backing, 0, 0)
 
         self._merge(dom, target, (PULL_JOB,), old_backing, done, start, progress)
+
+
+def _state(dom) -> str:
+    """libvirt's state of ``dom`` as snapfw's: paused; running for any other state while QEMU runs (blocked,
+    being shut down, suspended by the guest: QEMU holds the images); else shut off (also crashed)."""
+    libvirt = _libvirt()
+    with _calls("domain state"):
+        state, active = dom.state()[0], dom.isActive()
+    if active:
+        return "paused" if state == libvirt.VIR_DOMAIN_PAUSED else "running"
+    return "shut off"
 
 
 def _internal_transaction(actions: list[dict], nodes: dict[str, str]) -> dict:

@@ -211,6 +211,19 @@ class QMPDriver(HypervisorDriver):
         spec = self._down()
         return [spec["name"]] if spec else [self._name()]
 
+    def domain_state(self, name: str) -> str:
+        spec = self._down()
+        if spec is not None:
+            if spec["name"] != name:
+                raise UnknownDomain(f"no domain {name!r}: the launch spec {self.spec_path} is of {spec['name']!r}")
+            return "shut off"
+        self._check(name)
+        return self._state()
+
+    def _state(self) -> str:
+        """"running", or "paused" for any other run state of QEMU (paused, prelaunch, a stopped VM)."""
+        return "running" if self.qmp.execute("query-status").get("status") == "running" else "paused"
+
     def _blocks(self) -> dict[str, dict]:
         """target -> query-block entry, for every drive with a medium."""
         out = {}
@@ -233,7 +246,7 @@ class QMPDriver(HypervisorDriver):
             return Domain(name, disks, allowed_roots=tuple(dict.fromkeys(os.path.dirname(d.path) for d in disks)),
                           definition={"argv": spec["argv"]})
         self._check(name)
-        status = self.qmp.execute("query-status").get("status", "running")
+        state = self._state()
         disks, chains, roots = [], {}, []
         for target, b in self._blocks().items():
             chain = _chain(b["inserted"]["image"])
@@ -254,7 +267,7 @@ class QMPDriver(HypervisorDriver):
             raise BadInput(f"launch spec {self.spec_path} is of {spec['name']!r}, but the QEMU at {self.socket} is "
                            f"named {name!r}")
         return Domain(name, disks, running=True, allowed_roots=tuple(dict.fromkeys(roots)),
-                      state="running" if status == "running" else "paused", live_chains=chains,
+                      state=state, live_chains=chains,
                       definition={"argv": spec["argv"]} if spec else {})
 
     def define(self, domain: dict) -> None:
