@@ -420,6 +420,28 @@ def test_transient_domain_libvirt_metadata_and_network_disk_are_refused(conn, tm
         guest.remove()
 
 
+def test_a_running_disk_on_a_file_the_catalog_does_not_record_is_refused(lv, guest):
+    import libvirt
+
+    name = guest.name
+    guest.start()
+    lv.gen(1)
+    lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    drifted = os.path.join(lv.dir, "by-hand.qcow2")  # virsh snapshot-create-as --disk-only behind snapfw's back
+    guest.dom.snapshotCreateXML(f"<domainsnapshot><disks><disk name='vdb' snapshot='external'><source file='{drifted}'/>"
+                                "</disk><disk name='vda' snapshot='no'/></disks></domainsnapshot>",
+                                libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+    before = (lv.files(), xml_chains(guest), lv.export(name))
+    for args in (("create", name, "s2"), ("revert", name, "s1"), ("delete", name, "s1")):
+        r = lv.run(*args, check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"disk vdb now runs on {drifted}, a file the catalog does not know for it; run `snapfw check`" \
+            in r.stderr, r.stderr
+    assert (lv.files(), xml_chains(guest), lv.export(name)) == before and guest.dom.isActive()
+    r = lv.run("check", name, check=False)
+    assert r.returncode == 1 and f"disk vdb now runs on {drifted}" in r.stdout, r.stdout
+
+
 def memory(guest, live: bool) -> int:
     """The domain XML's <memory>, in MiB: which configuration it was defined or started from."""
     import libvirt

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 import yaml
@@ -100,6 +101,54 @@ def test_qmp_socket_that_is_not_qemu(tmp_path):
         server.close()
 
 
+def listen(path: str, greeting: bytes | None):
+    """A unix socket at ``path`` that is not QEMU's: each client gets ``greeting``, or (None) nothing at all."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(8)
+    clients = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            clients.append(conn)
+            if greeting is not None:
+                conn.sendall(greeting)
+
+    if greeting is not None:
+        threading.Thread(target=serve, daemon=True).start()
+    return server, clients
+
+
+def test_snapfw_on_a_socket_that_is_not_qemu_or_never_greets(tmp_path):
+    live = LiveEnv(tmp_path, Qemu(str(tmp_path)))  # never started: the socket is the test's
+    server, clients = listen(live.qemu.sock, b"SSH-2.0-OpenSSH_9.6\r\n")
+    try:
+        r = live.run("create", "web", "s1", check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{live.qemu.sock} is not a QMP socket: it sent b'SSH-2.0-OpenSSH_9.6\\r'" in r.stderr, r.stderr
+    finally:
+        server.close()
+        for c in clients:
+            c.close()
+    os.unlink(live.qemu.sock)
+    server, _ = listen(live.qemu.sock, None)  # accepts (the backlog) but never greets: a timeout, not a hang
+    try:
+        for args in (("create", "web", "s1"), ("domains",)):
+            t0 = time.monotonic()
+            r = live.run(*args, check=False, timeout=30)
+            assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+            assert f"QMP socket {live.qemu.sock} did not greet within 5 s (not QEMU's, hung, or another client " \
+                "holds the monitor)" in r.stderr, r.stderr
+            assert 5 <= time.monotonic() - t0 < 15
+    finally:
+        server.close()
+    assert live.files() == {"web.qmp", "web-vda.qcow2", "web-vdb.img"}
+
+
 # --- reading a running domain ----------------------------------------------------------------------------
 def test_list_show_check_on_a_running_domain(live, qemu):
     assert live.json("list", "web") == []
@@ -124,6 +173,26 @@ def test_a_disk_that_is_not_a_local_file_is_refused_by_name(tmp_path):
         assert "not a local file" in r.stderr and live.files() == before
     finally:
         qemu.kill()
+
+
+def test_a_running_disk_on_a_file_the_catalog_does_not_record_is_refused(live, qemu):
+    gen(live, 1)
+    live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    qemu.write_spec()
+    recorded = live.domain()["vdb"][0]
+    drifted = os.path.join(live.dir, "by-hand.qcow2")  # a snapshot taken behind snapfw's back
+    qemu.qmp("blockdev-snapshot-sync", {"node-name": qemu.qmp("query-block")[1]["inserted"]["node-name"],
+                                        "snapshot-file": drifted, "format": "qcow2", "snapshot-node-name": "byhand"})
+    before = (live.files(), qemu_chains(qemu), live.export())
+    for args in (("create", "web", "s2"), ("revert", "web", "s1"), ("delete", "web", "s1")):
+        r = live.run(*args, check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"disk vdb now runs on {drifted}, a file the catalog does not know for it; run `snapfw check`" \
+            in r.stderr, r.stderr
+    assert (live.files(), qemu_chains(qemu), live.export()) == before and status(qemu) == "running"
+    r = live.run("check", "web", check=False)
+    assert r.returncode == 1 and f"disk vdb now runs on {drifted}" in r.stdout, r.stdout
+    assert qemu_chains(qemu)["vdb"][1] == recorded
 
 
 def test_revert_without_a_launch_spec_and_internal_delete_of_a_running_domain_are_refused(live, qemu):
