@@ -329,13 +329,19 @@ def list_(ctx, domain, tree, as_json):
         return
     table = [("Name", "Creation Time", "Parent", "Current", "Disks")]
     table += [(n, _local(t), p or "-", "*" if cur else "", disks or "") for n, p, t, _, cur, disks in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    click.echo("\n".join(_table(table)))
+
+
+def _table(table: list[tuple[str, ...]]) -> list[str]:
+    """A heading row, a rule and the rows, in padded columns (the last one unpadded: it may be long)."""
+    n = len(table[0]) - 1
+    widths = [max(len(r[i]) for r in table) for i in range(n)]
     out = []
     for i, r in enumerate(table):
-        out.append(" " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        out.append(" " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[n])
         if i == 0:
-            out.append("-" * (sum(widths) + 2 * 4 + 1 + len(r[4])))
-    click.echo("\n".join(out))
+            out.append("-" * (sum(widths) + 2 * n + 1 + len(r[n])))
+    return out
 
 
 @main.command()
@@ -350,13 +356,7 @@ def domains(ctx, as_json):
         _emit(rows)
         return
     table = [("Name", "State", "Snapshots", "Current")]
-    table += [(r["name"], r["state"], str(r["snapshots"]), r["current"] or "-") for r in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(3)]
-    out = []
-    for i, r in enumerate(table):
-        out.append(" " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
-        if i == 0:
-            out.append("-" * (sum(widths) + 2 * 3 + 1 + len(r[3])))
+    out = _table(table + [(r["name"], r["state"], str(r["snapshots"]), r["current"] or "-") for r in rows])
     for r in rows:
         if "problem" in r:
             out.append(f"{r['name']}: {r['problem']}")
