@@ -63,6 +63,10 @@ class LiveSnapshot(Step):
     def undo(self, ctx):
         ctx.driver.undo_live_snapshot(self.domain, self.actions, progress=ctx.progress)
 
+    def writes(self):
+        """The files that take internal snapshots; a frozen file is only read from now on."""
+        return [a["file"] for a in self.actions if a["kind"] == INTERNAL]
+
     def describe(self):
         actions = "; ".join(map(describe_action, self.actions))
         return f"snapshot the disks of running {self.domain} at once: {actions}"
@@ -96,6 +100,9 @@ class LiveCommit(Step):
     def do(self, ctx):
         ctx.driver.block_commit(self.domain, self.target, self.top, self.base, self.job, ctx.progress)
 
+    def writes(self):
+        return [self.base]
+
     def describe(self):
         return (f"live commit {self.top} into {self.base} on disk {self.target} of running {self.domain} "
                 f"(block job {self.job}, {self.bytes_to_copy} bytes)")
@@ -124,6 +131,9 @@ class LiveStream(Step):
     def do(self, ctx):
         ctx.driver.block_stream(self.domain, self.target, self.path, self.old_backing, self.new_backing,
                                 self.job, ctx.progress)
+
+    def writes(self):
+        return [self.path]
 
     def describe(self):
         onto = self.new_backing or "no backing file (standalone)"

@@ -48,6 +48,11 @@ class Step:
         """The external command this step runs, shown by --dry-run."""
         return None
 
+    def writes(self) -> list[str]:
+        """The image files this step (or its undo) writes or removes: none may be open in a QEMU other
+        than the domain's own, which the core checks before anything runs."""
+        return []
+
     def explain(self, ctx) -> tuple[list[str], str | None]:
         """For --dry-run: the hypervisor calls this step makes (QMP commands, libvirt calls), and whether
         and for how long at most the guest pauses meanwhile (None: a step that touches no running guest).

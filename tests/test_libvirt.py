@@ -432,6 +432,7 @@ def test_a_running_disk_on_a_file_the_catalog_does_not_record_is_refused(lv, gue
                                 "</disk><disk name='vda' snapshot='no'/></disks></domainsnapshot>",
                                 libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
     before = (lv.files(), xml_chains(guest), lv.export(name))
+    assert os.path.exists(f"/run/libvirt/qemu/{name}.pid")  # the driver's Domain.pid: its QEMU may hold its files
     for args in (("create", name, "s2"), ("revert", name, "s1"), ("delete", name, "s1")):
         r = lv.run(*args, check=False)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr

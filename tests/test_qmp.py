@@ -195,6 +195,34 @@ def test_a_running_disk_on_a_file_the_catalog_does_not_record_is_refused(live, q
     assert qemu_chains(qemu)["vdb"][1] == recorded
 
 
+def test_a_file_another_qemu_holds_is_never_written(live, qemu, tmp_path):
+    orig = {t: p for t, (p, _f) in live.domain().items()}
+    gen(live, 1)
+    live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    gen(live, 2)
+    # a second QEMU, unknown to snapfw, reads the original vda image (QEMU's locks let two readers share it)
+    other = Qemu(str(tmp_path), name="lux-other", disks=())
+    other.extra = ["-blockdev", f"driver=file,filename={orig['vda']},node-name=f0,read-only=on",
+                   "-blockdev", "driver=qcow2,file=f0,node-name=d0,read-only=on",
+                   "-device", "virtio-blk-pci,drive=d0,id=vda"]
+    other.start()
+    try:
+        before = (live.files(), qemu_chains(qemu), live.export())
+        # deleting s1 commits vda's overlay into that image (the user's own: it takes the data)
+        r = live.run("delete", "web", "s1", check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{orig['vda']} is open in another QEMU (pid {other.pid}, qemu-system-x86" in r.stderr, r.stderr
+        assert (live.files(), qemu_chains(qemu), live.export()) == before and qemu.qmp("query-jobs") == []
+        live.run("create", "web", "s2")  # a snapshot writes only the active files: allowed
+    finally:
+        other.kill()
+    live.run("delete", "web", "s1")  # once it is gone, the same delete works
+    qemu.quit()
+    for target, (path, fmt) in live.domain().items():
+        assert reads(path, fmt, BYTES[target] + 1, KIB64) and reads(path, fmt, BYTES[target] + 2, 2 * KIB64)
+    live.assert_consistent()
+
+
 def test_revert_without_a_launch_spec_and_internal_delete_of_a_running_domain_are_refused(live, qemu):
     live.run("create", "web", "s1")  # vda: an internal snapshot, vdb: external
     before = (live.files(), qemu_chains(qemu))

@@ -226,8 +226,19 @@ class LibvirtDriver(HypervisorDriver):
         with _calls("XMLDesc"):
             definition = {"xml": dom.XMLDesc(flags)}  # kept with each snapshot, put back by a revert
         return Domain(name, disks, running=running, allowed_roots=tuple(dict.fromkeys(roots)),
-                      state=state, live_chains=chains,
+                      state=state, live_chains=chains, pid=self._pid(name) if running else None,
                       notes=notes, stream_below_active=False, definition=definition)
+
+    def _pid(self, name: str) -> int | None:
+        """The QEMU process of running domain ``name``, from the pid file libvirt keeps in its run
+        directory (libvirt has no API for it); None if snapfw cannot read it."""
+        folder = ("/run/libvirt/qemu" if self.uri.partition("://")[2].startswith("/system") else
+                  os.path.join(os.environ.get("XDG_RUNTIME_DIR", ""), "libvirt", "qemu", "run"))
+        try:
+            with open(os.path.join(folder, f"{name}.pid"), encoding="ascii") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
 
     def define(self, domain: dict) -> None:
         """Point the persistent XML's disks at the new files; with ``definition``, in that XML (a snapshot's)."""

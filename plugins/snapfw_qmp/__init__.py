@@ -267,7 +267,7 @@ class QMPDriver(HypervisorDriver):
             raise BadInput(f"launch spec {self.spec_path} is of {spec['name']!r}, but the QEMU at {self.socket} is "
                            f"named {name!r}")
         return Domain(name, disks, running=True, allowed_roots=tuple(dict.fromkeys(roots)),
-                      state=state, live_chains=chains,
+                      state=state, live_chains=chains, pid=self.qmp.peer_pid(),
                       definition={"argv": spec["argv"]} if spec else {})
 
     def define(self, domain: dict) -> None:
