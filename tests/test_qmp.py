@@ -6,6 +6,7 @@ with qemu-io once QEMU has quit; internal snapshots through a `qemu-img convert 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -115,7 +116,7 @@ def listen(path: str, greeting: bytes | None):
             except OSError:
                 return
             clients.append(conn)
-            if greeting is not None:
+            with contextlib.suppress(OSError):  # snapfw's first probe only connects and closes
                 conn.sendall(greeting)
 
     if greeting is not None:
