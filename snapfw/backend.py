@@ -183,6 +183,11 @@ class HypervisorDriver:
     def domain(self, name: str) -> Domain:
         raise NotImplementedError
 
+    def domain_state(self, name: str) -> str:
+        """"running", "paused" or "shut off" (``snapfw domains``). The default reads the whole domain; a
+        driver overrides it to tell the state also of a domain snapfw cannot snapshot."""
+        return self.domain(name).state
+
     def define(self, domain: dict) -> None:
         raise NotSupported(f"driver {self.scheme} cannot change a domain's definition")
 
@@ -228,6 +233,14 @@ class HypervisorDriver:
         only records snapfw made may be changed or removed, never one the user made. Drivers with
         MIRROR in ``capabilities`` only."""
         raise NotSupported(f"driver {self.scheme} keeps no snapshot records of its own to mirror into")
+
+    def explain(self, method: str, *args) -> tuple[list[str], str | None]:
+        """For --dry-run: the hypervisor calls ``self.<method>(*args)`` will make, in this driver's own words
+        (QMP commands with their arguments, libvirt API calls with their flags), and whether and for how
+        long at most the guest pauses meanwhile (None: the driver does not say). Reads the hypervisor's
+        state (node names) but changes nothing. ``method``: live_snapshot, block_commit, block_stream, stop
+        or start, with the arguments those take (without ``progress``)."""
+        return [], None
 
     def live_snapshot(self, domain: str, actions: list[dict]) -> None:
         """Run every disk's live action (snapfw.live) of running ``domain`` as ONE atomic operation:

@@ -147,11 +147,12 @@ def _session(ctx, as_json=False):
     return Session(o["uri"], o["state_dir"], o["lock_timeout"], reporter)
 
 
-def _print_plan(plan, as_json, dry_run, result=None):
+def _print_plan(plan, as_json, dry_run, result=None, session=None):
+    """The plan; for a dry run with ``session``, each step's hypervisor calls and guest pause too."""
+    d = plan.as_dict(session if dry_run else None)
     if as_json:
-        _emit({**(result or {}), "dry_run": dry_run, "plan": plan.as_dict()})
+        _emit({**(result or {}), "dry_run": dry_run, "plan": d})
         return
-    d = plan.as_dict()
     if dry_run:
         click.echo(f"Plan: {d['summary']}")
         for i, s in enumerate(d["steps"], 1):
@@ -160,6 +161,10 @@ def _print_plan(plan, as_json, dry_run, result=None):
                 from shlex import join
 
                 click.echo(f"       $ {join(s['argv'])}")
+            for call in s.get("calls") or ():
+                click.echo(f"       > {call}")
+            if s.get("pause"):
+                click.echo(f"       guest pause: {s['pause']}")
         click.echo(f"Bytes to copy: {d['bytes_to_copy']}")
     for note in d["notes"]:
         click.echo(f"Note: {note}")
@@ -195,8 +200,9 @@ def create(ctx, domain, name, description, disks, mirror, as_json, dry_run):
         if target in backends:
             raise BadInput(f"--disk names {target} twice")
         backends[target] = backend
-    plan = lifecycle.create(_session(ctx, as_json), domain, name, description, backends, dry_run, mirror)
-    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "create"})
+    session = _session(ctx, as_json)
+    plan = lifecycle.create(session, domain, name, description, backends, dry_run, mirror)
+    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "create"}, session)
     if not dry_run and not as_json:
         click.echo(f"Snapshot {name} of {domain} created.")
 
@@ -216,8 +222,9 @@ def revert(ctx, domain, name, state, keep_config, as_json, dry_run):
     DOMAIN is stopped and started again)."""
     from . import lifecycle
 
-    plan = lifecycle.revert(_session(ctx, as_json), domain, name, dry_run, state, keep_config)
-    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "revert"})
+    session = _session(ctx, as_json)
+    plan = lifecycle.revert(session, domain, name, dry_run, state, keep_config)
+    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "revert"}, session)
     if not dry_run and not as_json:
         click.echo(f"Domain {domain} reverted to snapshot {name}.")
 
@@ -233,8 +240,9 @@ def delete(ctx, domain, name, children, as_json, dry_run):
     """Delete snapshot NAME of DOMAIN, merging its data into its neighbours."""
     from . import lifecycle
 
-    plan = lifecycle.delete(_session(ctx, as_json), domain, name, children, dry_run)
-    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "delete"})
+    session = _session(ctx, as_json)
+    plan = lifecycle.delete(session, domain, name, children, dry_run)
+    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "delete"}, session)
     if not dry_run and not as_json:
         click.echo(f"Snapshot {name} of {domain} deleted{' with its descendants' if children else ''}.")
 
@@ -324,12 +332,37 @@ def list_(ctx, domain, tree, as_json):
         return
     table = [("Name", "Creation Time", "Parent", "Current", "Disks")]
     table += [(n, _local(t), p or "-", "*" if cur else "", disks or "") for n, p, t, _, cur, disks in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    click.echo("\n".join(_table(table)))
+
+
+def _table(table: list[tuple[str, ...]]) -> list[str]:
+    """A heading row, a rule and the rows, in padded columns (the last one unpadded: it may be long)."""
+    n = len(table[0]) - 1
+    widths = [max(len(r[i]) for r in table) for i in range(n)]
     out = []
     for i, r in enumerate(table):
-        out.append(" " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        out.append(" " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[n])
         if i == 0:
-            out.append("-" * (sum(widths) + 2 * 4 + 1 + len(r[4])))
+            out.append("-" * (sum(widths) + 2 * n + 1 + len(r[n])))
+    return out
+
+
+@main.command()
+@json_option
+@click.pass_context
+def domains(ctx, as_json):
+    """List the domains of the connection: state, snapshot count and current snapshot."""
+    from . import lifecycle
+
+    rows = lifecycle.domains(_session(ctx, as_json))
+    if as_json:
+        _emit(rows)
+        return
+    table = [("Name", "State", "Snapshots", "Current")]
+    out = _table(table + [(r["name"], r["state"], str(r["snapshots"]), r["current"] or "-") for r in rows])
+    for r in rows:
+        if "problem" in r:
+            out.append(f"{r['name']}: {r['problem']}")
     click.echo("\n".join(out))
 
 

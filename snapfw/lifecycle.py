@@ -23,7 +23,7 @@ from .live import LiveSnapshot, StartDomain, StopDomain
 from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
-from .tools import qemuimg
+from .tools import procs, qemuimg
 from .tools.host import Host, open_host
 
 
@@ -360,6 +360,7 @@ class _Operation:
             raise Inconsistent(f"an interrupted {plans[0]['operation']} of {self.name} is unfinished; "
                                "run `snapfw check --repair` first")
         self.domain = _read_domain(s.driver, self.name)
+        self.ran = self.domain.running  # a revert plans on the domain as it will be once stopped
         live = f"live.{self.operation}"
         if self.domain.running and live not in type(s.driver).capabilities:
             raise NotSupported(f"domain {self.name} is {self.domain.state}: the {type(s.driver).scheme} driver cannot "
@@ -448,11 +449,27 @@ class _Operation:
             plan.changes.append(functools.partial(_store_graph, self.name, self.befores[op.disk.target], op.graph))
         return plan
 
+    def _refuse_held(self, plan: Plan):
+        """Refuse a plan that would write or remove a file another QEMU has open (one snapfw does not know:
+        a clone reading through it, a qemu-nbd export): QEMU's lock would fail the write only once it is
+        tried, possibly after the change is recorded. The domain's own hypervisor (``Domain.pid``) holds
+        its images by right; for a running domain whose driver does not say which process that is,
+        nothing can be told apart and the check is left to QEMU's locks."""
+        if self.ran and self.domain.pid is None:
+            return
+        for path, holders in sorted(procs.qemu_holders({p for _ph, s in plan.steps() for p in s.writes()}).items()):
+            others = [(pid, program) for pid, program in holders if pid != self.domain.pid]
+            if others:
+                pid, program = others[0]
+                raise ImageInUse(f"{path} is open in another QEMU (pid {pid}, {program}); the plan would write or "
+                                 "remove it under that process: stop it, or make it let go of the file, first")
+
     def run(self, plan: Plan, dry_run: bool, pre, post: functools.partial, done: str, mirror: bool = False):
         """Run ``plan`` between ``pre()`` and ``post``, a post hook with its arguments; ``done`` says what
         the plan made, for the warning of a post hook that fails. ``mirror``: the plan makes a mirrored
         snapshot (the tree may have some already)."""
         plugins.hook().snapfw_plan_built(operation=self.operation, domain=self.domain, plan=plan)
+        self._refuse_held(plan)
         if dry_run:
             return plan
         pre()
@@ -724,6 +741,24 @@ def snapshots(session: Session, domain: str) -> Tree:
     """The snapshot tree of ``domain``; an unknown domain is an error, a domain without snapshots is not."""
     catalog = ensure_domain(session, domain)
     return catalog.tree(domain) if catalog is not None else Tree([])
+
+
+def domains(session: Session) -> list[dict]:
+    """The domains of the connection, by name: their state (running, paused, shut off; "unknown" with the
+    ``problem`` when the driver cannot tell) and, from the catalog, their snapshot count and current one."""
+    catalog = Catalog.open(session.state, create=False)
+    out = []
+    for name in session.driver.list_domains():
+        row = {"name": name, "state": "unknown", "snapshots": 0, "current": None}
+        try:
+            row["state"] = session.driver.domain_state(name)
+        except SnapfwError as e:
+            row["problem"] = str(e)
+        rows = catalog.list_rows(name) if catalog is not None else []
+        row["snapshots"] = len(rows)
+        row["current"] = next((n for n, _p, _t, _d, current, _disks in rows if current), None)
+        out.append(row)
+    return out
 
 
 def ensure_domain(session: Session, domain: str) -> Catalog | None:

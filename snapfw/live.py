@@ -63,9 +63,16 @@ class LiveSnapshot(Step):
     def undo(self, ctx):
         ctx.driver.undo_live_snapshot(self.domain, self.actions, progress=ctx.progress)
 
+    def writes(self):
+        """The files that take internal snapshots; a frozen file is only read from now on."""
+        return [a["file"] for a in self.actions if a["kind"] == INTERNAL]
+
     def describe(self):
         actions = "; ".join(map(describe_action, self.actions))
         return f"snapshot the disks of running {self.domain} at once: {actions}"
+
+    def explain(self, ctx):
+        return ctx.driver.explain("live_snapshot", self.domain, self.actions)
 
 
 def job_id(*parts: str) -> str:
@@ -93,9 +100,15 @@ class LiveCommit(Step):
     def do(self, ctx):
         ctx.driver.block_commit(self.domain, self.target, self.top, self.base, self.job, ctx.progress)
 
+    def writes(self):
+        return [self.base]
+
     def describe(self):
         return (f"live commit {self.top} into {self.base} on disk {self.target} of running {self.domain} "
                 f"(block job {self.job}, {self.bytes_to_copy} bytes)")
+
+    def explain(self, ctx):
+        return ctx.driver.explain("block_commit", self.domain, self.target, self.top, self.base, self.job)
 
 
 @dataclass
@@ -119,10 +132,17 @@ class LiveStream(Step):
         ctx.driver.block_stream(self.domain, self.target, self.path, self.old_backing, self.new_backing,
                                 self.job, ctx.progress)
 
+    def writes(self):
+        return [self.path]
+
     def describe(self):
         onto = self.new_backing or "no backing file (standalone)"
         return (f"live stream {self.old_backing} into {self.path} onto {onto} on disk {self.target} of running "
                 f"{self.domain} (block job {self.job}, {self.bytes_to_copy} bytes)")
+
+    def explain(self, ctx):
+        return ctx.driver.explain("block_stream", self.domain, self.target, self.path, self.old_backing,
+                                  self.new_backing, self.job)
 
 
 @dataclass
@@ -143,6 +163,10 @@ class StopDomain(Step):
     def describe(self):
         return f"stop {self.domain} (its running state is discarded)"
 
+    def explain(self, ctx):
+        return (ctx.driver.explain("stop", self.domain)[0],
+                "the guest is down from here until the plan starts it again (or until a failure's undo does)")
+
 
 @dataclass
 class StartDomain(Step):
@@ -156,3 +180,6 @@ class StartDomain(Step):
 
     def describe(self):
         return f"start {self.domain}{' paused' if self.paused else ''}"
+
+    def explain(self, ctx):
+        return ctx.driver.explain("start", self.domain, self.paused)

@@ -73,7 +73,8 @@ class Domain:
     below a running disk's active one (QEMU's block-stream can; libvirt's block pull writes the active
     file only), so a live delete plans a stream there. ``definition``: the rest of the domain's
     configuration in the driver's own form (libvirt: the inactive XML; qmp: the launch spec's argv), kept
-    with each snapshot so a revert puts it back; empty for a driver that has none.
+    with each snapshot so a revert puts it back; empty for a driver that has none. ``pid``: the
+    hypervisor process running it, the one QEMU that may hold its images while snapfw writes them.
     """
 
     name: str
@@ -85,6 +86,7 @@ class Domain:
     notes: list[str] = field(default_factory=list)
     stream_below_active: bool = True
     definition: dict = field(default_factory=dict)
+    pid: int | None = None
 
     def __post_init__(self):
         self.state = self.state or ("running" if self.running else "shut off")

@@ -48,6 +48,17 @@ class Step:
         """The external command this step runs, shown by --dry-run."""
         return None
 
+    def writes(self) -> list[str]:
+        """The image files this step (or its undo) writes or removes: none may be open in a QEMU other
+        than the domain's own, which the core checks before anything runs."""
+        return []
+
+    def explain(self, ctx) -> tuple[list[str], str | None]:
+        """For --dry-run: the hypervisor calls this step makes (QMP commands, libvirt calls), and whether
+        and for how long at most the guest pauses meanwhile (None: a step that touches no running guest).
+        The driver words them (``ctx.driver.explain``): the core knows no hypervisor's vocabulary."""
+        return [], None
+
     def to_json(self) -> dict:
         cls = type(self)
         return {"type": f"{cls.__module__}:{cls.__qualname__}", "args": dataclasses.asdict(self)}
@@ -79,15 +90,23 @@ class Plan:
         yield from (("prepare", s) for s in self.prepare)
         yield from (("finish", s) for s in self.finish)
 
-    def as_dict(self) -> dict:
+    def as_dict(self, ctx=None) -> dict:
+        """The plan as --dry-run and --json show it; with ``ctx`` (a session), each step's hypervisor calls
+        and guest pause too, as its driver words them."""
+        steps = []
+        for ph, s in self.steps():
+            step = {"phase": ph, "describe": s.describe(), "argv": s.argv(), "bytes_to_copy": s.bytes_to_copy}
+            if ctx is not None:
+                calls, pause = s.explain(ctx)
+                step.update(calls=calls, pause=pause)
+            steps.append(step)
         return {
             "operation": self.operation,
             "domain": self.domain,
             "summary": self.summary,
             "notes": self.notes,
             "bytes_to_copy": sum(s.bytes_to_copy for _, s in self.steps()),
-            "steps": [{"phase": ph, "describe": s.describe(), "argv": s.argv(), "bytes_to_copy": s.bytes_to_copy}
-                      for ph, s in self.steps()],
+            "steps": steps,
         }
 
 

@@ -137,6 +137,9 @@ class CreateTag(Step):
         _delete_tag(self.path, self.tag)
         _release_leaks(self.path)
 
+    def writes(self):
+        return [self.path]
+
     def describe(self):
         return f"create internal snapshot {self.tag!r} in {self.path}"
 
@@ -163,6 +166,9 @@ class ApplyTag(Step):
             qemuimg.snapshot("-d", self.path, self.keep)
         _release_leaks(self.path)
 
+    def writes(self):
+        return [self.path]
+
     def describe(self):
         return f"revert {self.path} to internal snapshot {self.tag!r} (current state kept as {self.keep!r} until done)"
 
@@ -178,6 +184,9 @@ class DeleteTag(Step):
     def do(self, ctx):
         _delete_tag(self.path, self.tag)
         _release_leaks(self.path)  # a run cut short may have dropped the tag but not its clusters' counts
+
+    def writes(self):
+        return [self.path]
 
     def describe(self):
         return f"delete internal snapshot {self.tag!r} from {self.path}"
@@ -198,6 +207,9 @@ class Commit(Step):
     def do(self, ctx):
         if os.path.exists(self.top):  # gone: a previous run finished and removed it
             qemuimg.commit(self.top, self.top_format, progress=ctx.progress)
+
+    def writes(self):
+        return [self.top, self.base]  # qemu-img commit empties the top file
 
     def describe(self):
         return f"commit {self.top} into {self.base} ({self.bytes_to_copy} bytes)"
@@ -222,6 +234,9 @@ class Rebase(Step):
             qemuimg.rebase(self.path, self.format, self.backing, self.backing_format, self.unsafe,
                            progress=None if self.unsafe else ctx.progress)
 
+    def writes(self):
+        return [self.path]
+
     def describe(self):
         onto = self.backing or "no backing file (standalone)"
         how = "relink" if self.unsafe else f"stream ({self.bytes_to_copy} bytes)"
@@ -240,6 +255,9 @@ class RemoveFile(Step):
     def do(self, ctx):
         _remove(self.path)
         fsync_dir(os.path.dirname(self.path))  # gone for good before the journal says so
+
+    def writes(self):
+        return [self.path]
 
     def describe(self):
         return f"remove {self.path}"

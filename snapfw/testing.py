@@ -13,7 +13,8 @@ Each test makes a domain of the ``images`` driver whose two disks use that backe
 lifecycle in this process (so errors arrive as their own snapfw.api types), and after every operation
 compares each disk's guest-visible bytes, the snapshot tree and the files on disk with a model of what
 they must be. ``snapfw_dir`` and ``snapfw_disk`` put the disks where the backend needs them (PLUGINS.md).
-Live operations join the kit when the core gets its live path.
+The live tests run the domain in a real QEMU through the ``qmp`` driver (:class:`LiveRig`) for a backend
+that declares ``live.*`` capabilities.
 
 pytest loads this module in every run wherever snapfw is installed, so it imports snapfw's own modules
 only when a test uses the kit.
@@ -62,18 +63,29 @@ def snapfw_disk():
 @pytest.fixture
 def snapfw_rig(snapfw_backend, snapfw_dir, snapfw_disk, tmp_path):
     """``rig()`` -> a new :class:`Rig` in ``snapfw_dir``, for tests of your own beyond the suite."""
+    yield from _rigs(Rig, snapfw_backend, snapfw_dir, snapfw_disk, tmp_path)
+
+
+@pytest.fixture
+def snapfw_live_rig(snapfw_backend, snapfw_dir, snapfw_disk, tmp_path):
+    """``rig()`` -> a new :class:`LiveRig`: the domain runs in a real QEMU, reached by the qmp driver."""
+    yield from _rigs(LiveRig, snapfw_backend, snapfw_dir, snapfw_disk, tmp_path)
+
+
+def _rigs(cls, backend, folder, make_disk, tmp_path):
+    """The maker of ``cls`` rigs a fixture yields, closing every rig made once the test is over."""
     rigs = []
     scratch = tmp_path / "snapfw-scratch"
     scratch.mkdir(exist_ok=True)
 
     def rig():
-        rigs.append(Rig(os.path.join(snapfw_dir, f"vms{len(rigs)}"), snapfw_backend, snapfw_disk, str(scratch)))
+        rigs.append(cls(os.path.join(folder, f"vms{len(rigs)}"), backend, make_disk, str(scratch)))
         rigs[-1].verify()  # the new disks read as zeros
         return rigs[-1]
 
     yield rig
-    for r in rigs:  # a failed test's traceback keeps them alive: let go of their files (and mounts)
-        r.session.catalog.close()
+    for r in rigs:  # a failed test's traceback keeps them alive: let go of their files (mounts, QEMUs)
+        r.close()
 
 
 def make_image(directory: str, name: str, size: int, fmt: str = "qcow2") -> tuple[str, str]:
@@ -122,6 +134,7 @@ class Rig:
             why = self.cls().usable(disk)
             assert why is None, f"backend {backend} cannot snapshot the disk snapfw_disk made, {disk.path}: {why}"
         self.expected = {t: bytearray(SIZE) for t in TARGETS}
+        self.own_files: set[str] = set()  # files of the rig's own in the directory (a QEMU's socket)
         self.saved: dict[str, dict] = {}
         self.parents: dict[str, str | None] = {}
         self.current: str | None = None
@@ -129,6 +142,9 @@ class Rig:
     @property
     def capabilities(self) -> frozenset[str]:
         return self.cls.capabilities
+
+    def close(self):
+        self.session.catalog.close()
 
     def domain(self):
         return self.session.driver.domain(DOMAIN)
@@ -144,7 +160,9 @@ class Rig:
     def create(self, name: str, dry_run: bool = False):
         from . import lifecycle
 
-        plan = lifecycle.create(self.session, DOMAIN, name, dry_run=dry_run)
+        # the backend named for every disk: a running domain's disks name none (the domain file is not read)
+        plan = lifecycle.create(self.session, DOMAIN, name, backends={t: self.backend for t in TARGETS},
+                                dry_run=dry_run)
         if not dry_run:
             self.done("create", name)
         return plan
@@ -219,7 +237,7 @@ class Rig:
     def leftovers(self) -> list[str]:
         """Paths in the domain directory that are neither a file snapfw knows nor a folder holding one."""
         known = set(self.session.catalog.files(DOMAIN)) | {d.path for d in self.domain().disks} | self.originals
-        keep = {os.path.join(self.dir, f"{DOMAIN}.yaml"), os.path.join(self.dir, ".snapfw")}
+        keep = {os.path.join(self.dir, f"{DOMAIN}.yaml"), os.path.join(self.dir, ".snapfw"), *self.own_files}
         for path in known:
             while path.startswith(self.dir + os.sep):
                 keep.add(path)
@@ -248,6 +266,73 @@ class Rig:
                               for s in lifecycle.snapshots(self.session, DOMAIN)],
                 "files": sorted(dataclasses.astuple(f) for f in files.values()),
                 "disks": [d.as_dict() for d in self.domain().disks], "paths": paths, "images": seen}
+
+
+class LiveRig(Rig):
+    """A :class:`Rig` whose domain runs: a real ``qemu-system-x86_64`` (firmware only, no guest OS) started
+    from a launch spec by the ``qmp`` driver itself, its disks on the backend under test. Generations are
+    written live, as the guest would, through HMP ``qemu-io`` on each disk's device; ``verify`` stops QEMU
+    (through the driver), compares the files offline as the offline kit does, and starts it again."""
+
+    def __init__(self, directory: str, backend: str, make_disk, scratch: str):
+        import shutil
+
+        from .lifecycle import Session
+
+        qemu = shutil.which("qemu-system-x86_64")
+        if qemu is None:
+            pytest.skip("the live conformance tests need qemu-system-x86_64 (Debian: qemu-system-x86)")
+        super().__init__(directory, backend, make_disk, scratch)
+        sock = os.path.join(self.dir, f"{DOMAIN}.qmp")
+        pidfile = os.path.join(self.dir, f"{DOMAIN}.pid")
+        argv = [qemu, "-machine", "q35,accel=kvm:tcg", "-m", "64", "-nodefaults", "-display", "none",
+                "-qmp", f"unix:{sock},server=on,wait=off", "-name", DOMAIN, "-daemonize", "-pidfile", pidfile]
+        disks = {}
+        for i, disk in enumerate(super().domain().disks):
+            argv += ["-blockdev", f"driver=file,filename={{{disk.target}}},node-name=file{i}",
+                     "-blockdev", f"driver={{{disk.target}.format}},file=file{i},node-name=disk{i}",
+                     "-device", f"virtio-blk-pci,drive=disk{i},id={disk.target}"]
+            disks[disk.target] = {"path": disk.path, "format": disk.format}
+        self.own_files = {sock, pidfile, sock + ".launch.yaml"}
+        with open(sock + ".launch.yaml", "w", encoding="utf-8") as f:
+            yaml.safe_dump({"name": DOMAIN, "argv": argv, "disks": disks}, f)
+        self.pidfile = pidfile
+        self.session = Session(f"qmp://{sock}", os.path.join(self.dir, ".snapfw"))
+        self.session.driver.start(DOMAIN, paused=False)
+
+    def write(self, gen: int):
+        """Generation ``gen``, written while the domain runs, through each disk's own device."""
+        qmp = self.session.driver.qmp  # QEMU's monitor serves one client: the driver's own connection
+        for disk in self.domain().disks:
+            byte = TARGETS[disk.target] + gen
+            out = qmp.execute("human-monitor-command", {"command-line": (
+                f'qemu-io -d /machine/peripheral/{disk.target}/virtio-backend "write -P {byte:#x} {gen * SLOT} {SLOT}"')})
+            assert out == "", f"writing generation {gen} to disk {disk.target} live failed: {out}"
+            self.expected[disk.target][gen * SLOT:(gen + 1) * SLOT] = bytes([byte]) * SLOT
+
+    def running(self) -> bool:
+        return self.domain().running
+
+    def verify(self):
+        """Stop QEMU, compare offline (and check the catalog against the files), start it again."""
+        self.session.driver.stop(DOMAIN)
+        super().verify()
+        self.check()
+        self.session.driver.start(DOMAIN, paused=False)
+
+    def close(self):
+        """Stop the rig's QEMU, by the driver, else by its pid file."""
+        import signal
+
+        try:
+            self.session.driver.stop(DOMAIN)
+        except Exception:
+            try:
+                with open(self.pidfile, encoding="ascii") as f:
+                    os.kill(int(f.read()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        super().close()
 
 
 # --- the contract ------------------------------------------------------------------------------------------
@@ -402,6 +487,62 @@ class BackendConformance:
                 pytest.fail(f"{what} worked on backend {rig.backend} although {capability!r} is not in its "
                             "capabilities: declare it, or raise snapfw.api.NotSupported")
             assert rig.state() == before, f"the refused {what} changed something"
+
+    def test_live_chain(self, snapfw_live_rig):
+        """On a running domain (the qmp driver, a real QEMU): snapshots taken live, deleted live where the
+        backend declares live.delete, reverted live (QEMU stopped, the disks reverted offline, QEMU started
+        again); the disks read what they must after each, checked with QEMU stopped."""
+        rig = snapfw_live_rig()
+        _needs(rig, "live.create", "offline.revert")
+        for gen, name in enumerate(["s1", "s2", "s3"], 1):
+            rig.write(gen)
+            rig.create(name)
+            assert rig.running(), f"the domain stopped running when {name} was taken live"
+        rig.write(4)
+        rig.verify()
+        if "live.delete" in rig.capabilities:
+            rig.delete("s2")    # in the middle
+            rig.verify()
+            rig.write(5)
+            rig.delete("s3")    # the current one: its data goes into the running chain
+            rig.verify()
+        rig.revert("s1")
+        assert rig.running(), "a live revert must start the domain again"
+        rig.write(6)
+        rig.create("s4")
+        rig.verify()
+        if "live.delete" in rig.capabilities:
+            rig.delete("s1")    # the root
+            rig.verify()
+        for name in list(rig.saved):
+            rig.revert(name)
+            rig.verify()
+
+    def test_live_failure_at_every_step_boundary_is_undone_live(self, snapfw_live_rig, monkeypatch):
+        """A live create that fails before any of its prepare steps or its commit (so also after its live step) rolls back
+        while the domain runs on: the disks run on their old files and read as before, no file is left."""
+        from .errors import SnapfwError
+        from .plan import FAULT_ENV
+
+        rig = snapfw_live_rig()
+        _needs(rig, "live.create")
+        rig.write(1)
+        rig.create("s1")
+        rig.write(2)
+        before = [d.as_dict() for d in rig.domain().disks]
+        plan = rig.create("s2", dry_run=True)
+        for fault in [f"prepare:{i}" for i in range(len(plan.prepare))] + ["commit:0"]:
+            monkeypatch.setenv(FAULT_ENV, f"{fault}:raise")
+            with pytest.raises(SnapfwError):
+                rig.create("s2")
+            monkeypatch.delenv(FAULT_ENV)
+            assert [d.as_dict() for d in rig.domain().disks] == before, f"fault before {fault}: the domain " \
+                "does not run on its old files"
+            assert not rig.session.catalog.unfinished_plans(DOMAIN), f"fault before {fault}: the journal kept it"
+        rig.verify()
+        rig.write(3)
+        rig.create("s2")
+        rig.verify()
 
     @pytest.mark.parametrize("operation", sorted(OPERATIONS))
     def test_failure_at_every_step_boundary(self, snapfw_rig, operation, monkeypatch):

@@ -18,6 +18,24 @@ def test_list_of_a_domain_without_snapshots_and_of_an_unknown_one(env):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_domains_lists_each_domain_with_its_state_and_snapshots(env):
+    env.make_domain("web")
+    env.make_domain("db", disks=(("vda", "raw"),))
+    env.run("create", "web", "s1")
+    env.run("create", "web", "s2")
+    env.write_domain("broken", "disks: [")
+    rows = env.json("domains")
+    assert rows[:2] == [{"name": "broken", "state": "unknown", "snapshots": 0, "current": None,
+                         "problem": rows[0].get("problem")},
+                        {"name": "db", "state": "shut off", "snapshots": 0, "current": None}]
+    assert "broken" in rows[0]["problem"]
+    assert rows[2] == {"name": "web", "state": "shut off", "snapshots": 2, "current": "s2"}
+    lines = env.run("domains").stdout.splitlines()
+    assert lines[0].split() == ["Name", "State", "Snapshots", "Current"]
+    assert lines[3].split() == ["db", "shut", "off", "0", "-"] and lines[4].split() == ["web", "shut", "off", "2", "s2"]
+    assert lines[5].startswith("broken: ")
+
+
 def test_list_json_shape(env):
     env.make_domain("web", backends={"vda": "qcow2", "vdb": "external"})
     env.run("create", "web", "s1", "--description", "d")

@@ -199,6 +199,12 @@ def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
     after_l1 = lv.domain()
     assert all(after_l1[t][0] != frozen1[t][0] for t in BYTES)
     lv.gen(5)
+    plan = lv.json("create", name, "l2", "--disk", "vda=qcow2", "--disk", "vdb=external", "--dry-run")["plan"]
+    calls, pause = plan["steps"][0]["calls"], plan["steps"][0]["pause"]
+    assert calls[0] == "suspend" and calls[1].startswith('qemuMonitorCommand {"execute": "transaction"'), calls
+    assert calls[2].startswith("snapshotCreateXML <domainsnapshot><disks><disk name='vdb' snapshot='external'>")
+    assert calls[2].endswith("flags=DISK_ONLY|ATOMIC|NO_METADATA") and calls[3].startswith("resume"), calls
+    assert pause.startswith("paused from suspend to resume") and lv.domain() == after_l1
     lv.run("create", name, "l2", "--disk", "vda=qcow2", "--disk", "vdb=external")  # a tag and an overlay at once
     assert guest.dom.state()[0] == 1  # VIR_DOMAIN_RUNNING: the short pause ended
     after_l2 = lv.domain()
@@ -292,6 +298,10 @@ def test_live_delete_commits_pivots_and_streams(lv, guest):
     assert not any(os.path.exists(o2[t]) for t in BYTES)
     assert "No problems found" in lv.run("check", name).stdout
 
+    plan = lv.json("delete", name, "s3", "--dry-run")["plan"]
+    calls = [c for step in plan["steps"] for c in step.get("calls", [])]
+    assert f"blockCommit(disk=vda, base={o1['vda']}, top={o3['vda']}, bandwidth=0, flags=ACTIVE)" in calls, calls
+    assert f"blockRebase(disk=vdb, base={orig['vdb']}, bandwidth=0, flags=0)" in calls, calls
     r = lv.run("delete", name, "s3", "--json")
     steps = [json.loads(line)["step"] for line in r.stderr.splitlines() if '"event": "step"' in line]
     assert any(s.startswith(f"live commit {o3['vda']} into {o1['vda']}") for s in steps), steps  # active: pivot
@@ -373,8 +383,12 @@ def test_kill_during_a_live_commit_then_repair_finishes_it(conn, tmp_path):
 def test_transient_domain_libvirt_metadata_and_network_disk_are_refused(conn, tmp_path):
     transient = Guest(conn, str(tmp_path), persistent=False)
     try:
-        r = LibvirtEnv(tmp_path, transient).run("create", transient.name, "s1", check=False)
+        lv = LibvirtEnv(tmp_path, transient)
+        r = lv.run("create", transient.name, "s1", check=False)
         assert r.returncode == 1 and f"domain {transient.name} is transient" in r.stderr, r.stderr
+        # `domains` tells its state all the same (libvirt lists every domain of the connection)
+        rows = {row["name"]: row for row in lv.json("domains")}
+        assert rows[transient.name] == {"name": transient.name, "state": "running", "snapshots": 0, "current": None}
     finally:
         transient.remove()
     guest = Guest(conn, str(tmp_path))
@@ -404,6 +418,29 @@ def test_transient_domain_libvirt_metadata_and_network_disk_are_refused(conn, tm
         assert r.returncode == 2 and "no domain 'no-such-domain'" in r.stderr
     finally:
         guest.remove()
+
+
+def test_a_running_disk_on_a_file_the_catalog_does_not_record_is_refused(lv, guest):
+    import libvirt
+
+    name = guest.name
+    guest.start()
+    lv.gen(1)
+    lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    drifted = os.path.join(lv.dir, "by-hand.qcow2")  # virsh snapshot-create-as --disk-only behind snapfw's back
+    guest.dom.snapshotCreateXML(f"<domainsnapshot><disks><disk name='vdb' snapshot='external'><source file='{drifted}'/>"
+                                "</disk><disk name='vda' snapshot='no'/></disks></domainsnapshot>",
+                                libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+    before = (lv.files(), xml_chains(guest), lv.export(name))
+    assert os.path.exists(f"/run/libvirt/qemu/{name}.pid")  # the driver's Domain.pid: its QEMU may hold its files
+    for args in (("create", name, "s2"), ("revert", name, "s1"), ("delete", name, "s1")):
+        r = lv.run(*args, check=False)  # (warnings about other tests' domains on the shared libvirtd aside)
+        assert r.returncode == 1 and r.stderr.count("snapfw: error:") == 1, r.stderr
+        assert f"disk vdb now runs on {drifted}, a file the catalog does not know for it; run `snapfw check`" \
+            in r.stderr, r.stderr
+    assert (lv.files(), xml_chains(guest), lv.export(name)) == before and guest.dom.isActive()
+    r = lv.run("check", name, check=False)
+    assert r.returncode == 1 and f"disk vdb now runs on {drifted}" in r.stdout, r.stdout
 
 
 def memory(guest, live: bool) -> int:
@@ -454,6 +491,8 @@ def test_live_revert_of_a_libvirt_domain(lv, guest):
     lv.gen(5)
     lv.run("revert", name, "l1", "--stopped", "--keep-config")
     assert not guest.dom.isActive() and memory(guest, live=False) == 80  # l2's XML stays
+    rows = {row["name"]: row for row in lv.json("domains")}
+    assert rows[name] == {"name": name, "state": "shut off", "snapshots": 2, "current": "l1"}
     assert lv.all_read([1]) and not lv.all_read([2])
     # killed after the commit: repair finishes the revert and starts the guest on the new chain
     r = lv.run("revert", name, "l2", "--running", env={"SNAPFW_FAULT": "finish:0:kill"}, check=False)

@@ -6,11 +6,13 @@ with qemu-io once QEMU has quit; internal snapshots through a `qemu-img convert 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 import yaml
@@ -100,9 +102,61 @@ def test_qmp_socket_that_is_not_qemu(tmp_path):
         server.close()
 
 
+def listen(path: str, greeting: bytes | None):
+    """A unix socket at ``path`` that is not QEMU's: each client gets ``greeting``, or (None) nothing at all."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(8)
+    clients = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            clients.append(conn)
+            with contextlib.suppress(OSError):  # snapfw's first probe only connects and closes
+                conn.sendall(greeting)
+
+    if greeting is not None:
+        threading.Thread(target=serve, daemon=True).start()
+    return server, clients
+
+
+def test_snapfw_on_a_socket_that_is_not_qemu_or_never_greets(tmp_path):
+    live = LiveEnv(tmp_path, Qemu(str(tmp_path)))  # never started: the socket is the test's
+    server, clients = listen(live.qemu.sock, b"SSH-2.0-OpenSSH_9.6\r\n")
+    try:
+        r = live.run("create", "web", "s1", check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{live.qemu.sock} is not a QMP socket: it sent b'SSH-2.0-OpenSSH_9.6\\r'" in r.stderr, r.stderr
+    finally:
+        server.close()
+        for c in clients:
+            c.close()
+    os.unlink(live.qemu.sock)
+    server, _ = listen(live.qemu.sock, None)  # accepts (the backlog) but never greets: a timeout, not a hang
+    try:
+        for args in (("create", "web", "s1"), ("domains",)):
+            t0 = time.monotonic()
+            r = live.run(*args, check=False, timeout=30)
+            assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+            assert f"QMP socket {live.qemu.sock} did not greet within 5 s (not QEMU's, hung, or another client " \
+                "holds the monitor)" in r.stderr, r.stderr
+            assert 5 <= time.monotonic() - t0 < 15
+    finally:
+        server.close()
+    assert live.files() == {"web.qmp", "web-vda.qcow2", "web-vdb.img"}
+
+
 # --- reading a running domain ----------------------------------------------------------------------------
 def test_list_show_check_on_a_running_domain(live, qemu):
     assert live.json("list", "web") == []
+    assert live.json("domains") == [{"name": "web", "state": "running", "snapshots": 0, "current": None}]
+    qemu.qmp("stop")
+    assert live.json("domains")[0]["state"] == "paused"
+    qemu.qmp("cont")
     r = live.run("check", "web")
     assert "No problems found" in r.stdout
     r = live.run("list", "other", check=False)
@@ -120,6 +174,54 @@ def test_a_disk_that_is_not_a_local_file_is_refused_by_name(tmp_path):
         assert "not a local file" in r.stderr and live.files() == before
     finally:
         qemu.kill()
+
+
+def test_a_running_disk_on_a_file_the_catalog_does_not_record_is_refused(live, qemu):
+    gen(live, 1)
+    live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    qemu.write_spec()
+    recorded = live.domain()["vdb"][0]
+    drifted = os.path.join(live.dir, "by-hand.qcow2")  # a snapshot taken behind snapfw's back
+    qemu.qmp("blockdev-snapshot-sync", {"node-name": qemu.qmp("query-block")[1]["inserted"]["node-name"],
+                                        "snapshot-file": drifted, "format": "qcow2", "snapshot-node-name": "byhand"})
+    before = (live.files(), qemu_chains(qemu), live.export())
+    for args in (("create", "web", "s2"), ("revert", "web", "s1"), ("delete", "web", "s1")):
+        r = live.run(*args, check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"disk vdb now runs on {drifted}, a file the catalog does not know for it; run `snapfw check`" \
+            in r.stderr, r.stderr
+    assert (live.files(), qemu_chains(qemu), live.export()) == before and status(qemu) == "running"
+    r = live.run("check", "web", check=False)
+    assert r.returncode == 1 and f"disk vdb now runs on {drifted}" in r.stdout, r.stdout
+    assert qemu_chains(qemu)["vdb"][1] == recorded
+
+
+def test_a_file_another_qemu_holds_is_never_written(live, qemu, tmp_path):
+    orig = {t: p for t, (p, _f) in live.domain().items()}
+    gen(live, 1)
+    live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    gen(live, 2)
+    # a second QEMU, unknown to snapfw, reads the original vda image (QEMU's locks let two readers share it)
+    other = Qemu(str(tmp_path), name="lux-other", disks=())
+    other.extra = ["-blockdev", f"driver=file,filename={orig['vda']},node-name=f0,read-only=on",
+                   "-blockdev", "driver=qcow2,file=f0,node-name=d0,read-only=on",
+                   "-device", "virtio-blk-pci,drive=d0,id=vda"]
+    other.start()
+    try:
+        before = (live.files(), qemu_chains(qemu), live.export())
+        # deleting s1 commits vda's overlay into that image (the user's own: it takes the data)
+        r = live.run("delete", "web", "s1", check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{orig['vda']} is open in another QEMU (pid {other.pid}, qemu-system-x86" in r.stderr, r.stderr
+        assert (live.files(), qemu_chains(qemu), live.export()) == before and qemu.qmp("query-jobs") == []
+        live.run("create", "web", "s2")  # a snapshot writes only the active files: allowed
+    finally:
+        other.kill()
+    live.run("delete", "web", "s1")  # once it is gone, the same delete works
+    qemu.quit()
+    for target, (path, fmt) in live.domain().items():
+        assert reads(path, fmt, BYTES[target] + 1, KIB64) and reads(path, fmt, BYTES[target] + 2, 2 * KIB64)
+    live.assert_consistent()
 
 
 def test_revert_without_a_launch_spec_and_internal_delete_of_a_running_domain_are_refused(live, qemu):
@@ -151,6 +253,12 @@ def test_live_create_external_then_internal_plus_external(live, qemu, tmp_path):
     after1 = live.domain()
     assert after1["vda"][0] != vda0 and after1["vdb"][0] != vdb0
     gen(live, 2)
+    r = live.run("create", "web", "s2", "--disk", "vda=qcow2", "--disk", "vdb=external", "--dry-run")
+    nodes = {b["qdev"].split("/")[3]: b["inserted"]["node-name"] for b in qemu.qmp("query-block")}
+    assert f'> transaction {{"actions": [{{"type": "blockdev-snapshot-internal-sync", "data": {{"device": ' \
+        f'"{nodes["vda"]}", "name": "s2"}}}}, {{"type": "blockdev-snapshot-sync", "data": {{"node-name": ' \
+        f'"{nodes["vdb"]}", "snapshot-file": ' in r.stdout, r.stdout
+    assert "guest pause: none beyond QEMU's own" in r.stdout and live.domain() == after1
     qemu.qmp("stop")  # a paused guest is snapshotted the same way, and stays paused
     live.run("create", "web", "s2", "--disk", "vda=qcow2", "--disk", "vdb=external")
     assert qemu.qmp("query-status")["status"] == "paused"
@@ -279,6 +387,15 @@ def test_live_delete_commits_and_streams_middle_and_newest(live, qemu):
     jobs = [d["describe"] for d in plan["steps"] if d["describe"].startswith("live")]
     assert len(jobs) == 2 and jobs[0].startswith(f"live commit {o2['vda']} into {o1['vda']}"), jobs
     assert jobs[1].startswith(f"live stream {o1['vdb']} into {o2['vdb']} onto {orig['vdb']}"), jobs
+    commit, stream = (d for d in plan["steps"] if d["describe"].startswith("live"))
+    nodes = {n["file"]: n["node-name"] for n in qemu.qmp("query-named-block-nodes", {"flat": True})
+             if n["drv"] != "file"}
+    assert commit["calls"][0].startswith('block-commit {"job-id": "snapfw-') and \
+        f'"top-node": "{nodes[o2["vda"]]}", "base-node": "{nodes[o1["vda"]]}"' in commit["calls"][0], commit
+    assert not any(c.startswith("job-complete") for c in commit["calls"])  # below the active file: no pivot
+    assert stream["calls"][0].startswith("block-stream") and f'"device": "{nodes[o2["vdb"]]}"' in stream["calls"][0]
+    assert commit["bytes_to_copy"] == stream["bytes_to_copy"] == KIB64 == plan["bytes_to_copy"] / 2  # a generation each
+    assert commit["pause"] == stream["pause"] == "none: the guest runs on while the block job copies"
     live.run("delete", "web", "s2")
     assert qemu_chains(qemu) == {"vda": [o3["vda"], o1["vda"], orig["vda"]],
                                  "vdb": [o3["vdb"], o2["vdb"], orig["vdb"]]}
@@ -286,6 +403,9 @@ def test_live_delete_commits_and_streams_middle_and_newest(live, qemu):
     assert not os.path.exists(o2["vda"]) and not os.path.exists(o1["vdb"])
     assert "No problems found" in live.run("check", "web").stdout
 
+    r = live.run("delete", "web", "s3", "--dry-run")  # the active vda file: commit, then pivot
+    assert f"(once READY: the disk pivots to {o1['vda']})" in r.stdout, r.stdout
+    assert "guest pause: none: the guest runs on while the block job copies; the pivot drains" in r.stdout
     r = live.run("delete", "web", "s3", "--json")
     steps = [json.loads(line)["step"] for line in r.stderr.splitlines() if '"event": "step"' in line]
     assert any(s.startswith(f"live commit {o3['vda']} into {o1['vda']}") for s in steps), steps
@@ -397,6 +517,8 @@ def test_live_revert_restarts_qemu_from_its_launch_spec(live, qemu):
 
     plan = live.json("revert", "web", "s1", "--dry-run")["plan"]["steps"]
     assert plan[0]["describe"] == "stop web (its running state is discarded)" and plan[-1]["describe"] == "start web"
+    assert plan[0]["calls"][0].endswith("quit (then wait until QEMU has closed its images)"), plan[0]
+    assert plan[0]["pause"].startswith("the guest is down from here") and plan[-1]["calls"][-1] == "cont"
     live.run("revert", "web", "s1")  # stopped, reverted offline, started again from s1's argv: running
     assert status(qemu) == "running" and memory(qemu) == 64
     assert qemu_chains(qemu) == live_chains(live) and qemu.spec()["disks"] == spec_disks(live)
@@ -408,6 +530,7 @@ def test_live_revert_restarts_qemu_from_its_launch_spec(live, qemu):
     gen(live, 5)
     live.run("revert", "web", "s1", "--stopped", "--keep-config")
     assert not qemu.reattach() and "80" in qemu.spec()["argv"]  # s2's argv stays
+    assert live.json("domains") == [{"name": "web", "state": "shut off", "snapshots": 2, "current": "s1"}]
     for target, (path, fmt) in live.domain().items():  # s1, read offline
         assert reads(path, fmt, BYTES[target] + 1, KIB64) and reads(path, fmt, 0, 2 * KIB64), target
     assert "No problems found" in live.run("check", "web").stdout  # a QEMU that is down: read from its spec

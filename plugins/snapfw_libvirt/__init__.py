@@ -145,6 +145,9 @@ class LibvirtDriver(HypervisorDriver):
         with _calls("listAllDomains"):
             return sorted(d.name() for d in self.conn.listAllDomains())
 
+    def domain_state(self, name: str) -> str:
+        return _state(self._lookup(name))
+
     def _xml(self, dom, live: bool) -> ET.Element:
         libvirt = _libvirt()
         flags = 0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
@@ -179,8 +182,8 @@ class LibvirtDriver(HypervisorDriver):
                 raise NotSupported(f"domain {name} is transient (no persistent definition): snapfw keeps the "
                                    "domain's new chain in its definition; `virsh define` it first")
             foreign = [n for n, el in self._records(dom).items() if not _ours(el)] if dom.snapshotNum(0) else []
-            state = dom.state()[0]
-            running = bool(dom.isActive())
+        state = _state(dom)
+        running = state != "shut off"
         if foreign:  # libvirt's records would name files snapfw merges or removes
             raise NotSupported(f"domain {name} has {len(foreign)} libvirt snapshot(s) (virsh snapshot-list) that "
                                "snapfw did not make: snapfw does not take over libvirt's snapshot metadata; keep "
@@ -228,13 +231,23 @@ class LibvirtDriver(HypervisorDriver):
                 if store.find("source") is not None and store.find("source").get("file"):
                     roots.append(os.path.dirname(store.find("source").get("file")))
             disks.append(Disk(target, path, fmt, node=node))
-        states = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTOFF: "shut off"}
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
         with _calls("XMLDesc"):
             definition = {"xml": dom.XMLDesc(flags)}  # kept with each snapshot, put back by a revert
         return Domain(name, disks, running=running, allowed_roots=tuple(dict.fromkeys(roots)),
-                      state=states.get(state, "running" if running else "shut off"), live_chains=chains,
+                      state=state, live_chains=chains, pid=self._pid(name) if running else None,
                       notes=notes, stream_below_active=False, definition=definition)
+
+    def _pid(self, name: str) -> int | None:
+        """The QEMU process of running domain ``name``, from the pid file libvirt keeps in its run
+        directory (libvirt has no API for it); None if snapfw cannot read it."""
+        folder = ("/run/libvirt/qemu" if self.uri.partition("://")[2].startswith("/system") else
+                  os.path.join(os.environ.get("XDG_RUNTIME_DIR", ""), "libvirt", "qemu", "run"))
+        try:
+            with open(os.path.join(folder, f"{name}.pid"), encoding="ascii") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
 
     def define(self, domain: dict) -> None:
         """Point the persistent XML's disks at the new files; with ``definition``, in that XML (a snapshot's)."""
@@ -293,7 +306,6 @@ class LibvirtDriver(HypervisorDriver):
         """Records are redefined (REDEFINE) from the catalog and removed with METADATA_ONLY, which never
         touches a disk; a record without snapfw's mark is only ever reported. A record libvirt refuses
         does not stop the others; the refusals are raised together at the end."""
-        libvirt = _libvirt()
         dom = self._lookup(domain)
         records = self._records(dom)
         wanted = {e["name"]: e for e in snapshots}
@@ -323,7 +335,7 @@ class LibvirtDriver(HypervisorDriver):
             el = records.get(e["name"])
             if el is not None and not _ours(el):
                 continue
-            xml = _snapshot_xml(e, now)
+            xml = _mirror_record_xml(e, now)
             if el is None:
                 line = f"snapshot {e['name']} is mirrored in the catalog but missing from libvirt's records"
             elif _summary(el) == _summary(ET.fromstring(xml)):
@@ -339,7 +351,7 @@ class LibvirtDriver(HypervisorDriver):
             has = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
         if current is not None and has != current and not (current in records and not _ours(records[current])):
             fix(f"libvirt's current snapshot is {has or 'none'}, the catalog's {current}", "set again",
-                functools.partial(self._redefine, dom, _snapshot_xml(wanted[current], now), current=True))
+                functools.partial(self._redefine, dom, _mirror_record_xml(wanted[current], now), current=True))
         if failed:
             raise ToolError("; ".join(failed), ["libvirt", "snapshotCreateXML"])
         return out
@@ -398,25 +410,67 @@ class LibvirtDriver(HypervisorDriver):
                 nodes = self._blocks(dom)
                 aliases = {el.find("target").get("dev"): el.find("alias").get("name")
                            for el in self._xml(dom, live=True).findall("devices/disk")}
-                self._monitor(dom, "transaction", {"actions": [
-                    {"type": "blockdev-snapshot-internal-sync",
-                     "data": {"device": nodes[aliases[a["target"]]]["node-name"], "name": a["tag"]}}
-                    for a in internal]})
+                self._monitor(dom, "transaction", _internal_transaction(
+                    internal, {t: nodes[alias]["node-name"] for t, alias in aliases.items() if alias in nodes}))
             if external:
-                specs = "".join(f"<disk name='{a['target']}' snapshot='external'><driver type='qcow2'/>"
-                                f"<source file={_attr(a['overlay'])}/></disk>" for a in external)
-                others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in active
-                                 if t not in {a["target"] for a in external})
                 flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
                          | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
                 with _calls("snapshotCreateXML"):
-                    dom.snapshotCreateXML(f"<domainsnapshot><disks>{specs}{others}</disks></domainsnapshot>", flags)
+                    dom.snapshotCreateXML(_disk_snapshot_xml(external, active), flags)
         finally:
             if pause:
                 with _calls("resume"):
                     dom.resume()
         # libvirt writes the new overlays into the persistent XML of a persistent domain; make sure of it
         self._set_sources(dom, {a["target"]: (a["overlay"], "qcow2") for a in external})
+
+    # --- what the live steps will call (--dry-run) ------------------------------------------------------
+    def explain(self, method: str, *args):
+        return getattr(self, f"_explain_{method}")(*args)
+
+    def _explain_live_snapshot(self, domain, actions):
+        internal = [a for a in actions if a["kind"] == INTERNAL]
+        external = [a for a in actions if a["kind"] == EXTERNAL]
+        calls = []
+        if internal:
+            commands = _internal_transaction(internal, {a["target"]: a["node"] for a in internal})
+            calls.append(f"qemuMonitorCommand {json.dumps({'execute': 'transaction', 'arguments': commands})}")
+        if external:
+            active = self._live_sources(self._lookup(domain))
+            calls.append(f"snapshotCreateXML {_disk_snapshot_xml(external, active)} "
+                         "flags=DISK_ONLY|ATOMIC|NO_METADATA")
+            calls.append("defineXML, only if the persistent XML does not name the new overlays")
+        if internal and external:
+            return (["suspend", *calls[:2], "resume (in finally: also when a call fails)", *calls[2:]],
+                    "paused from suspend to resume: as long as the two calls take (milliseconds here); "
+                    "resumed in finally, also when one fails")
+        return calls, ("none beyond QEMU's own: the vCPUs run on while QEMU drains the disks' in-flight I/O "
+                       "for the one transaction (milliseconds)")
+
+    def _explain_block_commit(self, domain, target, top, base, job):
+        active = self._live_sources(self._lookup(domain)).get(target) == top
+        calls = [f"blockCommit(disk={target}, base={base}, top={top}, bandwidth=0, flags={'ACTIVE' if active else 0})",
+                 f"blockJobInfo(disk={target}) (every 0.02 s, at most {MERGE_JOB_SECONDS:g} s)"]
+        if active:
+            calls += [f"blockJobAbort(disk={target}, flags=PIVOT) (once caught up: the disk pivots to {base})",
+                      f"defineXML, only if the persistent XML does not name {base}"]
+        calls += ["XMLDesc (the live chain without the top file)",
+                  f"qemuMonitorCommand query-named-block-nodes (no node still open on {top})"]
+        pivot = "; the pivot drains the disk's I/O for an instant (QEMU's own)" if active else ""
+        return calls, f"none: the guest runs on while the block job copies{pivot}"
+
+    def _explain_block_stream(self, domain, target, path, old_backing, new_backing, job):
+        return ([f"blockRebase(disk={target}, base={new_backing}, bandwidth=0, flags=0)",
+                 f"blockJobInfo(disk={target}) (every 0.02 s, at most {MERGE_JOB_SECONDS:g} s)",
+                 f"XMLDesc (the live chain without {old_backing})",
+                 f"qemuMonitorCommand query-named-block-nodes (no node still open on {old_backing})"],
+                "none: the guest runs on while the block job copies")
+
+    def _explain_stop(self, domain):
+        return ["destroy"], None
+
+    def _explain_start(self, domain, paused):
+        return [f"createWithFlags({'START_PAUSED' if paused else 0})"], None
 
     def undo_live_snapshot(self, domain: str, actions: list[dict], progress=None) -> None:
         dom = self._lookup(domain)
@@ -563,7 +617,7 @@ def _ours(record: ET.Element) -> bool:
     return record.find(f"domain/metadata/{{{MIRROR_NS}}}snapshot") is not None
 
 
-def _snapshot_xml(entry: dict, now: ET.Element) -> str:
+def _mirror_record_xml(entry: dict, now: ET.Element) -> str:
     """The libvirt snapshot record of mirrored snapshot ``entry`` (see HypervisorDriver.mirror), as libvirt
     itself would have written it: a disk-only snapshot, external disks naming the overlay that began there,
     the domain's definition at that instant (``now``'s, the persistent one, if the snapshot kept none)
@@ -609,6 +663,32 @@ def _summary(record: ET.Element) -> tuple:
                     else None) for d in record.findall("disks/disk") if d.get("snapshot") != "no")
     return (parent.text if parent is not None else None, record.findtext("description") or "",
             record.findtext("creationTime"), record.findtext("state"), disks)
+
+
+def _state(dom) -> str:
+    """libvirt's state of ``dom`` as snapfw's: paused; running for any other state while QEMU runs (blocked,
+    being shut down, suspended by the guest: QEMU holds the images); else shut off (also crashed)."""
+    libvirt = _libvirt()
+    with _calls("domain state"):
+        state, active = dom.state()[0], dom.isActive()
+    if active:
+        return "paused" if state == libvirt.VIR_DOMAIN_PAUSED else "running"
+    return "shut off"
+
+
+def _internal_transaction(actions: list[dict], nodes: dict[str, str]) -> dict:
+    """The QMP ``transaction`` arguments for internal live actions; ``nodes``: target -> QEMU node name."""
+    return {"actions": [{"type": "blockdev-snapshot-internal-sync",
+                         "data": {"device": nodes[a["target"]], "name": a["tag"]}} for a in actions]}
+
+
+def _disk_snapshot_xml(external: list[dict], active: dict[str, str]) -> str:
+    """snapshotCreateXML's document: an external diskspec per action, ``snapshot='no'`` for every other
+    disk of ``active`` (target -> file)."""
+    specs = "".join(f"<disk name='{a['target']}' snapshot='external'><driver type='qcow2'/>"
+                    f"<source file={_attr(a['overlay'])}/></disk>" for a in external)
+    others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in active if t not in {a["target"] for a in external})
+    return f"<domainsnapshot><disks>{specs}{others}</disks></domainsnapshot>"
 
 
 def _attr(value: str) -> str:

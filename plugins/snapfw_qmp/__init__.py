@@ -63,6 +63,8 @@ UNDO_JOB_SECONDS = 600.0
 # re-attaches to it
 MERGE_JOB_SECONDS = 3600.0
 # keys of QEMU's ImageInfo that inspection reads (the same names qemu-img info --output=json prints)
+# how long a live snapshot's transaction may take to answer (it drains the disks' in-flight I/O)
+TRANSACTION_SECONDS = 30.0
 # how long starting QEMU from its launch spec may take, until it has daemonized
 START_SECONDS = 60.0
 # the launch spec of the QEMU at SOCKET (see the module docstring)
@@ -92,6 +94,20 @@ def _chain(image: dict) -> list[dict]:
         out.append({k: image[k] for k in CHAIN_KEYS if k in image})
         image = image.get("backing-image")
     return out
+
+
+def _transaction_action(a: dict, node: str) -> dict:
+    """Live action ``a`` (snapfw.live) on block node ``node`` as one action of a QMP ``transaction``."""
+    if a["kind"] == INTERNAL:
+        return {"type": "blockdev-snapshot-internal-sync", "data": {"device": node, "name": a["tag"]}}
+    return {"type": "blockdev-snapshot-sync",
+            "data": {"node-name": node, "snapshot-file": a["overlay"], "format": "qcow2",
+                     "snapshot-node-name": _node_name(a["overlay"], "snapfw"), "mode": "absolute-paths"}}
+
+
+def _call(command: str, args: dict | None = None) -> str:
+    """A QMP command as --dry-run shows it: its name and its arguments as JSON."""
+    return f"{command} {json.dumps(args)}" if args else command
 
 
 def _local_file_problem(name: str) -> str | None:
@@ -195,6 +211,19 @@ class QMPDriver(HypervisorDriver):
         spec = self._down()
         return [spec["name"]] if spec else [self._name()]
 
+    def domain_state(self, name: str) -> str:
+        spec = self._down()
+        if spec is not None:
+            if spec["name"] != name:
+                raise UnknownDomain(f"no domain {name!r}: the launch spec {self.spec_path} is of {spec['name']!r}")
+            return "shut off"
+        self._check(name)
+        return self._state()
+
+    def _state(self) -> str:
+        """"running", or "paused" for any other run state of QEMU (paused, prelaunch, a stopped VM)."""
+        return "running" if self.qmp.execute("query-status").get("status") == "running" else "paused"
+
     def _blocks(self) -> dict[str, dict]:
         """target -> query-block entry, for every drive with a medium."""
         out = {}
@@ -217,7 +246,7 @@ class QMPDriver(HypervisorDriver):
             return Domain(name, disks, allowed_roots=tuple(dict.fromkeys(os.path.dirname(d.path) for d in disks)),
                           definition={"argv": spec["argv"]})
         self._check(name)
-        status = self.qmp.execute("query-status").get("status", "running")
+        state = self._state()
         disks, chains, roots = [], {}, []
         for target, b in self._blocks().items():
             chain = _chain(b["inserted"]["image"])
@@ -238,7 +267,7 @@ class QMPDriver(HypervisorDriver):
             raise BadInput(f"launch spec {self.spec_path} is of {spec['name']!r}, but the QEMU at {self.socket} is "
                            f"named {name!r}")
         return Domain(name, disks, running=True, allowed_roots=tuple(dict.fromkeys(roots)),
-                      state="running" if status == "running" else "paused", live_chains=chains,
+                      state=state, live_chains=chains, pid=self.qmp.peer_pid(),
                       definition={"argv": spec["argv"]} if spec else {})
 
     def define(self, domain: dict) -> None:
@@ -325,16 +354,56 @@ class QMPDriver(HypervisorDriver):
             active = b and b["inserted"]["image"]["filename"]
             if active != a["file"]:  # the plan was made under the lock: someone changed QEMU behind it
                 raise Inconsistent(f"disk {a['target']} now runs on {active}, not {a['file']} as planned")
-            node = b["inserted"]["node-name"]
-            if a["kind"] == INTERNAL:
-                commands.append({"type": "blockdev-snapshot-internal-sync",
-                                 "data": {"device": node, "name": a["tag"]}})
-            else:
-                commands.append({"type": "blockdev-snapshot-sync",
-                                 "data": {"node-name": node, "snapshot-file": a["overlay"], "format": "qcow2",
-                                          "snapshot-node-name": _node_name(a["overlay"], "snapfw"),
-                                          "mode": "absolute-paths"}})
-        self.qmp.execute("transaction", {"actions": commands})
+            commands.append(_transaction_action(a, b["inserted"]["node-name"]))
+        self.qmp.execute("transaction", {"actions": commands}, timeout=TRANSACTION_SECONDS)
+
+    # --- what the live steps will send (--dry-run) ------------------------------------------------------
+    def explain(self, method: str, *args):
+        return getattr(self, f"_explain_{method}")(*args)
+
+    def _explain_live_snapshot(self, domain, actions):
+        commands = [_transaction_action(a, a["node"]) for a in actions]
+        return ([_call("transaction", {"actions": commands})],
+                "none beyond QEMU's own: the vCPUs run on while QEMU drains the disks' in-flight I/O for the one "
+                f"transaction (milliseconds; snapfw waits for its answer at most {TRANSACTION_SECONDS:g} s)")
+
+    def _explain_block_commit(self, domain, target, top, base, job):
+        inserted = self._active(target)
+        active = inserted["image"]["filename"] == top
+        calls = [_call("block-commit", {"job-id": job, "device": inserted["node-name"],
+                                        "top-node": self._node_or_file(top), "base-node": self._node_or_file(base),
+                                        "auto-dismiss": False})]
+        calls += [_call("query-jobs") + f" (every 0.1 s, at most {MERGE_JOB_SECONDS:g} s)"]
+        if active:
+            calls += [_call("job-complete", {"id": job}) + f" (once READY: the disk pivots to {base})"]
+        calls += [_call("job-dismiss", {"id": job}), _call("query-block") + " (the chain without the top file)",
+                  _call("blockdev-del") + f" of any node still open on {top}"]
+        pivot = "; the pivot drains the disk's I/O for an instant (QEMU's own)" if active else ""
+        return calls, f"none: the guest runs on while the block job copies{pivot}"
+
+    def _explain_block_stream(self, domain, target, path, old_backing, new_backing, job):
+        args = {"job-id": job, "device": self._node_or_file(path), "auto-dismiss": False}
+        if new_backing is not None:
+            args["base-node"] = self._node_or_file(new_backing)
+        return ([_call("block-stream", args), _call("query-jobs") + f" (every 0.1 s, at most {MERGE_JOB_SECONDS:g} s)",
+                 _call("job-dismiss", {"id": job}), _call("query-block") + f" (the chain without {old_backing})",
+                 _call("blockdev-del") + f" of any node still open on {old_backing}"],
+                "none: the guest runs on while the block job copies")
+
+    def _explain_stop(self, domain):
+        launch = f"write what QEMU runs on into {self.spec_path}; " if os.path.exists(self.spec_path) else ""
+        return [f"{launch}{_call('quit')} (then wait until QEMU has closed its images)"], None
+
+    def _explain_start(self, domain, paused):
+        calls = [f"run the argv of {self.spec_path} with -S, on the disks it then names (daemonizes within "
+                 f"{START_SECONDS:g} s)", _call("query-block") + " (QEMU runs on the planned files)"]
+        return calls + ([] if paused else [_call("cont")]), None
+
+    def _node_or_file(self, path: str) -> str:
+        try:
+            return self._format_node(path)
+        except Inconsistent:
+            return f"<the node of {path}>"
 
     def undo_live_snapshot(self, domain: str, actions: list[dict], progress=None) -> None:
         self._check(domain)

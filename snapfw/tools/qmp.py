@@ -87,6 +87,16 @@ class QMP:
             raise
         return self
 
+    def peer_pid(self) -> int | None:
+        """The process at the other end of the socket (QEMU itself), from the kernel (SO_PEERCRED)."""
+        import struct
+
+        if self._sock is None:
+            return None
+        pid, _uid, _gid = struct.unpack("3i", self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                    struct.calcsize("3i")))
+        return pid or None
+
     def close(self):
         if self._sock is not None:
             self._sock.close()
