@@ -197,19 +197,41 @@ def test_not_enough_free_extents_is_refused_before_any_change(lvm):
     assert lvm.lvs() == before and lvm.json("list", "web") == []
 
 
-@pytest.mark.parametrize("op, fault", [("create", "commit:0"), ("revert", "finish:1"), ("delete", "finish:0")])
-def test_sigkill_then_repair(lvm, op, fault):
-    """Killed at a step boundary: `check --repair` rolls back or finishes; no stray snapshot LV, data kept."""
-    lvm.domain()
+def _boundaries(lvm, *args) -> list[str]:
+    """Every step boundary of the plan ``args`` would run, as SNAPFW_FAULT places: before each prepare
+    step, before the commit, before each finish step."""
+    phases = [s["phase"] for s in lvm.json(*args, "--dry-run")["plan"]["steps"]]
+    return ([f"prepare:{i}" for i in range(phases.count("prepare"))] + ["commit:0"]
+            + [f"finish:{i}" for i in range(phases.count("finish"))])
+
+
+@pytest.mark.parametrize("thin", [False, True], ids=["classic", "thin"])
+def test_sigkill_at_every_step_boundary_then_repair(lvm, thin):
+    """create, revert and delete killed at each step boundary in turn, each followed by `check --repair`:
+    before the commit it rolls back, after it it finishes; no stray snapshot LV, the data as it must be."""
+    lvm.domain(thin)
     lvm.write(0x41, 0)
-    if op != "create":
-        lvm.run("create", "web", "s1")
-        lvm.write(0x42, 0)
-    args = {"create": ("create", "web", "s1"), "revert": ("revert", "web", "s1"), "delete": ("delete", "web", "s1")}
-    r = lvm.run(*args[op], check=False, env={"SNAPFW_FAULT": f"{fault}:kill"})
-    assert r.returncode == -9, r.stderr
-    lvm.run("check", "--repair")
+    lvm.run("create", "web", "s1")
+    want = {"web.s1"}
+
+    def killed(fault, *args) -> bool:
+        r = lvm.run(*args, check=False, env={"SNAPFW_FAULT": f"{fault}:kill"})
+        assert r.returncode == -9, (fault, r.stderr)
+        lvm.run("check", "--repair")
+        assert lvm.snapshot_lvs() == want | ({"web.s2"} if args[0] == "delete" and not committed(fault) else set())
+        return committed(fault)
+
+    def committed(fault):
+        return fault.startswith("finish")
+
+    for fault in _boundaries(lvm, "create", "web", "s2"):
+        assert not killed(fault, "create", "web", "s2"), fault
+    for byte, fault in enumerate(_boundaries(lvm, "revert", "web", "s1"), 0x50):
+        lvm.write(byte, 0)
+        done = killed(fault, "revert", "web", "s1")
+        assert lvm.reads(0x41 if done else byte, 0), fault
+    lvm.run("create", "web", "s2")
+    for fault in _boundaries(lvm, "delete", "web", "s2"):
+        killed(fault, "delete", "web", "s2")
+    assert [s["name"] for s in lvm.json("list", "web")] == ["s1"] and lvm.snapshot_lvs() == want
     lvm.check()
-    want = {"create": set(), "revert": {"web.s1"}, "delete": set()}[op]
-    assert lvm.snapshot_lvs() == want
-    assert lvm.reads(0x41 if op == "revert" else (0x41 if op == "create" else 0x42), 0)
