@@ -14,9 +14,19 @@ import subprocess
 import pytest
 from conftest import Env
 
+from snapfw.testing import BackendConformance
+
 SIZE = 16 << 20
 KIB64 = 64 * 1024
 _vgs = itertools.count()
+
+
+def fresh_vg(guest) -> str:
+    """A new empty volume group on the guest's PV (the previous test's goes)."""
+    vg = f"t{next(_vgs)}"
+    guest.sh("vgremove -q -ff $(vgs --noheadings -o vg_name) 2>/dev/null; "
+             f"pvcreate -q -ff -y /dev/disk/by-serial/pv0 && vgcreate -q -s 4m {vg} /dev/disk/by-serial/pv0")
+    return vg
 
 
 class LVM:
@@ -24,11 +34,8 @@ class LVM:
 
     def __init__(self, guest, env: Env):
         self.guest, self.env = guest, env
-        self.vg = f"t{next(_vgs)}"
+        self.vg = fresh_vg(guest)
         self.host = {"SNAPFW_HOST": f"qga:{guest.agent}"}
-        guest.sh("vgremove -q -ff $(vgs --noheadings -o vg_name) 2>/dev/null; "
-                 "pvcreate -q -ff -y /dev/disk/by-serial/pv0 && "
-                 f"vgcreate -q -s 4m {self.vg} /dev/disk/by-serial/pv0")
 
     def domain(self, thin: bool = False, size: int = SIZE, name: str = "web", more_lvs=(), qcow2=()):
         """Disk vda on LV ``name``; each of ``more_lvs`` (targets) on LV ``name-target`` in the same VG;
@@ -235,3 +242,30 @@ def test_sigkill_at_every_step_boundary_then_repair(lvm, thin):
         killed(fault, "delete", "web", "s2")
     assert [s["name"] for s in lvm.json("list", "web")] == ["s1"] and lvm.snapshot_lvs() == want
     lvm.check()
+
+
+CONFORMANCE_ENV = "SNAPFW_LVM_CONFORMANCE"
+
+
+@pytest.mark.skipif(os.environ.get(CONFORMANCE_ENV) != "1",
+                    reason=f"the whole kit under TCG takes tens of minutes: run with {CONFORMANCE_ENV}=1")
+class TestConformance(BackendConformance):
+    """The conformance kit on thin LVs in the guest; the kit writes and reads them through SNAPFW_HOST.
+    Opt-in: every LVM command is slow under TCG (test_chain alone took 10 minutes on a loaded machine)."""
+
+    @pytest.fixture
+    def snapfw_backend(self, guest, monkeypatch):
+        monkeypatch.setenv("SNAPFW_HOST", f"qga:{guest.agent}")
+        return "lvm"
+
+    @pytest.fixture
+    def snapfw_disk(self, guest):
+        vg = fresh_vg(guest)
+        guest.sh(f"lvcreate -q -T -L 256m {vg}/pool")
+
+        def make(folder, name, size):
+            lv = f"{os.path.basename(folder)}-{name}"
+            guest.sh(f"lvcreate -q -T -V {size}b -n {lv} {vg}/pool")
+            return f"/dev/{vg}/{lv}", "raw"
+
+        return make
