@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 
-from . import domains, measure
+from . import domains, lvm, measure
 
 # issue 21: snapfw / virsh at most this, per operation; for reads, at most LARGE_READ_RATIO from 1,000 up
 READ_RATIO, LARGE_READ_RATIO, LARGE, CHANGE_RATIO = 1.5, 0.3, 1000, 1.2
@@ -45,6 +45,9 @@ def parse_args(argv):
     p.add_argument("--start-libvirtd", action="store_true",
                    help="(root) if libvirtd is not listening: make /dev/kvm root:kvm 0660, start virtlogd "
                         "and libvirtd as daemons")
+    p.add_argument("--lvm", action="store_true",
+                   help="also time snapfw's LV snapshot create/delete beside bare lvcreate -s / lvremove in the "
+                        "test suite's TCG guest (tests/guest.py; boots it, about a minute more)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = p.parse_args(argv)
     if args.repeat < 1:
@@ -204,6 +207,8 @@ def run(args) -> dict:
             result["rows"] += [_row("list", count, sf_list, lv_list), _row("show", count, sf_show, lv_show)]
             log(f"bench: timing create/revert/delete of one more snapshot at {count}, {args.repeat} runs each")
             result["rows"] += _measure_changes(sf, lv, env, args.repeat)
+        if args.lvm:
+            result["lvm"] = lvm.measure_lvm(root, snapfw_argv(), env, args.repeat, log)
         log(f"bench: timing --help and plugins, {args.repeat} runs each")
         result["commands"] = _measure_commands(env, args.repeat)
         if lv is not None:
@@ -280,6 +285,13 @@ def render(result) -> str:
     rows = [[c["command"], _fmt(c["snapfw"]["median_s"], ".3f"), _fmt(c["snapfw"]["min_s"], ".3f"),
              _fmt(c["import_s"], ".3f"), _fmt(c["snapfw"]["peak_rss_mib"], ".1f")] for c in result["commands"]]
     out.append(_table(["command", "snapfw s", "(min)", "imports s", "snapfw MiB"], rows))
+    if result.get("lvm"):
+        out += ["", "LVM in the test guest (TCG), both through its guest agent: snapfw's whole process beside the "
+                    "bare lvm command"]
+        rows = [[r["operation"], _fmt(r["snapfw"]["median_s"], ".3f"), _fmt(r["snapfw"]["min_s"], ".3f"),
+                 _fmt(r["lvm"]["median_s"], ".3f"), _fmt(r["lvm"]["min_s"], ".3f"), _fmt(r["ratio"], ".2f")]
+                for r in result["lvm"]]
+        out.append(_table(["operation", "snapfw s", "(min)", "lvm s", "(min)", "ratio"], rows))
     if result.get("libvirtd_rss_mib") is not None:
         out.append(f"(virsh is a client: libvirtd does the work and was {result['libvirtd_rss_mib']:.1f} MiB "
                    "resident at the end, not counted above)")

@@ -76,13 +76,17 @@ class DiskGraph:
 class DiskOp:
     """One disk's part of a plan: the graph a backend edits, and the steps it appends."""
 
-    def __init__(self, domain: Domain, disk: Disk, graph: DiskGraph, tree: Tree, inspect, host=None):
+    def __init__(self, domain: Domain, disk: Disk, graph: DiskGraph, tree: Tree, inspect, host=None,
+                 options: dict | None = None, shared: dict | None = None):
         self.domain = domain
         self.disk = disk
         self.graph = graph
         self.tree = tree
         self.inspect = inspect  # inspect(path, format) -> qemu-img info dict, checked and cached
         self.host = host  # the connection's Host (snapfw.tools.host), for backends whose disks are not local files
+        self.options = options or {}  # backend options of the request by name (create --lvm-size: "lvm-size")
+        # one dict for every disk of the operation: a backend's budgets across disks (free space in a pool)
+        self.shared = {} if shared is None else shared
         self.prepare: list = []
         self.finish: list = []
         self.notes: list[str] = []
@@ -126,6 +130,12 @@ class DiskBackend:
         """For a backend without ``local_files``: what ``snapfw check`` reports about the records of disk
         ``target`` (snapshot name -> record data) on ``host``."""
         return []
+
+    def statuses(self, host, records: dict[str, dict]) -> dict[str, str]:
+        """For a backend without ``local_files``: the state of each record (snapshot name -> record data)
+        on ``host`` as one word or two, shown by ``list`` and ``show``: "valid", or what keeps it from
+        being reverted to ("invalid", "merge pending", "missing"). Records left out are not shown."""
+        return {}
 
     def usable(self, disk: Disk) -> str | None:
         """Why this backend cannot snapshot ``disk``, or None if it can."""

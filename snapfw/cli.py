@@ -185,10 +185,13 @@ dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan (c
 @click.option("--mirror/--no-mirror", default=None,
               help="Also record NAME in the hypervisor's own snapshot list (virsh snapshot-list); "
                    "default: the config file's `mirror`.")
+@click.option("--lvm-size", metavar="SIZE",
+              help="Copy-on-write space of each classic LVM snapshot: a share of its origin (20%) or a size "
+                   "(512M) (default: $SNAPFW_LVM_SIZE, else 20%).")
 @json_option
 @dry_run_option
 @click.pass_context
-def create(ctx, domain, name, description, disks, mirror, as_json, dry_run):
+def create(ctx, domain, name, description, disks, mirror, lvm_size, as_json, dry_run):
     """Snapshot every disk of DOMAIN as NAME."""
     from . import lifecycle
 
@@ -200,8 +203,9 @@ def create(ctx, domain, name, description, disks, mirror, as_json, dry_run):
         if target in backends:
             raise BadInput(f"--disk names {target} twice")
         backends[target] = backend
+    options = {"lvm-size": lvm_size} if lvm_size else {}
     session = _session(ctx, as_json)
-    plan = lifecycle.create(session, domain, name, description, backends, dry_run, mirror)
+    plan = lifecycle.create(session, domain, name, description, backends, dry_run, mirror, options)
     _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "create"}, session)
     if not dry_run and not as_json:
         click.echo(f"Snapshot {name} of {domain} created.")
@@ -322,16 +326,31 @@ def list_(ctx, domain, tree, as_json):
         from . import lifecycle
 
         lifecycle.ensure_domain(_session(ctx), domain)
+    states = {}
+    if rows and any("host" in r.data for s in catalog.tree(domain) for r in s.disks):
+        from . import lifecycle  # records of disks on the connection's host (LVs): their state is asked there
+
+        states = lifecycle.statuses(_session(ctx), domain)
+
+    def disk(n, d):
+        target, backend = d.split("=", 1)
+        state = states.get(n, {}).get(target)
+        return {"target": target, "backend": backend, **({"status": state} if state else {})}
+
+    listed = [(n, p, t, desc, cur, [disk(n, d) for d in (disks or "").split(",") if d])
+              for n, p, t, desc, cur, disks in rows]
     if as_json:
         _emit([{"name": n, "parent": p, "current": bool(cur), "created": _iso(t), "description": desc,
-                "disks": [dict(zip(("target", "backend"), d.split("=", 1))) for d in (disks or "").split(",") if d]}
-               for n, p, t, desc, cur, disks in rows])
+                "disks": disks} for n, p, t, desc, cur, disks in listed])
         return
     if tree:
         _print_tree(rows)
         return
     table = [("Name", "Creation Time", "Parent", "Current", "Disks")]
-    table += [(n, _local(t), p or "-", "*" if cur else "", disks or "") for n, p, t, _, cur, disks in rows]
+    table += [(n, _local(t), p or "-", "*" if cur else "",
+               ",".join(f"{d['target']}={d['backend']}" + (f" ({d['status']})" if d.get("status", "valid") != "valid"
+                                                          else "") for d in disks))
+              for n, p, t, _, cur, disks in listed]
     click.echo("\n".join(_table(table)))
 
 
@@ -389,15 +408,17 @@ def _print_tree(rows):
         click.echo("\n".join(out))
 
 
-def _snapshot_dict(tree, name, files) -> dict:
+def _snapshot_dict(tree, name, files, states=None) -> dict:
     s = tree.by_name[name]
+    states = (states or {}).get(name, {})
     disks = []
     for r in s.disks:
         chain, path = [], r.data.get("file")
         while path is not None and path not in chain:
             chain.append(path)
             path = files[path].backing if path in files else None
-        disks.append({"target": r.target, "backend": r.backend, **r.data, "files": chain})
+        state = {"status": states[r.target]} if r.target in states else {}
+        disks.append({"target": r.target, "backend": r.backend, **r.data, **state, "files": chain})
     return {"name": s.name, "parent": s.parent, "children": s.children, "current": s.current,
             "created": _iso(s.created), "description": s.description, "disks": disks, "config": s.config}
 
@@ -416,7 +437,7 @@ def show(ctx, domain, name, as_json):
     session = _session(ctx)
     tree = lifecycle.snapshots(session, domain)
     lifecycle.find_snapshot(tree, domain, name)
-    d = _snapshot_dict(tree, name, session.catalog.files(domain))
+    d = _snapshot_dict(tree, name, session.catalog.files(domain), lifecycle.statuses(session, domain))
     if as_json:
         _emit(d)
         return
@@ -425,7 +446,8 @@ def show(ctx, domain, name, as_json):
                f"Current:      {'yes' if d['current'] else 'no'}\nDescription:  {d['description'] or '-'}")
     for disk in d["disks"]:
         tag = f" tag {disk['tag']}" if "tag" in disk else ""
-        click.echo(f"Disk {disk['target']}:     {disk['backend']}{tag}: {' <- '.join(disk['files'])}")
+        state = f" ({disk['status']})" if "status" in disk else ""
+        click.echo(f"Disk {disk['target']}:     {disk['backend']}{tag}: {' <- '.join(disk['files'])}{state}")
 
 
 @main.command()

@@ -348,10 +348,11 @@ def _pick_backend(disk: Disk, tree: Tree, wanted: str | None, capability: str = 
 class _Operation:
     """The shared frame of every changing operation on one domain."""
 
-    def __init__(self, session: Session, domain: str, operation: str):
+    def __init__(self, session: Session, domain: str, operation: str, options: dict | None = None):
         self.s = session
         self.name = check_name("domain", domain)
         self.operation = operation
+        self.options = options or {}
 
     def load(self):
         s = self.s
@@ -377,7 +378,7 @@ class _Operation:
     def start(self, disks, backends: dict | None = None) -> list[DiskOp]:
         """One DiskOp per disk, remembering each graph as it was so the plan can store the difference.
         ``backends``: target -> the backend at work on it; one without ``local_files`` checks its disk."""
-        self.ops, self.befores = [], {}
+        self.ops, self.befores, self.shared = [], {}, {}
         for disk in disks:
             backend = (backends or {}).get(disk.target)
             if backend is not None and not backend.local_files:
@@ -396,7 +397,7 @@ class _Operation:
             if not any(f.target == disk.target for f in self.files.values()):
                 before.files = {}  # first snapshot of this disk: its image is new to the catalog
             self.befores[disk.target] = before
-            self.ops.append(DiskOp(self.domain, disk, graph, self.tree, self.inspect, self.s.host))
+            self.ops.append(self._op(disk, graph))
         return self.ops
 
     def _start_remote(self, disk: Disk, backend):
@@ -410,7 +411,10 @@ class _Operation:
         if not recorded:
             before.files = {}
         self.befores[disk.target] = before
-        self.ops.append(DiskOp(self.domain, disk, graph, self.tree, self.inspect, self.s.host))
+        self.ops.append(self._op(disk, graph))
+
+    def _op(self, disk: Disk, graph: DiskGraph) -> DiskOp:
+        return DiskOp(self.domain, disk, graph, self.tree, self.inspect, self.s.host, self.options, self.shared)
 
     def _refuse_sharing(self, target: str, active: str | None, recorded, chain=()):
         problem = self.users.conflict(self.name, target, active, recorded, chain)
@@ -548,11 +552,13 @@ def _store_graph(domain: str, before: DiskGraph, after: DiskGraph, changes):
 
 
 def create(session: Session, domain: str, name: str, description: str = "",
-           backends: dict[str, str] | None = None, dry_run: bool = False, mirror: bool | None = None) -> Plan:
+           backends: dict[str, str] | None = None, dry_run: bool = False, mirror: bool | None = None,
+           options: dict | None = None) -> Plan:
     """Snapshot every disk of ``domain`` as ``name``, a child of the current snapshot. ``mirror``: also
     record it in the driver's own snapshot records (None: as the config file's ``mirror`` says, for a
-    driver that can)."""
-    o = _Operation(session, domain, "create")
+    driver that can). ``options``: backend options by name (``lvm-size``), each read by the backend it
+    belongs to."""
+    o = _Operation(session, domain, "create", options)
     check_name("snapshot", name)
     mirror = _wants_mirror(session, mirror)
     backends = dict(backends or {})
@@ -758,6 +764,31 @@ def domains(session: Session) -> list[dict]:
         row["snapshots"] = len(rows)
         row["current"] = next((n for n, _p, _t, _d, current, _disks in rows if current), None)
         out.append(row)
+    return out
+
+
+def statuses(session: Session, domain: str) -> dict[str, dict[str, str]]:
+    """snapshot -> disk target -> its state on the connection's host, for the disks whose backend keeps
+    them there (not local files, and their records name that ``host``): the backend's
+    :meth:`~snapfw.backend.DiskBackend.statuses`."""
+    tree = snapshots(session, domain)
+    if not any("host" in r.data for snap in tree for r in snap.disks):
+        return {}  # no plugin to load
+    installed = plugins.disk_backends()
+    remote: dict[tuple[str, str], dict[str, dict]] = {}
+    for snap in tree:
+        for r in snap.disks:
+            if r.backend in installed and not installed[r.backend][0].local_files:
+                remote.setdefault((r.backend, r.target), {})[snap.name] = r.data
+    out: dict[str, dict[str, str]] = {}
+    for (backend, target), records in sorted(remote.items()):
+        try:
+            found = _backend(backend).statuses(session.host, records)
+        except SnapfwError as e:  # reading the catalog still works: say why the state is not known
+            session.reporter.warn(f"{domain}: disk {target}: its snapshots' state cannot be read: {e}")
+            found = dict.fromkeys(records, "unknown")
+        for name, state in found.items():
+            out.setdefault(name, {})[target] = state
     return out
 
 

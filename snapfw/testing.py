@@ -15,6 +15,8 @@ compares each disk's guest-visible bytes, the snapshot tree and the files on dis
 they must be. ``snapfw_dir`` and ``snapfw_disk`` put the disks where the backend needs them (PLUGINS.md).
 The live tests run the domain in a real QEMU through the ``qmp`` driver (:class:`LiveRig`) for a backend
 that declares ``live.*`` capabilities.
+The disks of a backend without ``local_files`` (LVs, possibly on another machine) are written and read
+through the connection's host (``SNAPFW_HOST``), never opened here.
 
 pytest loads this module in every run wherever snapfw is installed, so it imports snapfw's own modules
 only when a test uses the kit.
@@ -149,12 +151,20 @@ class Rig:
     def domain(self):
         return self.session.driver.domain(DOMAIN)
 
+    @property
+    def remote(self) -> bool:
+        """The backend's disks live on the connection's host: data goes through it."""
+        return not self.cls.local_files
+
     # --- operations ------------------------------------------------------------------------------------
     def write(self, gen: int):
         """Generation ``gen``: each disk gets its own byte at its own offset."""
         for disk in self.domain().disks:
             byte = TARGETS[disk.target] + gen
-            _run(["qemu-io", "-f", disk.format, "-c", f"write -P {byte:#x} {gen * SLOT} {SLOT}", disk.path])
+            if self.remote:
+                self.session.host.write(disk.path, gen * SLOT, bytes([byte]) * SLOT)
+            else:
+                _run(["qemu-io", "-f", disk.format, "-c", f"write -P {byte:#x} {gen * SLOT} {SLOT}", disk.path])
             self.expected[disk.target][gen * SLOT:(gen + 1) * SLOT] = bytes([byte]) * SLOT
 
     def create(self, name: str, dry_run: bool = False):
@@ -203,6 +213,8 @@ class Rig:
     # --- looking -----------------------------------------------------------------------------------------
     def read(self, path: str, fmt: str) -> bytes:
         """The guest-visible bytes of an image, through its whole backing chain."""
+        if self.remote:
+            return self.session.host.read(path, 0, SIZE)
         out = path if fmt == "raw" else os.path.join(self.scratch, "read.raw")
         if fmt != "raw":
             _run(["qemu-img", "convert", "-f", fmt, "-O", "raw", path, out])
@@ -257,7 +269,7 @@ class Rig:
         images = {p: f.format for p, f in files.items()} | {d.path: d.format for d in self.domain().disks}
         seen = {}
         for path, fmt in sorted(images.items()):
-            info = json.loads(_run(["qemu-img", "info", "--output=json", "-f", fmt, path]))
+            info = {} if self.remote else json.loads(_run(["qemu-img", "info", "--output=json", "-f", fmt, path]))
             seen[path] = (info.get("backing-filename"), sorted(t["name"] for t in info.get("snapshots", [])),
                           hashlib.sha256(self.read(path, fmt)).hexdigest())
         paths = sorted(os.path.join(r, n) for r, ds, fs in os.walk(self.dir) for n in ds + fs

@@ -3,9 +3,10 @@
 Every lvm2 command runs on the connection's host (``op.host`` while planning, ``ctx.host`` in steps:
 this machine, or a guest or dom0 through its guest agent, ``SNAPFW_HOST``), reading state only from
 ``--reportformat json`` reports. A thin origin gets thin snapshots (no size); any other LV gets classic
-copy-on-write snapshots of ``SNAPFW_LVM_SIZE`` (``20%`` of the origin by default, or bytes with a K/M/G
-suffix). Each snapshot is its own LV, named by :func:`lv_name`, tagged ``snapfw`` (an undo removes only
-LVs carrying the tag). The disk keeps running on its origin LV: nothing ever changes the domain's
+copy-on-write snapshots of ``create --lvm-size`` (else ``SNAPFW_LVM_SIZE``, else ``20%`` of the origin; or
+bytes with a K/M/G suffix), all the classic snapshots of one operation in one volume group checked
+together against its free extents. Each snapshot is its own LV, named by :func:`lv_name`, tagged
+``snapfw`` (an undo removes only LVs carrying the tag). The disk keeps running on its origin LV: nothing ever changes the domain's
 definition.
 
 - revert, thin: a fresh thin snapshot OF the recorded snapshot, swapped in under the origin's name (two
@@ -14,7 +15,9 @@ definition.
   origin (``lvconvert --merge``, copying the chunks that changed since), then retaken at once under the
   same name from the merged origin, which reads exactly as it did. Both run after the commit: a crash
   between them is finished by ``snapfw check --repair`` (do not start the domain before it).
-  A snapshot LVM marked invalid (its copy-on-write space overflowed) cannot be reverted to.
+  A snapshot's state (:func:`status`) is LVM's, read when asked: invalid (its copy-on-write space
+  overflowed) cannot be reverted to, only deleted; merge pending (the origin was open when the merge
+  started) blocks the disk until ``check --repair`` finishes it with the origin closed.
 - delete: ``lvremove`` of the snapshot LV; the origin and the other snapshots are untouched (every LVM
   snapshot is a whole view of the origin, so nothing merges).
 """
@@ -25,6 +28,7 @@ import hashlib
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 
 from snapfw.api import (
@@ -42,6 +46,7 @@ from snapfw.api import (
 
 SIZE_ENV = "SNAPFW_LVM_SIZE"
 DEFAULT_SIZE = "20%"
+MERGE_WAIT = 300.0  # seconds a repair waits for a merge that started on the origin's activation
 THIN_POOL_LIMIT = 90.0  # percent of a thin pool's data or metadata space a new snapshot may find in use
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -58,10 +63,10 @@ def lv_name(origin: str, snapshot: str, suffix: str = "") -> str:
     return f"{origin}.{slug}{suffix}"
 
 
-def _size(policy: str, origin_bytes: int, extent: int) -> int:
+def _size(policy: str, origin_bytes: int, extent: int, given_by: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[KMGT]?)i?B?\s*", policy, re.I)
     if not m:
-        raise BadInput(f"{SIZE_ENV}={policy!r}: expected a percentage of the origin (20%) or a size (512M)")
+        raise BadInput(f"{given_by} {policy!r}: expected a percentage of the origin (20%) or a size (512M)")
     number, unit = float(m.group(1)), m.group(2).upper()
     wanted = origin_bytes * number / 100 if unit == "%" else number * _UNITS[unit]
     return max(1, math.ceil(wanted / extent)) * extent
@@ -79,6 +84,30 @@ def _owned(host, vg: str, name: str, origin: str | None = None) -> dict | None:
 
 def _invalid(info: dict) -> bool:
     return info["lv_attr"][4:5] == "I" or info.get("lv_snapshot_invalid") not in ("", "unknown", None)
+
+
+def _merging(info: dict) -> bool:
+    """A merge into the origin started but waits for the origin to close (``lv_attr`` ``S`` on the
+    snapshot, ``O`` on its origin)."""
+    return info["lv_attr"][:1] in ("S", "O") or info.get("lv_merging") not in ("", "unknown", None)
+
+
+def _open(info: dict) -> bool:
+    return info["lv_attr"][5:6] == "o"
+
+
+VALID, INVALID, MERGE_PENDING, MISSING = "valid", "invalid", "merge pending", "missing"
+_WHY = {INVALID: "is invalid: its copy-on-write space overflowed, so it no longer holds the disk as it was; "
+                 "it can only be deleted",
+        MERGE_PENDING: "is being merged into its origin, which waits for the origin to be closed; close it "
+                       "(stop what uses it) and run `snapfw check --repair`",
+        MISSING: "is missing"}
+
+
+def status(info: dict | None) -> str:
+    if info is None:
+        return MISSING
+    return INVALID if _invalid(info) else MERGE_PENDING if _merging(info) else VALID
 
 
 @dataclass
@@ -139,15 +168,34 @@ class RenameLV(Step):
 
 @dataclass
 class MergeSnapshotLV(Step):
-    """Merge snapshot ``vg/name`` into its origin (the LV then goes away); gone already: done."""
+    """Merge snapshot ``vg/name`` into its origin (the LV then goes away); gone already: done. An origin
+    that is open defers the merge to its next activation (merge pending): this step then fails, keeping
+    its plan for ``snapfw check --repair``, which reactivates the origin once it is closed and waits for
+    the merge."""
 
     vg: str
     name: str
     origin: str
 
     def do(self, ctx):
-        if lvm.lv(ctx.host, self.vg, self.name) is not None:
+        info = lvm.lv(ctx.host, self.vg, self.name)
+        if info is not None and not _merging(info):
             lvm.lvm(ctx.host, self.argv())
+            info = lvm.lv(ctx.host, self.vg, self.name)
+        if info is None:
+            return
+        if _open(lvm.lv(ctx.host, self.vg, self.origin)):
+            raise Refused(f"the merge of snapshot {self.vg}/{self.name} into {self.vg}/{self.origin} is pending: "
+                          f"{self.vg}/{self.origin} is open; close it (stop what uses it) and run "
+                          "`snapfw check --repair` to finish the revert")
+        for active in (False, True):  # the merge starts when the origin is activated again
+            lvm.lvm(ctx.host, lvm.activate_argv(self.vg, self.origin, active))
+        deadline = time.monotonic() + MERGE_WAIT
+        while lvm.lv(ctx.host, self.vg, self.name) is not None:  # lvm's background poll ends the merge
+            if time.monotonic() > deadline:
+                raise Refused(f"the merge of snapshot {self.vg}/{self.name} into {self.vg}/{self.origin} is still "
+                              f"running after {MERGE_WAIT:g} s; run `snapfw check --repair` again to wait for it")
+            time.sleep(1)
 
     def describe(self):
         return f"merge snapshot {self.vg}/{self.name} into {self.vg}/{self.origin}"
@@ -196,16 +244,17 @@ class LvmBackend(DiskBackend):
     def check_disk(self, host, disk):
         self._origin(host, disk)
 
+    def statuses(self, host, records):
+        """One ``lvs`` per volume group."""
+        lvs = {}
+        for vg_name in sorted({r["vg"] for r in records.values()}):
+            lvs |= {(vg_name, row["lv_name"]): row for row in lvm.lvs(host, vg_name)}
+        return {n: status(lvs.get((r["vg"], r["lv"]))) for n, r in records.items()}
+
     def problems(self, host, target, records):
-        out = []
-        for snapshot, r in sorted(records.items()):
-            info = lvm.lv(host, r["vg"], r["lv"])
-            if info is None:
-                out.append(f"snapshot {snapshot}'s logical volume {r['vg']}/{r['lv']} is missing on {host.spec}")
-            elif _invalid(info):
-                out.append(f"snapshot {snapshot} ({r['vg']}/{r['lv']}) is invalid: its copy-on-write space "
-                           "overflowed; it cannot be reverted to, only deleted")
-        return out
+        return [f"snapshot {n}'s logical volume {records[n]['vg']}/{records[n]['lv']} {_WHY[s]}"
+                + (f" on {host.spec}" if s == MISSING else "")
+                for n, s in sorted(self.statuses(host, records).items()) if s != VALID]
 
     def create(self, op, snapshot):
         host = op.host
@@ -213,6 +262,9 @@ class LvmBackend(DiskBackend):
         vg_name, name = origin["vg_name"], lv_name(origin["lv_name"], snapshot)
         if lvm.lv(host, vg_name, name) is not None:
             raise Refused(f"disk {op.disk.target}: logical volume {vg_name}/{name} already exists")
+        if _merging(origin):
+            raise Refused(f"disk {op.disk.target}: a snapshot is being merged into {vg_name}/{origin['lv_name']} "
+                          f"(merge pending until it is closed); {_WHY[MERGE_PENDING].split('; ')[1]}")
         if origin["segtype"] == "thin":
             size = None
             pool = lvm.lv(host, vg_name, origin["pool_lv"])
@@ -222,28 +274,46 @@ class LvmBackend(DiskBackend):
                     raise Refused(f"disk {op.disk.target}: thin pool {vg_name}/{pool['lv_name']} has {used:g}% of "
                                   f"its {what} space in use (snapfw stops at {THIN_POOL_LIMIT:g}%); extend it first")
         else:
-            group = lvm.vg(host, vg_name)
-            extent = int(group["vg_extent_size"])
-            size = _size(os.environ.get(SIZE_ENV, DEFAULT_SIZE), int(origin["lv_size"]), extent)
-            free = int(group["vg_free_count"]) * extent
-            if size > free:
-                raise Refused(f"disk {op.disk.target}: a snapshot of {vg_name}/{origin['lv_name']} needs {size} "
-                              f"bytes of copy-on-write space, volume group {vg_name} has {free} free "
-                              f"(set {SIZE_ENV} or free extents)")
+            size = self._budget(op, vg_name, origin)
         op.prepare.append(CreateSnapshotLV(vg_name, origin["lv_name"], name, size))
         path = f"/dev/{vg_name}/{name}"
         op.graph.files[path] = ImageFile(path, op.disk.target, "raw", None, owned=True)
-        return {"file": path, "vg": vg_name, "lv": name, "origin": origin["lv_name"],
+        return {"file": path, "host": host.spec, "vg": vg_name, "lv": name, "origin": origin["lv_name"],
                 "kind": "classic" if size else "thin", **({"size": size} if size else {})}
+
+    def _budget(self, op, vg_name: str, origin: dict) -> int:
+        """The classic snapshot's size, taken from its volume group's free space as left by the disks of
+        this operation planned before it (one budget per VG, in ``op.shared``)."""
+        policy, flag = ((op.options["lvm-size"], "--lvm-size") if op.options.get("lvm-size")
+                        else (os.environ.get(SIZE_ENV, DEFAULT_SIZE), SIZE_ENV))
+        budget = op.shared.get(("lvm", vg_name))
+        if budget is None:
+            group = lvm.vg(op.host, vg_name)
+            extent = int(group["vg_extent_size"])
+            budget = op.shared[("lvm", vg_name)] = {"extent": extent, "free": int(group["vg_free_count"]) * extent,
+                                                    "taken": []}
+        size = _size(policy, int(origin["lv_size"]), budget["extent"], flag)
+        if size > budget["free"]:
+            others = " and ".join(f"disk {t}'s snapshot takes {n}" for t, n in budget["taken"])
+            raise Refused(f"disk {op.disk.target}: a snapshot of {vg_name}/{origin['lv_name']} needs {size} bytes "
+                          f"of copy-on-write space, volume group {vg_name} has {budget['free']} free"
+                          + (f" once {others}" if others else "") + " (give --lvm-size or free extents)")
+        budget["free"] -= size
+        budget["taken"].append((op.disk.target, size))
+        return size
 
     def revert(self, op, snapshot, record):
         vg_name, name, origin = record["vg"], record["lv"], record["origin"]
-        info = lvm.lv(op.host, vg_name, name)
-        if info is None:
-            raise Refused(f"disk {op.disk.target}: snapshot {snapshot}'s logical volume {vg_name}/{name} is missing")
-        if _invalid(info):
-            raise Refused(f"disk {op.disk.target}: snapshot {snapshot} ({vg_name}/{name}) is invalid: its "
-                          "copy-on-write space overflowed, so it no longer holds the disk as it was")
+        lvs = {row["lv_name"]: row for row in lvm.lvs(op.host, vg_name)}
+        state = status(lvs.get(name))
+        if state != VALID:
+            raise Refused(f"disk {op.disk.target}: snapshot {snapshot}'s logical volume {vg_name}/{name} {_WHY[state]}")
+        if origin not in lvs or _merging(lvs[origin]):
+            raise Refused(f"disk {op.disk.target}: {vg_name}/{origin} "
+                          + ("is missing" if origin not in lvs else "has a merge pending into it"))
+        if _open(lvs[origin]):
+            raise Refused(f"disk {op.disk.target}: {vg_name}/{origin} is open (something holds it, maybe a "
+                          "running guest); a revert needs it closed")
         if record["kind"] == "thin":
             fresh, old = lv_name(origin, snapshot, ".new"), lv_name(origin, snapshot, ".old")
             op.prepare += [CreateSnapshotLV(vg_name, name, fresh, active=True), RenameLV(vg_name, origin, old),
@@ -254,6 +324,9 @@ class LvmBackend(DiskBackend):
                           CreateSnapshotLV(vg_name, origin, name, record["size"])]
 
     def delete(self, op, snapshot, record):
+        if status(lvm.lv(op.host, record["vg"], record["lv"])) == MERGE_PENDING:
+            raise Refused(f"disk {op.disk.target}: snapshot {snapshot}'s logical volume {record['vg']}/{record['lv']} "
+                          f"{_WHY[MERGE_PENDING]}")
         del op.graph.files[record["file"]]
         op.finish.append(RemoveLV(record["vg"], record["lv"]))
 

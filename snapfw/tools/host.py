@@ -34,6 +34,11 @@ class Host:
         return self.run(["readlink", "-f", "--", path]).strip()
 
     def read(self, path: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of ``path`` from ``offset`` (fewer at its end), as the device holds them."""
+        raise NotImplementedError
+
+    def write(self, path: str, offset: int, data: bytes) -> None:
+        """``data`` into ``path`` at ``offset``, on the device when this returns."""
         raise NotImplementedError
 
     def _status(self, argv: list[str]) -> int:
@@ -63,6 +68,13 @@ class LocalHost(Host):
             f.seek(offset)
             return f.read(length)
 
+    def write(self, path, offset, data):
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
 
 class AgentHost(Host):
     """A machine reached through the QEMU guest agent (``guest-exec``) on a unix socket."""
@@ -86,9 +98,23 @@ class AgentHost(Host):
                             code, text)
         return out.decode(errors="replace")
 
+    # dd with O_DIRECT: the guest's page cache of a block device goes stale when device-mapper changes
+    # what lies below it (a merge), and a write must reach the device before a snapshot is taken
     def read(self, path, offset, length):
+        return self._dd([f"if={path}", f"skip={offset}", f"count={length}", "iflag=direct,skip_bytes,count_bytes"])
+
+    def write(self, path, offset, data):
+        self._dd([f"of={path}", f"seek={offset}", "iflag=fullblock", "oflag=direct,seek_bytes", "conv=notrunc,fsync"],
+                 data)
+
+    def _dd(self, args: list[str], stdin: bytes | None = None) -> bytes:
+        argv = ["dd", "bs=65536", *args]
         with self._agent() as agent:
-            return agent.read_file(path, offset, length)
+            code, out, err = agent.exec(argv, TIMEOUT, stdin)
+        if code != 0:
+            raise ToolError(f"dd failed on {self.spec}: {err.decode(errors='replace').strip()}", argv, code,
+                            err.decode(errors="replace"))
+        return out
 
 
 def open_host(spec: str | None = None) -> Host:

@@ -50,8 +50,12 @@ def _report(host, argv: list[str], kind: str) -> list[dict]:
 
 
 def lvs(host, *names: str) -> list[dict]:
-    """The LVs ``names`` (``VG``, ``VG/LV`` or ``/dev/VG/LV``) as dicts of LV_FIELDS."""
-    return _report(host, ["lvs", "-a", "-o", ",".join(LV_FIELDS), *names], "lv")
+    """The LVs ``names`` (``VG``, ``VG/LV`` or ``/dev/VG/LV``) as dicts of LV_FIELDS. Hidden LVs (a
+    pool's parts, a snapshot being merged) are named without the brackets ``lvs -a`` puts around them."""
+    rows = _report(host, ["lvs", "-a", "-o", ",".join(LV_FIELDS), *names], "lv")
+    for row in rows:
+        row["lv_name"] = row["lv_name"].strip("[]")
+    return rows
 
 
 def lv(host, vg: str, name: str) -> dict | None:
@@ -73,6 +77,10 @@ def create_snapshot_argv(vg_name: str, origin: str, name: str, size: int | None,
 def merge_argv(vg_name: str, name: str) -> list[str]:
     """Merge snapshot ``name`` into its origin, waiting for the copy (``-i 1``) when the origin is not open."""
     return ["lvconvert", "-q", "-y", "--merge", "-i", "1", f"{vg_name}/{name}"]
+
+
+def activate_argv(vg_name: str, name: str, active: bool) -> list[str]:
+    return ["lvchange", "-q", "-ay" if active else "-an", f"{vg_name}/{name}"]
 
 
 def remove_argv(vg_name: str, name: str) -> list[str]:

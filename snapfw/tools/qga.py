@@ -59,19 +59,3 @@ class GuestAgent(QMP):
             raise ToolError(f"{' '.join(argv[:2])} was killed by signal {status.get('signal')} in the guest",
                             argv, None, err.decode(errors="replace"))
         return status["exitcode"], out, err
-
-    def read_file(self, path: str, offset: int, length: int) -> bytes:
-        """``length`` bytes of ``path`` in the guest from ``offset`` (fewer at its end)."""
-        handle = self.execute("guest-file-open", {"path": path, "mode": "r"})
-        try:
-            if offset:
-                self.execute("guest-file-seek", {"handle": handle, "offset": offset, "whence": "set"})
-            data = b""
-            while len(data) < length:
-                got = self.execute("guest-file-read", {"handle": handle, "count": length - len(data)})
-                data += base64.b64decode(got.get("buf-b64", ""))
-                if got.get("eof") or not got.get("count"):
-                    break
-            return data
-        finally:
-            self.execute("guest-file-close", {"handle": handle})
