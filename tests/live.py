@@ -7,11 +7,15 @@ result on QEMU's side, not in the monitor reply).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 from conftest import KIB64, Env, exited_within, require
 
@@ -32,15 +36,17 @@ class Qemu:
     """``qemu-system-x86_64 -name NAME`` with one virtio-blk disk per ``(id, format)`` in ``disks``."""
 
     def __init__(self, folder: str, name: str = "web", disks=(("vda", "qcow2"), ("vdb", "raw")),
-                 size: str = "4M", extra: tuple[str, ...] = ()):
+                 size: str = "4M", extra: tuple[str, ...] = (), folders: dict | None = None):
         require("qemu-img")
         self.binary = require("qemu-system-x86_64")
         self.dir, self.name = folder, name
         self.sock = os.path.join(folder, f"{name}.qmp")
         self.pidfile = os.path.join(folder, f"{name}.pid")
         self.images = {}
-        for target, fmt in disks:
-            path = os.path.join(folder, f"{name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
+        for target, fmt in disks:  # in folder, or in its own subfolder (folders: target -> name)
+            where = os.path.join(folder, (folders or {}).get(target, ""))
+            os.makedirs(where, exist_ok=True)
+            path = os.path.join(where, f"{name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
             self.images[target] = (path, fmt)
         self.extra = list(extra)  # more QEMU arguments: devices the harness does not make
@@ -183,3 +189,16 @@ def kill_mid_job(env: Env, *args) -> dict:
             break
     p.wait()
     return seen
+
+
+
+@contextlib.contextmanager
+def immutable(folder: str):
+    """``folder`` accepts no new files, not even from root (ext4's immutable flag): a disk there cannot
+    get a new overlay. Skips where the filesystem has no such flag."""
+    if subprocess.run(["chattr", "+i", folder], capture_output=True).returncode != 0:
+        pytest.skip(f"chattr +i does not work on {folder}'s filesystem")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", folder], check=True)

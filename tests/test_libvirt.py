@@ -14,8 +14,8 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
-from live import kill_mid_job
-from test_qmp import live_chains, tag_reads
+from live import immutable, kill_mid_job
+from test_qmp import live_chains, one_error_line, tag_reads
 
 from conftest import IN_CI, KIB64, Env, check_image, reads, require
 
@@ -56,13 +56,16 @@ class Guest:
 
     count = 0
 
-    def __init__(self, conn, folder: str, disks=None, persistent: bool = True, size: str = "4M"):
+    def __init__(self, conn, folder: str, disks=None, persistent: bool = True, size: str = "4M",
+                 folders: dict | None = None):
         Guest.count += 1
         self.conn, self.dir = conn, folder
         self.name = f"snapfw-test-{os.getpid()}-{Guest.count}"
         self.images = {}
-        for target, fmt in (("vda", "qcow2"), ("vdb", "raw")):
-            path = os.path.join(folder, f"{self.name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
+        for target, fmt in (("vda", "qcow2"), ("vdb", "raw")):  # in folder, or its subfolder folders[target]
+            where = os.path.join(folder, (folders or {}).get(target, ""))
+            os.makedirs(where, exist_ok=True)
+            path = os.path.join(where, f"{self.name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
             self.images[target] = (path, fmt)
         if disks is None:
@@ -280,6 +283,35 @@ def test_failure_after_the_live_step_is_undone(lv, guest):
     require("qemu-img")
     tags = subprocess.run(["qemu-img", "snapshot", "-l", original["vda"][0]], capture_output=True, text=True)
     assert "s1" not in tags.stdout
+
+
+@pytest.mark.parametrize("vda", ["external", "qcow2"])
+def test_a_failure_in_the_second_disks_part_of_a_live_create_leaves_the_first_as_it_was(conn, tmp_path, vda):
+    """vdb lives in its own folder, which then accepts no new file: libvirt's snapshotCreateXML fails for
+    vdb after vda's overlay (external) or after vda's tag through the passthrough (qcow2, then undone)."""
+    guest = Guest(conn, str(tmp_path), folders={"vdb": "vdb"})
+    try:
+        lv = LibvirtEnv(tmp_path, guest)
+        name = guest.name
+        guest.start()
+        lv.gen(1)
+        lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
+        lv.gen(2)
+        before = (lv.files(), os.listdir(tmp_path / "vdb"), lv.export(name), xml_chains(guest),
+                  qemu_tags(guest, "vda"), lv.domain())
+        with immutable(str(tmp_path / "vdb")):
+            r = lv.run("create", name, "s2", "--disk", f"vda={vda}", "--disk", "vdb=external", check=False)
+            assert "snapshotCreateXML failed" in one_error_line(r)
+        assert (lv.files(), os.listdir(tmp_path / "vdb"), lv.export(name), xml_chains(guest),
+                qemu_tags(guest, "vda"), lv.domain()) == before  # no stray overlay, no tag; XML as it was
+        assert guest.dom.state()[0] == 1  # running: the pause around the two calls ended
+        assert "No problems found" in lv.run("check", name).stdout
+        lv.gen(3)
+        guest.destroy()
+        assert lv.all_read([1, 2, 3])
+        lv.assert_consistent(name)
+    finally:
+        guest.remove()
 
 
 def xml_chains(guest) -> dict:

@@ -14,9 +14,9 @@ import threading
 
 import pytest
 import yaml
-from live import LiveEnv, Qemu, kill_mid_job
+from live import LiveEnv, Qemu, immutable, kill_mid_job
 
-from conftest import KIB64, check_image, reads
+from conftest import KIB64, check_image, fuse_export, reads, require
 
 from snapfw.errors import BadInput, ToolError
 from snapfw.tools.qmp import QMP, QMPError
@@ -221,6 +221,80 @@ def test_kill_after_the_transaction_then_repair_commits_the_overlays_back(live, 
     for target, (path, fmt) in original.items():
         for g in (1, 2):
             assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+
+
+def one_error_line(r) -> str:
+    """A clean failure: exit 1, no traceback, one `snapfw: error:` line (beside warnings); returns it."""
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("snapfw: warning:")]
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("snapfw: error:"), r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("vda", ["external", "qcow2"])
+def test_a_failure_in_the_second_disks_part_of_a_live_create_leaves_the_first_as_it_was(tmp_path, vda):
+    """vdb lives in its own folder, which then accepts no new file: QEMU fails vdb's part of the one
+    transaction, after it made vda's overlay file (or while it would take vda's tag)."""
+    qemu = Qemu(str(tmp_path), folders={"vdb": "vdb"}).start()
+    try:
+        live = LiveEnv(tmp_path, qemu)
+        gen(live, 1)
+        live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+        gen(live, 2)
+        before = (live.files(), os.listdir(tmp_path / "vdb"), live.export(), qemu_chains(qemu), tags(qemu, "vda"))
+        with immutable(str(tmp_path / "vdb")):
+            r = live.run("create", "web", "s2", "--disk", f"vda={vda}", "--disk", "vdb=external", check=False)
+            assert "Operation not permitted" in one_error_line(r)
+        assert (live.files(), os.listdir(tmp_path / "vdb"), live.export(), qemu_chains(qemu),
+                tags(qemu, "vda")) == before  # no stray overlay for vda, no tag
+        assert "No problems found" in live.run("check", "web").stdout
+        gen(live, 3)
+        active = live.domain()
+        qemu.quit()
+        for target, (path, fmt) in active.items():
+            for g in (1, 2, 3):
+                assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+        live.assert_consistent()
+    finally:
+        qemu.kill()
+
+
+def test_eio_during_a_live_commit_leaves_a_valid_chain_and_a_clear_error(tmp_path):
+    """vdb is a raw file on a FUSE export whose writes at 128 KiB fail (blkdebug): the guest writes
+    there only after s1, so deleting s1 commits that into it and the commit job fails with EIO."""
+    qemu = Qemu(str(tmp_path))
+    store = str(tmp_path / "store.img")
+    subprocess.run([require("qemu-img"), "create", "-q", "-f", "raw", store, "4M"], check=True)
+    debug = {"driver": "blkdebug", "node-name": "dbg", "image": "store",  # armed by raw's write_aio event
+             "inject-error": [{"event": "write_aio", "iotype": "write", "errno": 5, "sector": 256}]}
+    with fuse_export([f"driver=file,node-name=store,filename={store}", json.dumps(debug),
+                      "driver=raw,node-name=disk,file=dbg"], "disk", qemu.images["vdb"][0]):
+        try:
+            qemu.start()
+            live = LiveEnv(tmp_path, qemu)
+            gen(live, 1)
+            live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+            gen(live, 2)
+            overlay = live.domain()["vdb"][0]
+            r = live.run("delete", "web", "s1", check=False)
+            line = one_error_line(r)
+            assert f"live commit {overlay} into {qemu.images['vdb'][0]}" in line and "Input/output error" in line
+            assert "run `snapfw check --repair`" in line
+            chains = qemu_chains(qemu)
+            assert chains["vdb"] == [overlay, qemu.images["vdb"][0]] and os.path.exists(overlay)  # nothing removed
+            assert chains["vda"] == [qemu.images["vda"][0]]  # vda's commit, before vdb's, is done
+            assert qemu.qmp("query-jobs") == []
+            assert "interrupted delete" in live.run("check", "web", check=False).stdout
+            r = live.run("check", "web", "--repair", check=False)  # the disk still fails: so does the repair
+            assert "Input/output error" in one_error_line(r) and qemu_chains(qemu) == chains
+            gen(live, 3)
+            active = live.domain()
+            qemu.quit()
+            for target, (path, fmt) in active.items():
+                for g in (1, 2, 3):
+                    assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+            assert check_image(overlay, "qcow2") in (0, 3)
+        finally:
+            qemu.kill()
 
 
 # --- live delete ---------------------------------------------------------------------------------------
