@@ -17,7 +17,7 @@ import pytest
 from live import immutable, kill_mid_job
 from test_qmp import live_chains, one_error_line, tag_reads
 
-from conftest import IN_CI, KIB64, Env, check_image, reads, require
+from conftest import IN_CI, KIB64, Env, check_image, fuse_export, reads, require
 
 from snapfw.connection import STATE_DIR_ENV
 
@@ -312,6 +312,45 @@ def test_a_failure_in_the_second_disks_part_of_a_live_create_leaves_the_first_as
         lv.assert_consistent(name)
     finally:
         guest.remove()
+
+
+def test_eio_during_a_live_commit_leaves_a_valid_chain_and_a_clear_error(conn, tmp_path):
+    """vdb is a raw file on a FUSE export whose writes at 128 KiB fail (blkdebug): the guest writes there
+    only after s1, so deleting s1 commits that into it and libvirt's commit job fails."""
+    guest = Guest(conn, str(tmp_path))
+    store = str(tmp_path / "store.img")
+    subprocess.run([require("qemu-img"), "create", "-q", "-f", "raw", store, "4M"], check=True)
+    debug = {"driver": "blkdebug", "node-name": "dbg", "image": "store",  # armed by raw's write_aio event
+             "inject-error": [{"event": "write_aio", "iotype": "write", "errno": 5, "sector": 256}]}
+    vdb = guest.images["vdb"][0]
+    with fuse_export([f"driver=file,node-name=store,filename={store}", json.dumps(debug),
+                      "driver=raw,node-name=disk,file=dbg"], "disk", vdb):
+        try:
+            lv = LibvirtEnv(tmp_path, guest)
+            name = guest.name
+            guest.start()
+            lv.gen(1)
+            lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
+            lv.gen(2)
+            overlay = lv.domain()["vdb"][0]
+            r = lv.run("delete", name, "s1", check=False)
+            line = one_error_line(r)
+            assert f"live commit {overlay} into {vdb}" in line and "the job failed" in line, line
+            assert "run `snapfw check --repair`" in line
+            chains = xml_chains(guest)
+            assert chains["vdb"] == [overlay, vdb] and os.path.exists(overlay)  # nothing removed
+            assert chains["vda"] == [guest.images["vda"][0]]  # vda's commit, before vdb's, is done
+            assert guest.dom.blockJobInfo("vdb", 0) == {}
+            assert "interrupted delete" in lv.run("check", name, check=False).stdout
+            r = lv.run("check", name, "--repair", check=False)  # the disk still fails: so does the repair
+            assert "the job failed" in one_error_line(r) and xml_chains(guest) == chains
+            lv.gen(3)
+            active = lv.domain()
+            guest.destroy()
+            assert lv.all_read([1, 2, 3], active)
+            assert check_image(overlay, "qcow2") in (0, 3)
+        finally:
+            guest.remove()
 
 
 def xml_chains(guest) -> dict:
