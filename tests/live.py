@@ -202,3 +202,26 @@ def immutable(folder: str):
         yield
     finally:
         subprocess.run(["chattr", "-i", folder], check=True)
+
+
+def boundaries(env: Env, *args) -> list[str]:
+    """SNAPFW_FAULT values that SIGKILL `snapfw ARGS` at each step boundary of its plan (from its
+    --dry-run): before each prepare step, at the catalog commit, before each finish step."""
+    steps = env.json(*args, "--dry-run")["plan"]["steps"]
+    count = {phase: sum(s["phase"] == phase for s in steps) for phase in ("prepare", "finish")}
+    return ([f"prepare:{i}:kill" for i in range(count["prepare"])] + ["commit:0:kill"]
+            + [f"finish:{i}:kill" for i in range(count["finish"])])
+
+
+def kill_then_repair(env: Env, fault: str, *args):
+    """Run `snapfw ARGS` killed at ``fault``, then `check --repair`: it rolls back what was not committed
+    and finishes what was; afterwards the catalog matches every image and no other image is left."""
+    operation, domain = args[0], args[1]
+    r = env.run(*args, env={"SNAPFW_FAULT": fault}, check=False)
+    assert r.returncode == -9, (fault, r.stdout, r.stderr)
+    done = "finished" if fault.startswith("finish") else "rolled back"
+    out = env.run("check", domain, "--repair").stdout  # what it did, then any disagreement found after
+    assert out.splitlines() == [f"{domain}: {done} {operation} of {domain}"], (fault, out)
+    images = {os.path.join(env.dir, n) for n in env.files() if n.endswith((".qcow2", ".img"))}
+    known = {f["path"] for f in env.export(domain)["files"]} | {p for p, _f in env.domain(domain).values()}
+    assert images == known, (fault, images ^ known)  # no stray overlay, nothing the catalog names missing

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import yaml
-from live import LiveEnv, Qemu, immutable, kill_mid_job
+from live import LiveEnv, Qemu, boundaries, immutable, kill_mid_job, kill_then_repair
 
 from conftest import KIB64, check_image, fuse_export, reads, require
 
@@ -304,7 +304,7 @@ def live_chains(live, domain: str = "web") -> dict:
     out = {}
     for target, (path, _fmt) in live.domain(domain).items():
         chain = [path]
-        while files[chain[-1]]["backing"]:
+        while chain[-1] in files and files[chain[-1]]["backing"]:  # a disk not yet in the catalog: its file
             chain.append(files[chain[-1]]["backing"])
         out[target] = chain
     return out
@@ -555,4 +555,80 @@ def test_kill_during_a_live_revert_then_repair_starts_qemu_on_the_right_chain(li
     for target, (path, fmt) in live.domain().items():
         assert reads(path, fmt, BYTES[target] + 1, KIB64) and reads(path, fmt, BYTES[target] + 4, 4 * KIB64)
         assert reads(path, fmt, 0, 2 * KIB64) and reads(path, fmt, 0, 3 * KIB64)
+    live.assert_consistent()
+
+
+# --- SIGKILL at every step boundary ----------------------------------------------------------------------
+def test_kill_at_every_step_boundary_of_a_live_create_then_repair(live, qemu):
+    qemu.write_spec()  # the plan defines the new chain into it too
+    gen(live, 1)
+    faults = boundaries(live, "create", "web", "c")  # vda: a tag, vdb: an overlay, in one transaction
+    for k, fault in enumerate(faults):
+        kill_then_repair(live, fault, "create", "web", f"c{k}")
+        assert status(qemu) == "running" and qemu_chains(qemu) == live_chains(live)
+        assert qemu.spec()["disks"] == spec_disks(live)
+        assert (f"c{k}" in live.snapshot_names()) == fault.startswith("finish"), fault
+        gen(live, k + 2)
+    active = live.domain()
+    qemu.quit()
+    for target, (path, fmt) in active.items():
+        for g in range(1, len(faults) + 2):
+            assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+    live.assert_consistent()
+
+
+def test_kill_at_every_step_boundary_of_a_live_delete_then_repair(live, qemu):
+    """Deleting a middle snapshot: vda's file below it is committed into, vdb's streamed into the file
+    above (QEMU block jobs), then the merged files removed."""
+    live.run("create", "web", "s0", "--disk", "vda=external", "--disk", "vdb=external")  # snapfw's own files
+    k, g = 0, 1
+    while True:
+        spread(live, "vda", 0x40 + k, 48, 2)  # into a's vda file: committing b's into it copies less
+        gen(live, g)
+        live.run("create", "web", f"a{k}", "--disk", "vda=external", "--disk", "vdb=external")
+        spread(live, "vdb", 0x60 + k, 48, 2)  # into b's vdb file: streaming a's into it copies less
+        gen(live, g + 1)
+        live.run("create", "web", f"b{k}", "--disk", "vda=external", "--disk", "vdb=external")
+        gen(live, g + 2)
+        g += 3
+        faults = boundaries(live, "delete", "web", f"a{k}")
+        if k == len(faults):
+            break
+        if k == 0:
+            steps = [s["describe"] for s in live.json("delete", "web", f"a{k}", "--dry-run")["plan"]["steps"]]
+            assert any(s.startswith("live commit") for s in steps) and any(s.startswith("live stream") for s in steps)
+        before = qemu_chains(qemu)
+        kill_then_repair(live, faults[k], "delete", "web", f"a{k}")
+        assert status(qemu) == "running" and qemu_chains(qemu) == live_chains(live)
+        merged = faults[k].startswith("finish")  # rolled back before the commit, else finished
+        assert all(len(qemu_chains(qemu)[t]) == len(before[t]) - merged for t in BYTES), faults[k]
+        k += 1
+    active = live.domain()
+    qemu.quit()
+    for target, (path, fmt) in active.items():
+        for gg in range(1, g):
+            assert reads(path, fmt, BYTES[target] + gg, gg * KIB64), (target, gg)
+    live.assert_consistent()
+
+
+def test_kill_at_every_step_boundary_of_a_live_revert_then_repair(live, qemu):
+    """Reverting to the snapshot just taken (vda: a tag, vdb: an overlay), so nothing written is
+    discarded: QEMU is stopped, the disks reverted offline, QEMU started again from its launch spec."""
+    qemu.write_spec()
+    k = 0
+    while True:
+        gen(live, k + 1)
+        live.run("create", "web", f"r{k}")
+        faults = boundaries(live, "revert", "web", f"r{k}")
+        if k == len(faults):
+            break
+        kill_then_repair(live, faults[k], "revert", "web", f"r{k}")
+        assert qemu.reattach() and status(qemu) == "running", faults[k]  # as it was, or started again
+        assert qemu_chains(qemu) == live_chains(live) and qemu.spec()["disks"] == spec_disks(live)
+        k += 1
+    active = live.domain()
+    qemu.quit()
+    for target, (path, fmt) in active.items():
+        for g in range(1, k + 2):
+            assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
     live.assert_consistent()
