@@ -14,7 +14,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
-from live import immutable, kill_mid_job
+from live import boundaries, immutable, kill_mid_job, kill_then_repair
 from test_qmp import live_chains, one_error_line, tag_reads
 
 from conftest import IN_CI, KIB64, Env, check_image, fuse_export, reads, require
@@ -572,4 +572,74 @@ def test_live_revert_of_a_libvirt_domain(lv, guest):
     assert lv.all_read([1, 2, 6])
     for g in (3, 4, 5):
         assert all(reads(path, fmt, 0, g * KIB64) for path, fmt in lv.domain().values()), g
+    lv.assert_consistent(name)
+
+
+# --- SIGKILL at every step boundary ----------------------------------------------------------------------
+RUNNING = 1  # VIR_DOMAIN_RUNNING
+
+
+def test_kill_at_every_step_boundary_of_a_live_create_then_repair(lv, guest):
+    name = guest.name
+    guest.start()
+    lv.gen(1)
+    faults = boundaries(lv, "create", name, "c")  # vda: a tag (passthrough), vdb: snapshotCreateXML, paused around
+    for k, fault in enumerate(faults):
+        kill_then_repair(lv, fault, "create", name, f"c{k}")
+        assert guest.dom.state()[0] == RUNNING and xml_chains(guest) == live_chains(lv, name), fault
+        assert (f"c{k}" in [s["name"] for s in lv.json("list", name)]) == fault.startswith("finish"), fault
+        lv.gen(k + 2)
+    guest.destroy()
+    assert lv.all_read(range(1, len(faults) + 2))
+    lv.assert_consistent(name)
+
+
+def test_kill_at_every_step_boundary_of_a_live_delete_then_repair(lv, guest):
+    """Deleting the newest snapshot: vda's active file is committed into the file below (pivot), vdb's
+    file below is streamed into the active one (block pull), then the merged files removed."""
+    name = guest.name
+    guest.start()
+    lv.run("create", name, "s0", "--disk", "vda=external", "--disk", "vdb=external")
+    k, g = 0, 1
+    while True:
+        spread(lv, "vda", 0x40 + k, 48, 2)  # below b's overlay: committing the active file into it copies less
+        lv.gen(g)
+        lv.run("create", name, f"b{k}", "--disk", "vda=external", "--disk", "vdb=external")
+        spread(lv, "vdb", 0x60 + k, 48, 2)  # into the active file: streaming the one below copies less
+        lv.gen(g + 1)
+        g += 2
+        faults = boundaries(lv, "delete", name, f"b{k}")
+        if k == len(faults):
+            break
+        if k == 0:
+            steps = [s["describe"] for s in lv.json("delete", name, "b0", "--dry-run")["plan"]["steps"]]
+            assert any(s.startswith("live commit") for s in steps) and any(s.startswith("live stream") for s in steps)
+        before = xml_chains(guest)
+        kill_then_repair(lv, faults[k], "delete", name, f"b{k}")
+        assert guest.dom.state()[0] == RUNNING and xml_chains(guest) == live_chains(lv, name), faults[k]
+        merged = faults[k].startswith("finish")  # rolled back before the commit, else finished
+        assert all(len(xml_chains(guest)[t]) == len(before[t]) - merged for t in BYTES), faults[k]
+        k += 1
+    guest.destroy()
+    assert lv.all_read(range(1, g))
+    lv.assert_consistent(name)
+
+
+def test_kill_at_every_step_boundary_of_a_live_revert_then_repair(lv, guest):
+    """Reverting to the snapshot just taken (vda: a tag, vdb: an overlay), so nothing written is discarded:
+    destroyed, reverted offline, the stored XML defined, started again."""
+    name = guest.name
+    guest.start()
+    k = 0
+    while True:
+        lv.gen(k + 1)
+        lv.run("create", name, f"r{k}")
+        faults = boundaries(lv, "revert", name, f"r{k}")
+        if k == len(faults):
+            break
+        kill_then_repair(lv, faults[k], "revert", name, f"r{k}")
+        assert guest.dom.state()[0] == RUNNING and xml_chains(guest) == live_chains(lv, name), faults[k]
+        k += 1
+    guest.destroy()
+    assert lv.all_read(range(1, k + 2))
     lv.assert_consistent(name)
