@@ -225,3 +225,18 @@ def kill_then_repair(env: Env, fault: str, *args):
     images = {os.path.join(env.dir, n) for n in env.files() if n.endswith((".qcow2", ".img"))}
     known = {f["path"] for f in env.export(domain)["files"]} | {p for p, _f in env.domain(domain).values()}
     assert images == known, (fault, images ^ known)  # no stray overlay, nothing the catalog names missing
+
+
+def kill_in_job(env: Env, caught, *args):
+    """Run `snapfw ARGS` on ``env``'s connection and SIGKILL it as soon as ``caught()`` returns true:
+    ``caught`` polls the hypervisor for the block job and throttles it, so it is still running then."""
+    p = subprocess.Popen([sys.executable, "-m", "snapfw", "--connect", env.uri, *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, STATE_DIR_ENV: env.state_dir})
+    deadline = time.monotonic() + 120
+    while not caught():
+        assert p.poll() is None, f"snapfw ended before its block job was caught: {p.stderr.read()}"
+        assert time.monotonic() < deadline, "no block job appeared"
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()

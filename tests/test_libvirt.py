@@ -14,7 +14,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
-from live import boundaries, immutable, kill_mid_job, kill_then_repair
+from live import boundaries, immutable, kill_in_job, kill_mid_job, kill_then_repair
 from test_qmp import live_chains, one_error_line, tag_reads
 
 from conftest import IN_CI, KIB64, Env, check_image, fuse_export, reads, require
@@ -22,6 +22,7 @@ from conftest import IN_CI, KIB64, Env, check_image, fuse_export, reads, require
 from snapfw.connection import STATE_DIR_ENV
 
 URI = "qemu:///system"
+PULL_JOB = 1  # virDomainBlockJobType: a block pull (stream)
 BYTES = {"vda": 0x10, "vdb": 0x80}
 
 
@@ -471,6 +472,51 @@ def test_kill_during_a_live_commit_then_repair_finishes_it(conn, tmp_path):
         assert reads(orig["vda"], "qcow2", 0x5a, 64 << 20) and reads(orig["vda"], "qcow2", 0x5a, (320 << 20) - KIB64)
         assert lv.all_read([1, 2, 3])
         assert check_image(orig["vda"], "qcow2") in (0, 3)
+        lv.assert_consistent(name)
+    finally:
+        guest.remove()
+
+
+def test_kill_during_a_live_stream_then_repair_finishes_it(conn, tmp_path):
+    """The test throttles libvirt's block pull as soon as it appears, so snapfw is killed while it runs;
+    unthrottled, `check --repair` finds it with blockJobInfo and waits for it."""
+    import libvirt
+
+    guest = Guest(conn, str(tmp_path), size="128M")
+    try:
+        lv = LibvirtEnv(tmp_path, guest)
+        name = guest.name
+        guest.start()
+        lv.run("create", name, "s0", "--disk", "vda=external", "--disk", "vdb=external")
+        lv.gen(1)
+        guest.write("vda", 0x5a, 32 << 20, 32 << 20)  # into s1's file: streamed into the active file
+        lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
+        active, frozen = xml_chains(guest)["vda"][:2]
+        guest.write("vda", 0x6b, 64 << 20, 48 << 20)  # the active file outweighs it: stream, not commit
+        guest.qemu_io("vda", "flush")
+        lv.gen(2)
+        bytes_per_second = libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES
+
+        def caught():
+            if guest.dom.blockJobInfo("vda", 0).get("type") != PULL_JOB:
+                return False
+            guest.dom.blockJobSetSpeed("vda", 1, bytes_per_second)
+            return True
+
+        kill_in_job(lv, caught, "delete", name, "s1")
+        assert guest.dom.blockJobInfo("vda", 0)["type"] == PULL_JOB  # the job outlived snapfw
+        assert "interrupted delete" in lv.run("check", name, check=False).stdout
+        guest.dom.blockJobSetSpeed("vda", 0, bytes_per_second)
+        r = lv.run("check", name, "--repair")
+        assert r.stdout.splitlines() == [f"{name}: finished delete of {name}"], r.stdout
+        assert guest.dom.blockJobInfo("vda", 0) == {} and frozen not in xml_chains(guest)["vda"]
+        assert xml_chains(guest) == live_chains(lv, name) and xml_chains(guest)["vda"][0] == active
+        assert [s["name"] for s in lv.json("list", name)] == ["s0"] and not os.path.exists(frozen)
+        lv.gen(3)
+        guest.destroy()
+        assert reads(active, "qcow2", 0x5a, 32 << 20) and reads(active, "qcow2", 0x5a, (64 << 20) - KIB64)
+        assert reads(active, "qcow2", 0x6b, 64 << 20)
+        assert lv.all_read([1, 2, 3])
         lv.assert_consistent(name)
     finally:
         guest.remove()

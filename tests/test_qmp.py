@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import yaml
-from live import LiveEnv, Qemu, boundaries, immutable, kill_mid_job, kill_then_repair
+from live import LiveEnv, Qemu, boundaries, immutable, kill_in_job, kill_mid_job, kill_then_repair
 
 from conftest import KIB64, check_image, fuse_export, reads, require
 
@@ -479,6 +479,50 @@ def test_live_delete_of_internal_snapshots_and_of_one_whose_parent_is_internal(l
     assert tag_reads(vda0, "s1", 0, 2 * KIB64, str(tmp_path))
     assert "s2" not in subprocess.run(["qemu-img", "snapshot", "-l", vda0], capture_output=True, text=True).stdout
     live.assert_consistent()  # every qcow2 file checks 0 or 3
+
+
+def test_kill_during_a_live_stream_then_repair_reattaches_to_the_job(tmp_path):
+    """A second QMP monitor (the test's) throttles the stream job as soon as it appears, so snapfw is
+    killed while it runs; unthrottled, `check --repair` re-attaches to it by its journaled id."""
+    side = str(tmp_path / "side.qmp")
+    qemu = Qemu(str(tmp_path), size="128M", extra=("-qmp", f"unix:{side},server=on,wait=off")).start()
+    try:
+        live = LiveEnv(tmp_path, qemu)
+        live.run("create", "web", "s0", "--disk", "vda=external", "--disk", "vdb=external")
+        gen(live, 1)
+        qemu.write("vda", 0x5a, 32 << 20, 32 << 20)  # into s1's file: streamed into the file above
+        live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
+        frozen, active = qemu_chains(qemu)["vda"][1], qemu_chains(qemu)["vda"][0]
+        qemu.write("vda", 0x6b, 64 << 20, 48 << 20)  # the file above outweighs it: stream, not commit
+        qemu.flush("vda")
+        gen(live, 2)
+        with QMP(side) as monitor:
+            def caught():
+                jobs = [j for j in monitor.execute("query-jobs") if j["type"] == "stream"]
+                for j in jobs:
+                    monitor.execute("block-job-set-speed", {"device": j["id"], "speed": 1})
+                return bool(jobs)
+
+            kill_in_job(live, caught, "delete", "web", "s1")
+            jobs = monitor.execute("query-jobs")
+            assert len(jobs) == 1 and jobs[0]["status"] == "running", jobs  # the job outlived snapfw
+            assert "interrupted delete" in live.run("check", "web", check=False).stdout
+            monitor.execute("block-job-set-speed", {"device": jobs[0]["id"], "speed": 0})
+        r = live.run("check", "web", "--repair")
+        assert r.stdout.splitlines() == ["web: finished delete of web"], r.stdout
+        assert qemu.qmp("query-jobs") == [] and frozen not in qemu_chains(qemu)["vda"]
+        assert qemu_chains(qemu) == live_chains(live) and qemu_chains(qemu)["vda"][0] == active
+        assert live.snapshot_names() == ["s0"] and not os.path.exists(frozen)
+        gen(live, 3)
+        qemu.quit()
+        assert reads(active, "qcow2", 0x5a, 32 << 20) and reads(active, "qcow2", 0x5a, (64 << 20) - KIB64)
+        assert reads(active, "qcow2", 0x6b, 64 << 20)
+        for target, (path, fmt) in live.domain().items():
+            for g in (1, 2, 3):
+                assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+        live.assert_consistent()
+    finally:
+        qemu.kill()
 
 
 # --- live revert ---------------------------------------------------------------------------------------
