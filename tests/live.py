@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import KIB64, Env, exited_within, require
+from conftest import KIB64, Env, exited_within, fuse_export, require
 
 from snapfw.connection import STATE_DIR_ENV
 from snapfw.tools.qmp import QMP
@@ -240,3 +240,17 @@ def kill_in_job(env: Env, caught, *args):
         time.sleep(0.002)
     p.send_signal(signal.SIGKILL)
     p.wait()
+
+
+@contextlib.contextmanager
+def failing_writes(mountpoint: str, offset: int, size: str = "4M"):
+    """A raw disk at ``mountpoint`` (a FUSE export of a store beside it) whose writes covering byte
+    ``offset`` fail with EIO (blkdebug, armed by the raw driver's write_aio event); reads work. A running
+    hypervisor sees a regular file."""
+    store = mountpoint + ".store"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", store, size], check=True)
+    debug = {"driver": "blkdebug", "node-name": "dbg", "image": "store",
+             "inject-error": [{"event": "write_aio", "iotype": "write", "errno": 5, "sector": offset // 512}]}
+    with fuse_export([f"driver=file,node-name=store,filename={store}", json.dumps(debug),
+                      "driver=raw,node-name=disk,file=dbg"], "disk", mountpoint):
+        yield

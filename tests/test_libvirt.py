@@ -14,10 +14,10 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
-from live import boundaries, immutable, kill_in_job, kill_mid_job, kill_then_repair
+from live import boundaries, failing_writes, immutable, kill_in_job, kill_mid_job, kill_then_repair
 from test_qmp import live_chains, one_error_line, tag_reads
 
-from conftest import IN_CI, KIB64, Env, check_image, fuse_export, reads, require
+from conftest import IN_CI, KIB64, Env, check_image, reads, require
 
 from snapfw.connection import STATE_DIR_ENV
 
@@ -293,11 +293,7 @@ def test_a_failure_in_the_second_disks_part_of_a_live_create_leaves_the_first_as
     guest = Guest(conn, str(tmp_path), folders={"vdb": "vdb"})
     try:
         lv = LibvirtEnv(tmp_path, guest)
-        name = guest.name
-        guest.start()
-        lv.gen(1)
-        lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
-        lv.gen(2)
+        name = start_then_s1(lv)
         before = (lv.files(), os.listdir(tmp_path / "vdb"), lv.export(name), xml_chains(guest),
                   qemu_tags(guest, "vda"), lv.domain())
         with immutable(str(tmp_path / "vdb")):
@@ -319,20 +315,11 @@ def test_eio_during_a_live_commit_leaves_a_valid_chain_and_a_clear_error(conn, t
     """vdb is a raw file on a FUSE export whose writes at 128 KiB fail (blkdebug): the guest writes there
     only after s1, so deleting s1 commits that into it and libvirt's commit job fails."""
     guest = Guest(conn, str(tmp_path))
-    store = str(tmp_path / "store.img")
-    subprocess.run([require("qemu-img"), "create", "-q", "-f", "raw", store, "4M"], check=True)
-    debug = {"driver": "blkdebug", "node-name": "dbg", "image": "store",  # armed by raw's write_aio event
-             "inject-error": [{"event": "write_aio", "iotype": "write", "errno": 5, "sector": 256}]}
     vdb = guest.images["vdb"][0]
-    with fuse_export([f"driver=file,node-name=store,filename={store}", json.dumps(debug),
-                      "driver=raw,node-name=disk,file=dbg"], "disk", vdb):
+    with failing_writes(vdb, 2 * KIB64):
         try:
             lv = LibvirtEnv(tmp_path, guest)
-            name = guest.name
-            guest.start()
-            lv.gen(1)
-            lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
-            lv.gen(2)
+            name = start_then_s1(lv)
             overlay = lv.domain()["vdb"][0]
             r = lv.run("delete", name, "s1", check=False)
             line = one_error_line(r)
@@ -352,6 +339,16 @@ def test_eio_during_a_live_commit_leaves_a_valid_chain_and_a_clear_error(conn, t
             assert check_image(overlay, "qcow2") in (0, 3)
         finally:
             guest.remove()
+
+
+def start_then_s1(lv) -> str:
+    """Start the guest, write generation 1, snapshot s1 (external on both disks), write generation 2;
+    returns the domain's name."""
+    lv.guest.start()
+    lv.gen(1)
+    lv.run("create", lv.guest.name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    lv.gen(2)
+    return lv.guest.name
 
 
 def xml_chains(guest) -> dict:
@@ -646,28 +643,28 @@ def test_kill_at_every_step_boundary_of_a_live_delete_then_repair(lv, guest):
     name = guest.name
     guest.start()
     lv.run("create", name, "s0", "--disk", "vda=external", "--disk", "vdb=external")
-    k, g = 0, 1
-    while True:
+
+    def newest(k):  # snapshot b{k} on top, each disk with two generations
         spread(lv, "vda", 0x40 + k, 48, 2)  # below b's overlay: committing the active file into it copies less
-        lv.gen(g)
+        lv.gen(2 * k + 1)
         lv.run("create", name, f"b{k}", "--disk", "vda=external", "--disk", "vdb=external")
         spread(lv, "vdb", 0x60 + k, 48, 2)  # into the active file: streaming the one below copies less
-        lv.gen(g + 1)
-        g += 2
-        faults = boundaries(lv, "delete", name, f"b{k}")
-        if k == len(faults):
-            break
-        if k == 0:
-            steps = [s["describe"] for s in lv.json("delete", name, "b0", "--dry-run")["plan"]["steps"]]
-            assert any(s.startswith("live commit") for s in steps) and any(s.startswith("live stream") for s in steps)
+        lv.gen(2 * k + 2)
+
+    newest(0)
+    steps = [s["describe"] for s in lv.json("delete", name, "b0", "--dry-run")["plan"]["steps"]]
+    assert any(s.startswith("live commit") for s in steps) and any(s.startswith("live stream") for s in steps)
+    faults = boundaries(lv, "delete", name, "b0")  # the same plan's shape every round
+    for k, fault in enumerate(faults):
+        if k:
+            newest(k)
         before = xml_chains(guest)
-        kill_then_repair(lv, faults[k], "delete", name, f"b{k}")
-        assert guest.dom.state()[0] == RUNNING and xml_chains(guest) == live_chains(lv, name), faults[k]
-        merged = faults[k].startswith("finish")  # rolled back before the commit, else finished
-        assert all(len(xml_chains(guest)[t]) == len(before[t]) - merged for t in BYTES), faults[k]
-        k += 1
+        kill_then_repair(lv, fault, "delete", name, f"b{k}")
+        assert guest.dom.state()[0] == RUNNING and xml_chains(guest) == live_chains(lv, name), fault
+        merged = fault.startswith("finish")  # rolled back before the commit, else finished
+        assert all(len(xml_chains(guest)[t]) == len(before[t]) - merged for t in BYTES), fault
     guest.destroy()
-    assert lv.all_read(range(1, g))
+    assert lv.all_read(range(1, 2 * len(faults) + 1))
     lv.assert_consistent(name)
 
 
@@ -676,16 +673,15 @@ def test_kill_at_every_step_boundary_of_a_live_revert_then_repair(lv, guest):
     destroyed, reverted offline, the stored XML defined, started again."""
     name = guest.name
     guest.start()
-    k = 0
-    while True:
-        lv.gen(k + 1)
-        lv.run("create", name, f"r{k}")
-        faults = boundaries(lv, "revert", name, f"r{k}")
-        if k == len(faults):
-            break
-        kill_then_repair(lv, faults[k], "revert", name, f"r{k}")
-        assert guest.dom.state()[0] == RUNNING and xml_chains(guest) == live_chains(lv, name), faults[k]
-        k += 1
+    lv.gen(1)
+    lv.run("create", name, "r0")
+    faults = boundaries(lv, "revert", name, "r0")  # the same plan's shape every round
+    for k, fault in enumerate(faults):
+        if k:
+            lv.gen(k + 1)
+            lv.run("create", name, f"r{k}")
+        kill_then_repair(lv, fault, "revert", name, f"r{k}")
+        assert guest.dom.state()[0] == RUNNING and xml_chains(guest) == live_chains(lv, name), fault
     guest.destroy()
-    assert lv.all_read(range(1, k + 2))
+    assert lv.all_read(range(1, len(faults) + 1))
     lv.assert_consistent(name)

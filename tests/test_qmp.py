@@ -14,9 +14,9 @@ import threading
 
 import pytest
 import yaml
-from live import LiveEnv, Qemu, boundaries, immutable, kill_in_job, kill_mid_job, kill_then_repair
+from live import LiveEnv, Qemu, boundaries, failing_writes, immutable, kill_in_job, kill_mid_job, kill_then_repair
 
-from conftest import KIB64, check_image, fuse_export, reads, require
+from conftest import KIB64, check_image, reads
 
 from snapfw.errors import BadInput, ToolError
 from snapfw.tools.qmp import QMP, QMPError
@@ -39,6 +39,15 @@ def live(tmp_path, qemu):
 def gen(live, g):
     for target in BYTES:
         live.write("web", target, BYTES[target] + g, g * KIB64)
+
+
+def quit_then_read(live, generations):
+    """Quit QEMU, then check that each disk's active file reads every generation's pattern."""
+    active = live.domain()
+    live.qemu.quit()
+    for target, (path, fmt) in active.items():
+        for g in generations:
+            assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
 
 
 def tag_reads(path: str, tag: str, byte: int, offset: int, scratch: str) -> bool:
@@ -248,11 +257,7 @@ def test_a_failure_in_the_second_disks_part_of_a_live_create_leaves_the_first_as
                 tags(qemu, "vda")) == before  # no stray overlay for vda, no tag
         assert "No problems found" in live.run("check", "web").stdout
         gen(live, 3)
-        active = live.domain()
-        qemu.quit()
-        for target, (path, fmt) in active.items():
-            for g in (1, 2, 3):
-                assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+        quit_then_read(live, (1, 2, 3))
         live.assert_consistent()
     finally:
         qemu.kill()
@@ -262,12 +267,7 @@ def test_eio_during_a_live_commit_leaves_a_valid_chain_and_a_clear_error(tmp_pat
     """vdb is a raw file on a FUSE export whose writes at 128 KiB fail (blkdebug): the guest writes
     there only after s1, so deleting s1 commits that into it and the commit job fails with EIO."""
     qemu = Qemu(str(tmp_path))
-    store = str(tmp_path / "store.img")
-    subprocess.run([require("qemu-img"), "create", "-q", "-f", "raw", store, "4M"], check=True)
-    debug = {"driver": "blkdebug", "node-name": "dbg", "image": "store",  # armed by raw's write_aio event
-             "inject-error": [{"event": "write_aio", "iotype": "write", "errno": 5, "sector": 256}]}
-    with fuse_export([f"driver=file,node-name=store,filename={store}", json.dumps(debug),
-                      "driver=raw,node-name=disk,file=dbg"], "disk", qemu.images["vdb"][0]):
+    with failing_writes(qemu.images["vdb"][0], 2 * KIB64):
         try:
             qemu.start()
             live = LiveEnv(tmp_path, qemu)
@@ -287,11 +287,7 @@ def test_eio_during_a_live_commit_leaves_a_valid_chain_and_a_clear_error(tmp_pat
             r = live.run("check", "web", "--repair", check=False)  # the disk still fails: so does the repair
             assert "Input/output error" in one_error_line(r) and qemu_chains(qemu) == chains
             gen(live, 3)
-            active = live.domain()
-            qemu.quit()
-            for target, (path, fmt) in active.items():
-                for g in (1, 2, 3):
-                    assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+            quit_then_read(live, (1, 2, 3))
             assert check_image(overlay, "qcow2") in (0, 3)
         finally:
             qemu.kill()
@@ -613,11 +609,7 @@ def test_kill_at_every_step_boundary_of_a_live_create_then_repair(live, qemu):
         assert qemu.spec()["disks"] == spec_disks(live)
         assert (f"c{k}" in live.snapshot_names()) == fault.startswith("finish"), fault
         gen(live, k + 2)
-    active = live.domain()
-    qemu.quit()
-    for target, (path, fmt) in active.items():
-        for g in range(1, len(faults) + 2):
-            assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+    quit_then_read(live, range(1, len(faults) + 2))
     live.assert_consistent()
 
 
@@ -625,33 +617,29 @@ def test_kill_at_every_step_boundary_of_a_live_delete_then_repair(live, qemu):
     """Deleting a middle snapshot: vda's file below it is committed into, vdb's streamed into the file
     above (QEMU block jobs), then the merged files removed."""
     live.run("create", "web", "s0", "--disk", "vda=external", "--disk", "vdb=external")  # snapfw's own files
-    k, g = 0, 1
-    while True:
+
+    def middle(k):  # snapshot a{k} between its parent and b{k}, each disk with three generations
         spread(live, "vda", 0x40 + k, 48, 2)  # into a's vda file: committing b's into it copies less
-        gen(live, g)
+        gen(live, 3 * k + 1)
         live.run("create", "web", f"a{k}", "--disk", "vda=external", "--disk", "vdb=external")
         spread(live, "vdb", 0x60 + k, 48, 2)  # into b's vdb file: streaming a's into it copies less
-        gen(live, g + 1)
+        gen(live, 3 * k + 2)
         live.run("create", "web", f"b{k}", "--disk", "vda=external", "--disk", "vdb=external")
-        gen(live, g + 2)
-        g += 3
-        faults = boundaries(live, "delete", "web", f"a{k}")
-        if k == len(faults):
-            break
-        if k == 0:
-            steps = [s["describe"] for s in live.json("delete", "web", f"a{k}", "--dry-run")["plan"]["steps"]]
-            assert any(s.startswith("live commit") for s in steps) and any(s.startswith("live stream") for s in steps)
+        gen(live, 3 * k + 3)
+
+    middle(0)
+    steps = [s["describe"] for s in live.json("delete", "web", "a0", "--dry-run")["plan"]["steps"]]
+    assert any(s.startswith("live commit") for s in steps) and any(s.startswith("live stream") for s in steps)
+    faults = boundaries(live, "delete", "web", "a0")  # the same plan's shape every round
+    for k, fault in enumerate(faults):
+        if k:
+            middle(k)
         before = qemu_chains(qemu)
-        kill_then_repair(live, faults[k], "delete", "web", f"a{k}")
+        kill_then_repair(live, fault, "delete", "web", f"a{k}")
         assert status(qemu) == "running" and qemu_chains(qemu) == live_chains(live)
-        merged = faults[k].startswith("finish")  # rolled back before the commit, else finished
-        assert all(len(qemu_chains(qemu)[t]) == len(before[t]) - merged for t in BYTES), faults[k]
-        k += 1
-    active = live.domain()
-    qemu.quit()
-    for target, (path, fmt) in active.items():
-        for gg in range(1, g):
-            assert reads(path, fmt, BYTES[target] + gg, gg * KIB64), (target, gg)
+        merged = fault.startswith("finish")  # rolled back before the commit, else finished
+        assert all(len(qemu_chains(qemu)[t]) == len(before[t]) - merged for t in BYTES), fault
+    quit_then_read(live, range(1, 3 * len(faults) + 1))
     live.assert_consistent()
 
 
@@ -659,20 +647,15 @@ def test_kill_at_every_step_boundary_of_a_live_revert_then_repair(live, qemu):
     """Reverting to the snapshot just taken (vda: a tag, vdb: an overlay), so nothing written is
     discarded: QEMU is stopped, the disks reverted offline, QEMU started again from its launch spec."""
     qemu.write_spec()
-    k = 0
-    while True:
-        gen(live, k + 1)
-        live.run("create", "web", f"r{k}")
-        faults = boundaries(live, "revert", "web", f"r{k}")
-        if k == len(faults):
-            break
-        kill_then_repair(live, faults[k], "revert", "web", f"r{k}")
-        assert qemu.reattach() and status(qemu) == "running", faults[k]  # as it was, or started again
+    gen(live, 1)
+    live.run("create", "web", "r0")
+    faults = boundaries(live, "revert", "web", "r0")  # the same plan's shape every round
+    for k, fault in enumerate(faults):
+        if k:
+            gen(live, k + 1)
+            live.run("create", "web", f"r{k}")
+        kill_then_repair(live, fault, "revert", "web", f"r{k}")
+        assert qemu.reattach() and status(qemu) == "running", fault  # as it was, or started again
         assert qemu_chains(qemu) == live_chains(live) and qemu.spec()["disks"] == spec_disks(live)
-        k += 1
-    active = live.domain()
-    qemu.quit()
-    for target, (path, fmt) in active.items():
-        for g in range(1, k + 2):
-            assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+    quit_then_read(live, range(1, len(faults) + 1))
     live.assert_consistent()
