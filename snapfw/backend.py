@@ -270,6 +270,11 @@ class HypervisorDriver:
         ``progress(percent)`` from the job's offset/length."""
         raise NotSupported(f"driver {self.scheme} cannot merge the disks of running domains")
 
+    def delete_tag(self, domain: str, target: str, path: str, tag: str) -> None:
+        """Delete internal snapshot ``tag`` from ``path``, the active file of disk ``target`` of running
+        ``domain``, through the hypervisor (it holds the file read-write); nothing if the tag is gone."""
+        raise NotSupported(f"driver {self.scheme} cannot delete internal snapshots of running domains")
+
     def block_stream(self, domain: str, target: str, path: str, old_backing: str, new_backing: str | None,
                      job: str, progress=None) -> None:
         """Copy into file ``path`` of disk ``target`` of running ``domain`` what it reads from

@@ -16,6 +16,9 @@ them (rule 1), so a backend appends :class:`LiveCommit` / :class:`LiveStream` fi
 the driver runs each as a block job of the hypervisor. A job outlives snapfw: its id is fixed by the step
 (journaled before it starts), so ``check --repair`` re-attaches to it instead of starting it again.
 
+An internal snapshot (tag) in the active file of a running disk is deleted by the hypervisor too
+(:class:`LiveDeleteTag`): QEMU holds that file open read-write, so ``qemu-img snapshot -d`` may not touch it.
+
 Reverting a running domain stops it (:class:`StopDomain`, undone by starting it again), reverts the disks
 offline as the backends always do, and starts it again from its definition (:class:`StartDomain`).
 """
@@ -143,6 +146,24 @@ class LiveStream(Step):
     def explain(self, ctx):
         return ctx.driver.explain("block_stream", self.domain, self.target, self.path, self.old_backing,
                                   self.new_backing, self.job)
+
+
+@dataclass
+class LiveDeleteTag(Step):
+    """Delete internal snapshot ``tag`` from ``path``, the active file of disk ``target`` of running
+    ``domain``, through the hypervisor that holds it. Forward-only and idempotent: a tag already gone is done."""
+
+    domain: str
+    target: str
+    path: str
+    tag: str
+
+    def do(self, ctx):
+        ctx.driver.delete_tag(self.domain, self.target, self.path, self.tag)
+
+    def describe(self):
+        return (f"delete internal snapshot {self.tag!r} from {self.path} (disk {self.target}) through running "
+                f"{self.domain}")
 
 
 @dataclass

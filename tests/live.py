@@ -7,14 +7,18 @@ result on QEMU's side, not in the monitor reply).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
-from conftest import KIB64, Env, exited_within, require
+import pytest
 from guest import AGENT_PORT, BOOT_SECONDS, MEMORY_MB, guest_sh, wait_for_agent
+
+from conftest import KIB64, Env, exited_within, fuse_export, require
 
 from snapfw.connection import STATE_DIR_ENV
 from snapfw.tools.qmp import QMP
@@ -38,15 +42,18 @@ class Qemu:
     """
 
     def __init__(self, folder: str, name: str = "web", disks=(("vda", "qcow2"), ("vdb", "raw")),
-                 size: str = "4M", extra: tuple[str, ...] = (), system: tuple[str, str] | None = None):
+                 size: str = "4M", extra: tuple[str, ...] = (), folders: dict | None = None,
+                 system: tuple[str, str] | None = None):
         require("qemu-img")
         self.binary = require("qemu-system-x86_64")
         self.dir, self.name = folder, name
         self.sock = os.path.join(folder, f"{name}.qmp")
         self.pidfile = os.path.join(folder, f"{name}.pid")
         self.images = {}
-        for target, fmt in disks:
-            path = os.path.join(folder, f"{name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
+        for target, fmt in disks:  # in folder, or in its own subfolder (folders: target -> name)
+            where = os.path.join(folder, (folders or {}).get(target, ""))
+            os.makedirs(where, exist_ok=True)
+            path = os.path.join(where, f"{name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
             self.images[target] = (path, fmt)
         self.extra = list(extra)  # more QEMU arguments: devices the harness does not make
@@ -212,3 +219,68 @@ def kill_mid_job(env: Env, *args) -> dict:
             break
     p.wait()
     return seen
+
+
+
+@contextlib.contextmanager
+def immutable(folder: str):
+    """``folder`` accepts no new files, not even from root (ext4's immutable flag): a disk there cannot
+    get a new overlay. Skips where the filesystem has no such flag."""
+    if subprocess.run(["chattr", "+i", folder], capture_output=True).returncode != 0:
+        pytest.skip(f"chattr +i does not work on {folder}'s filesystem")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", folder], check=True)
+
+
+def boundaries(env: Env, *args) -> list[str]:
+    """SNAPFW_FAULT values that SIGKILL `snapfw ARGS` at each step boundary of its plan (from its
+    --dry-run): before each prepare step, at the catalog commit, before each finish step."""
+    steps = env.json(*args, "--dry-run")["plan"]["steps"]
+    count = {phase: sum(s["phase"] == phase for s in steps) for phase in ("prepare", "finish")}
+    return ([f"prepare:{i}:kill" for i in range(count["prepare"])] + ["commit:0:kill"]
+            + [f"finish:{i}:kill" for i in range(count["finish"])])
+
+
+def kill_then_repair(env: Env, fault: str, *args):
+    """Run `snapfw ARGS` killed at ``fault``, then `check --repair`: it rolls back what was not committed
+    and finishes what was; afterwards the catalog matches every image and no other image is left."""
+    operation, domain = args[0], args[1]
+    r = env.run(*args, env={"SNAPFW_FAULT": fault}, check=False)
+    assert r.returncode == -9, (fault, r.stdout, r.stderr)
+    done = "finished" if fault.startswith("finish") else "rolled back"
+    out = env.run("check", domain, "--repair").stdout  # what it did, then any disagreement found after
+    assert out.splitlines() == [f"{domain}: {done} {operation} of {domain}"], (fault, out)
+    images = {os.path.join(env.dir, n) for n in env.files() if n.endswith((".qcow2", ".img"))}
+    known = {f["path"] for f in env.export(domain)["files"]} | {p for p, _f in env.domain(domain).values()}
+    assert images == known, (fault, images ^ known)  # no stray overlay, nothing the catalog names missing
+
+
+def kill_in_job(env: Env, caught, *args):
+    """Run `snapfw ARGS` on ``env``'s connection and SIGKILL it as soon as ``caught()`` returns true:
+    ``caught`` polls the hypervisor for the block job and throttles it, so it is still running then."""
+    p = subprocess.Popen([sys.executable, "-m", "snapfw", "--connect", env.uri, *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, STATE_DIR_ENV: env.state_dir})
+    deadline = time.monotonic() + 120
+    while not caught():
+        assert p.poll() is None, f"snapfw ended before its block job was caught: {p.stderr.read()}"
+        assert time.monotonic() < deadline, "no block job appeared"
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+@contextlib.contextmanager
+def failing_writes(mountpoint: str, offset: int, size: str = "4M"):
+    """A raw disk at ``mountpoint`` (a FUSE export of a store beside it) whose writes covering byte
+    ``offset`` fail with EIO (blkdebug, armed by the raw driver's write_aio event); reads work. A running
+    hypervisor sees a regular file."""
+    store = mountpoint + ".store"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", store, size], check=True)
+    debug = {"driver": "blkdebug", "node-name": "dbg", "image": "store",
+             "inject-error": [{"event": "write_aio", "iotype": "write", "errno": 5, "sector": offset // 512}]}
+    with fuse_export([f"driver=file,node-name=store,filename={store}", json.dumps(debug),
+                      "driver=raw,node-name=disk,file=dbg"], "disk", mountpoint):
+        yield

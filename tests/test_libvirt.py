@@ -14,14 +14,15 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
-from live import kill_mid_job
-from test_qmp import live_chains, tag_reads
+from live import boundaries, failing_writes, immutable, kill_in_job, kill_mid_job, kill_then_repair
+from test_qmp import live_chains, one_error_line, tag_reads
 
 from conftest import IN_CI, KIB64, Env, check_image, reads, require
 
 from snapfw.connection import STATE_DIR_ENV
 
 URI = "qemu:///system"
+PULL_JOB = 1  # virDomainBlockJobType: a block pull (stream)
 BYTES = {"vda": 0x10, "vdb": 0x80}
 
 
@@ -56,13 +57,16 @@ class Guest:
 
     count = 0
 
-    def __init__(self, conn, folder: str, disks=None, persistent: bool = True, size: str = "4M"):
+    def __init__(self, conn, folder: str, disks=None, persistent: bool = True, size: str = "4M",
+                 folders: dict | None = None):
         Guest.count += 1
         self.conn, self.dir = conn, folder
         self.name = f"snapfw-test-{os.getpid()}-{Guest.count}"
         self.images = {}
-        for target, fmt in (("vda", "qcow2"), ("vdb", "raw")):
-            path = os.path.join(folder, f"{self.name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
+        for target, fmt in (("vda", "qcow2"), ("vdb", "raw")):  # in folder, or its subfolder folders[target]
+            where = os.path.join(folder, (folders or {}).get(target, ""))
+            os.makedirs(where, exist_ok=True)
+            path = os.path.join(where, f"{self.name}-{target}.{'qcow2' if fmt == 'qcow2' else 'img'}")
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
             self.images[target] = (path, fmt)
         if disks is None:
@@ -213,10 +217,6 @@ def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
     assert "No problems found" in lv.run("check", name).stdout  # catalog against libvirt's live XML
     assert [(s["name"], s["current"]) for s in lv.json("list", name)] == [("s1", False), ("l1", False),
                                                                            ("l2", True)]
-    r = lv.run("delete", name, "l2", check=False)  # vda's part is an internal snapshot: refused by name
-    assert r.returncode == 1 and f"backend qcow2 cannot delete snapshot l2 of disk vda while domain {name} is " \
-        "running (it has no live.delete)" in r.stderr, r.stderr
-    assert lv.domain() == after_l2 and len(lv.json("list", name)) == 3
     guest.destroy()
 
     assert lv.all_read([1, 4], frozen1) and not lv.all_read([5], frozen1)  # l1
@@ -227,6 +227,45 @@ def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
     assert lv.all_read([1, 4, 5, 6])  # now
     for path, fmt in (after_l1["vda"], after_l1["vdb"], after_l2["vdb"]):
         assert check_image(path, fmt) in (0, 3)
+    lv.assert_consistent(name)
+
+
+def qemu_tags(guest, target: str) -> list[str]:
+    """The internal snapshots of disk ``target``'s active file, as QEMU sees them (monitor passthrough)."""
+    import libvirt_qemu
+
+    alias = guest.disks(live=True)[target][2]
+    blocks = json.loads(libvirt_qemu.qemuMonitorCommand(guest.dom, '{"execute": "query-block"}', 0))["return"]
+    image = next(b for b in blocks if b["qdev"].split("/")[3] == alias)["inserted"]["image"]
+    return [t["name"] for t in image.get("snapshots", [])]
+
+
+def test_live_delete_of_internal_snapshots_and_of_one_whose_parent_is_internal(lv, guest, tmp_path):
+    name = guest.name
+    vda0 = guest.images["vda"][0]
+    guest.start()
+    lv.gen(1)
+    lv.run("create", name, "s1")  # vda: a tag through the monitor passthrough; vdb: external
+    lv.gen(2)
+    lv.run("create", name, "s2")
+    lv.gen(3)
+    assert qemu_tags(guest, "vda") == ["s1", "s2"]
+    lv.run("delete", name, "s2")  # the tag through the passthrough too (QEMU holds the file read-write)
+    assert qemu_tags(guest, "vda") == ["s1"] and xml_chains(guest) == live_chains(lv, name)
+    lv.run("create", name, "s3", "--disk", "vda=external", "--disk", "vdb=external")  # a child of s1
+    v3 = lv.domain()["vda"][0]
+    lv.gen(4)
+    lv.run("create", name, "s4", "--disk", "vda=external", "--disk", "vdb=external")
+    lv.gen(5)
+    lv.run("delete", name, "s3")  # committed into the file holding s1's tag, which stays
+    assert xml_chains(guest) == live_chains(lv, name) and v3 not in xml_chains(guest)["vda"]
+    assert [s["name"] for s in lv.json("list", name)] == ["s1", "s4"]
+    assert "No problems found" in lv.run("check", name).stdout
+    lv.gen(6)
+    guest.destroy()
+    assert lv.all_read(range(1, 7))
+    assert tag_reads(vda0, "s1", BYTES["vda"] + 1, KIB64, str(tmp_path))
+    assert tag_reads(vda0, "s1", 0, 2 * KIB64, str(tmp_path))
     lv.assert_consistent(name)
 
 
@@ -251,6 +290,71 @@ def test_failure_after_the_live_step_is_undone(lv, guest):
     require("qemu-img")
     tags = subprocess.run(["qemu-img", "snapshot", "-l", original["vda"][0]], capture_output=True, text=True)
     assert "s1" not in tags.stdout
+
+
+@pytest.mark.parametrize("vda", ["external", "qcow2"])
+def test_a_failure_in_the_second_disks_part_of_a_live_create_leaves_the_first_as_it_was(conn, tmp_path, vda):
+    """vdb lives in its own folder, which then accepts no new file: libvirt's snapshotCreateXML fails for
+    vdb after vda's overlay (external) or after vda's tag through the passthrough (qcow2, then undone)."""
+    guest = Guest(conn, str(tmp_path), folders={"vdb": "vdb"})
+    try:
+        lv = LibvirtEnv(tmp_path, guest)
+        name = start_then_s1(lv)
+        before = (lv.files(), os.listdir(tmp_path / "vdb"), lv.export(name), xml_chains(guest),
+                  qemu_tags(guest, "vda"), lv.domain())
+        with immutable(str(tmp_path / "vdb")):
+            r = lv.run("create", name, "s2", "--disk", f"vda={vda}", "--disk", "vdb=external", check=False)
+            assert "snapshotCreateXML failed" in one_error_line(r)
+        assert (lv.files(), os.listdir(tmp_path / "vdb"), lv.export(name), xml_chains(guest),
+                qemu_tags(guest, "vda"), lv.domain()) == before  # no stray overlay, no tag; XML as it was
+        assert guest.dom.state()[0] == 1  # running: the pause around the two calls ended
+        assert "No problems found" in lv.run("check", name).stdout
+        lv.gen(3)
+        guest.destroy()
+        assert lv.all_read([1, 2, 3])
+        lv.assert_consistent(name)
+    finally:
+        guest.remove()
+
+
+def test_eio_during_a_live_commit_leaves_a_valid_chain_and_a_clear_error(conn, tmp_path):
+    """vdb is a raw file on a FUSE export whose writes at 128 KiB fail (blkdebug): the guest writes there
+    only after s1, so deleting s1 commits that into it and libvirt's commit job fails."""
+    guest = Guest(conn, str(tmp_path))
+    vdb = guest.images["vdb"][0]
+    with failing_writes(vdb, 2 * KIB64):
+        try:
+            lv = LibvirtEnv(tmp_path, guest)
+            name = start_then_s1(lv)
+            overlay = lv.domain()["vdb"][0]
+            r = lv.run("delete", name, "s1", check=False)
+            line = one_error_line(r)
+            assert f"live commit {overlay} into {vdb}" in line and "the job failed" in line, line
+            assert "run `snapfw check --repair`" in line
+            chains = xml_chains(guest)
+            assert chains["vdb"] == [overlay, vdb] and os.path.exists(overlay)  # nothing removed
+            assert chains["vda"] == [guest.images["vda"][0]]  # vda's commit, before vdb's, is done
+            assert guest.dom.blockJobInfo("vdb", 0) == {}
+            assert "interrupted delete" in lv.run("check", name, check=False).stdout
+            r = lv.run("check", name, "--repair", check=False)  # the disk still fails: so does the repair
+            assert "the job failed" in one_error_line(r) and xml_chains(guest) == chains
+            lv.gen(3)
+            active = lv.domain()
+            guest.destroy()
+            assert lv.all_read([1, 2, 3], active)
+            assert check_image(overlay, "qcow2") in (0, 3)
+        finally:
+            guest.remove()
+
+
+def start_then_s1(lv) -> str:
+    """Start the guest, write generation 1, snapshot s1 (external on both disks), write generation 2;
+    returns the domain's name."""
+    lv.guest.start()
+    lv.gen(1)
+    lv.run("create", lv.guest.name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
+    lv.gen(2)
+    return lv.guest.name
 
 
 def xml_chains(guest) -> dict:
@@ -375,6 +479,51 @@ def test_kill_during_a_live_commit_then_repair_finishes_it(conn, tmp_path):
         assert reads(orig["vda"], "qcow2", 0x5a, 64 << 20) and reads(orig["vda"], "qcow2", 0x5a, (320 << 20) - KIB64)
         assert lv.all_read([1, 2, 3])
         assert check_image(orig["vda"], "qcow2") in (0, 3)
+        lv.assert_consistent(name)
+    finally:
+        guest.remove()
+
+
+def test_kill_during_a_live_stream_then_repair_finishes_it(conn, tmp_path):
+    """The test throttles libvirt's block pull as soon as it appears, so snapfw is killed while it runs;
+    unthrottled, `check --repair` finds it with blockJobInfo and waits for it."""
+    import libvirt
+
+    guest = Guest(conn, str(tmp_path), size="128M")
+    try:
+        lv = LibvirtEnv(tmp_path, guest)
+        name = guest.name
+        guest.start()
+        lv.run("create", name, "s0", "--disk", "vda=external", "--disk", "vdb=external")
+        lv.gen(1)
+        guest.write("vda", 0x5a, 32 << 20, 32 << 20)  # into s1's file: streamed into the active file
+        lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
+        active, frozen = xml_chains(guest)["vda"][:2]
+        guest.write("vda", 0x6b, 64 << 20, 48 << 20)  # the active file outweighs it: stream, not commit
+        guest.qemu_io("vda", "flush")
+        lv.gen(2)
+        bytes_per_second = libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES
+
+        def caught():
+            if guest.dom.blockJobInfo("vda", 0).get("type") != PULL_JOB:
+                return False
+            guest.dom.blockJobSetSpeed("vda", 1, bytes_per_second)
+            return True
+
+        kill_in_job(lv, caught, "delete", name, "s1")
+        assert guest.dom.blockJobInfo("vda", 0)["type"] == PULL_JOB  # the job outlived snapfw
+        assert "interrupted delete" in lv.run("check", name, check=False).stdout
+        guest.dom.blockJobSetSpeed("vda", 0, bytes_per_second)
+        r = lv.run("check", name, "--repair")
+        assert r.stdout.splitlines() == [f"{name}: finished delete of {name}"], r.stdout
+        assert guest.dom.blockJobInfo("vda", 0) == {} and frozen not in xml_chains(guest)["vda"]
+        assert xml_chains(guest) == live_chains(lv, name) and xml_chains(guest)["vda"][0] == active
+        assert [s["name"] for s in lv.json("list", name)] == ["s0"] and not os.path.exists(frozen)
+        lv.gen(3)
+        guest.destroy()
+        assert reads(active, "qcow2", 0x5a, 32 << 20) and reads(active, "qcow2", 0x5a, (64 << 20) - KIB64)
+        assert reads(active, "qcow2", 0x6b, 64 << 20)
+        assert lv.all_read([1, 2, 3])
         lv.assert_consistent(name)
     finally:
         guest.remove()
@@ -664,4 +813,72 @@ def test_a_failing_mirror_is_a_warning_and_loses_nothing(lv, guest):
     lv.run("delete", name, long)  # s2 becomes a root: now libvirt takes it
     assert virsh_names(name) == ["s2"] and virsh_parent(name, "s2") is None
     assert "No problems found" in lv.run("check", name).stdout
+
+
+# --- SIGKILL at every step boundary ----------------------------------------------------------------------
+RUNNING = 1  # VIR_DOMAIN_RUNNING
+
+
+def test_kill_at_every_step_boundary_of_a_live_create_then_repair(lv, guest):
+    name = guest.name
+    guest.start()
+    lv.gen(1)
+    faults = boundaries(lv, "create", name, "c")  # vda: a tag (passthrough), vdb: snapshotCreateXML, paused around
+    for k, fault in enumerate(faults):
+        kill_then_repair(lv, fault, "create", name, f"c{k}")
+        assert guest.dom.state()[0] == RUNNING and xml_chains(guest) == live_chains(lv, name), fault
+        assert (f"c{k}" in [s["name"] for s in lv.json("list", name)]) == fault.startswith("finish"), fault
+        lv.gen(k + 2)
+    guest.destroy()
+    assert lv.all_read(range(1, len(faults) + 2))
+    lv.assert_consistent(name)
+
+
+def test_kill_at_every_step_boundary_of_a_live_delete_then_repair(lv, guest):
+    """Deleting the newest snapshot: vda's active file is committed into the file below (pivot), vdb's
+    file below is streamed into the active one (block pull), then the merged files removed."""
+    name = guest.name
+    guest.start()
+    lv.run("create", name, "s0", "--disk", "vda=external", "--disk", "vdb=external")
+
+    def newest(k):  # snapshot b{k} on top, each disk with two generations
+        spread(lv, "vda", 0x40 + k, 48, 2)  # below b's overlay: committing the active file into it copies less
+        lv.gen(2 * k + 1)
+        lv.run("create", name, f"b{k}", "--disk", "vda=external", "--disk", "vdb=external")
+        spread(lv, "vdb", 0x60 + k, 48, 2)  # into the active file: streaming the one below copies less
+        lv.gen(2 * k + 2)
+
+    newest(0)
+    steps = [s["describe"] for s in lv.json("delete", name, "b0", "--dry-run")["plan"]["steps"]]
+    assert any(s.startswith("live commit") for s in steps) and any(s.startswith("live stream") for s in steps)
+    faults = boundaries(lv, "delete", name, "b0")  # the same plan's shape every round
+    for k, fault in enumerate(faults):
+        if k:
+            newest(k)
+        before = xml_chains(guest)
+        kill_then_repair(lv, fault, "delete", name, f"b{k}")
+        assert guest.dom.state()[0] == RUNNING and xml_chains(guest) == live_chains(lv, name), fault
+        merged = fault.startswith("finish")  # rolled back before the commit, else finished
+        assert all(len(xml_chains(guest)[t]) == len(before[t]) - merged for t in BYTES), fault
+    guest.destroy()
+    assert lv.all_read(range(1, 2 * len(faults) + 1))
+    lv.assert_consistent(name)
+
+
+def test_kill_at_every_step_boundary_of_a_live_revert_then_repair(lv, guest):
+    """Reverting to the snapshot just taken (vda: a tag, vdb: an overlay), so nothing written is discarded:
+    destroyed, reverted offline, the stored XML defined, started again."""
+    name = guest.name
+    guest.start()
+    lv.gen(1)
+    lv.run("create", name, "r0")
+    faults = boundaries(lv, "revert", name, "r0")  # the same plan's shape every round
+    for k, fault in enumerate(faults):
+        if k:
+            lv.gen(k + 1)
+            lv.run("create", name, f"r{k}")
+        kill_then_repair(lv, fault, "revert", name, f"r{k}")
+        assert guest.dom.state()[0] == RUNNING and xml_chains(guest) == live_chains(lv, name), fault
+    guest.destroy()
+    assert lv.all_read(range(1, len(faults) + 1))
     lv.assert_consistent(name)

@@ -490,6 +490,10 @@ class LibvirtDriver(HypervisorDriver):
             self._monitor(dom, "blockdev-snapshot-delete-internal-sync",
                           {"device": inserted["node-name"], "name": a["tag"]})
 
+    def delete_tag(self, domain, target, path, tag):
+        """QEMU's ``blockdev-snapshot-delete-internal-sync`` through the monitor passthrough, as for create."""
+        self._undo_internal(self._lookup(domain), {"target": target, "file": path, "tag": tag})
+
     def _undo_external(self, dom, a: dict, progress):
         """Commit the overlay (with what the guest wrote since) back into the frozen file, pivot, verify in
         the live XML, then remove the overlay. Each part checks first whether it is already done."""

@@ -2,7 +2,9 @@
 
 A tag lives in the file that was active when it was taken. It is never applied under overlays that a
 snapshot still reads through (that would change what they read), and deleting it waits until no overlay
-reads through its file. Overlays that hold only the active state go with it: the revert discards that
+reads through its file. While the domain runs, a tag in the disk's active file is deleted by the
+hypervisor (``LiveDeleteTag``: QEMU holds that file read-write, rule 1); tags in files of other branches
+keep ``qemu-img snapshot -d``. Overlays that hold only the active state go with it: the revert discards that
 state, the core removes them after the commit, and a failure before the commit restores what they read.
 """
 
@@ -12,6 +14,7 @@ import uuid
 
 from snapfw.api import (
     LIVE_CREATE,
+    LIVE_DELETE,
     OFFLINE_CREATE,
     OFFLINE_DELETE,
     OFFLINE_REVERT,
@@ -19,6 +22,7 @@ from snapfw.api import (
     CreateTag,
     DeleteTag,
     DiskBackend,
+    LiveDeleteTag,
     Refused,
     hookimpl,
     internal_action,
@@ -28,7 +32,7 @@ from snapfw.api import (
 class InternalBackend(DiskBackend):
     name = "qcow2"
     description = "internal snapshots inside the qcow2 file (qemu-img snapshot -c/-a/-d)"
-    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE, LIVE_CREATE})
+    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE, LIVE_CREATE, LIVE_DELETE})
     priority = 10
     cost = {"create": "metadata only", "revert": "metadata only", "delete": "metadata only",
             "space": "inside the disk file"}
@@ -74,6 +78,8 @@ class InternalBackend(DiskBackend):
             g.garbage.add((path, tag))
             op.notes.append(f"internal snapshot {tag!r} stays inside {path} (hidden) until no overlay "
                             "reads through that file")
+        elif path in op.domain.live_chains:  # a leaf of the running chain: the active file
+            op.finish.append(LiveDeleteTag(op.domain.name, g.target, path, tag))
         else:
             op.finish.append(DeleteTag(path, tag))
 

@@ -429,6 +429,10 @@ class QMPDriver(HypervisorDriver):
             self.qmp.execute("blockdev-snapshot-delete-internal-sync",
                              {"device": inserted["node-name"], "name": a["tag"]})
 
+    def delete_tag(self, domain, target, path, tag):
+        self._check(domain)
+        self._undo_internal({"target": target, "file": path, "tag": tag})
+
     def _undo_external(self, a: dict, progress):
         """Commit the overlay (and what the guest wrote to it) back into the frozen file, pivot, verify
         from QEMU's view, then remove the overlay. Each part checks first whether it is already done."""
