@@ -14,7 +14,6 @@ from .errors import PluginError
 BUILTIN = ("snapfw_images", "snapfw_qcow2", "snapfw_external", "snapfw_qmp", "snapfw_libvirt", "snapfw_lvm")
 ENTRY_POINT_GROUP = "snapfw"
 DISABLE_ENV = "SNAPFW_DISABLE_PLUGINS"
-ENTRY_POINTS_CACHE = "entry-points.json"  # in connection.cache_home()
 
 _versions: dict[str, str] = {}  # plugin name -> version of the distribution that installed it
 
@@ -50,15 +49,25 @@ def entry_points() -> list[tuple[str, str, str | None]]:
     order. Scanning every installed distribution costs more than all of snapfw's own start-up, so what it
     found is cached, keyed by the installed distributions (:func:`_installed`); any change scans again."""
     key = _installed()
-    cached = connection.read_cache(ENTRY_POINTS_CACHE)
+    cache = _cache_name()
+    cached = connection.read_cache(cache)
     if isinstance(cached, dict) and cached.get("key") == key:
         return [tuple(ep) for ep in cached["entry_points"]]
     from importlib.metadata import entry_points as scan
 
     found = [(ep.name, ep.value, ep.dist.version if ep.dist is not None else None)
              for ep in scan(group=ENTRY_POINT_GROUP)]
-    connection.write_cache(ENTRY_POINTS_CACHE, {"key": key, "entry_points": found})
+    connection.write_cache(cache, {"key": key, "entry_points": found})
     return found
+
+
+def _cache_name() -> str:
+    """The entry-point cache's file in connection.cache_home(), one per interpreter and path: snapfw run
+    from two venvs (or PYTHONPATHs) at once would otherwise replace each other's and scan every time."""
+    import zlib
+
+    where = "\0".join([sys.executable, *sys.path]).encode("utf-8", "surrogateescape")
+    return f"entry-points-{zlib.crc32(where):08x}.json"
 
 
 def _installed() -> list:
