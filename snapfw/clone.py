@@ -183,7 +183,7 @@ def clone(session: Session, domain: str, snapshot: str, pattern: str, count: int
                     execute(c.plan, session.catalog, session)
                 outer.progress(100 * (i + 1) / len(clones))
                 if start:
-                    session.driver.start(c.name)
+                    session.driver.start(c.name, paused=False)
         finally:
             session.reporter = outer
     return clones
