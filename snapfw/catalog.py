@@ -305,10 +305,15 @@ class Catalog:
             raise
 
     # journal: each call is its own fsynced transaction, written before the step it announces
-    def begin_plan(self, plan_id: str, domain: str, operation: str, steps: dict):
+    def begin_plan(self, plan_id: str, domain: str, operation: str, steps: dict, started=()):
+        """Journal a plan; ``started``: indexes of prepare steps marked started with it, in its transaction."""
         with self.write():
+            now = time.time()
             self._q("INSERT INTO plans(id, domain, operation, state, created, steps) VALUES (?,?,?,?,?,?)",
-                    (plan_id, domain, operation, "running", time.time(), json.dumps(steps)))
+                    (plan_id, domain, operation, "running", now, json.dumps(steps)))
+            for idx in started:
+                self._q("INSERT INTO journal(plan_id, phase, idx, state, at) VALUES (?,?,?,?,?)",
+                        (plan_id, "prepare", idx, "started", now))
 
     def mark_step(self, plan_id: str, phase: str, idx: int, state: str):
         with self.write():
@@ -317,8 +322,8 @@ class Catalog:
 
     def forget_plan(self, plan_id: str):
         """Drop a plan that is done or rolled back: the journal is for recovery, not history."""
-        with self.write():
-            self._q("DELETE FROM plans WHERE id = ?", (plan_id,))
+        with self.write() as changes:
+            changes.forget_plan(plan_id)
 
 
 class Changes:
@@ -342,6 +347,9 @@ class Changes:
         if not row:
             raise UnknownSnapshot(f"domain {domain!r} has no snapshot {name!r}")
         return row[0]
+
+    def forget_plan(self, plan_id: str):
+        self._q("DELETE FROM plans WHERE id = ?", (plan_id,))
 
     def set_plan_state(self, plan_id: str, state: str):
         self._q("UPDATE plans SET state = ? WHERE id = ?", (state, plan_id))

@@ -248,7 +248,8 @@ def _free(folder: str, stem: str, suffix: str) -> str:
 
 def _plan(o: _Operation, snapshot: str, name: str, sources: list[_Source], full: bool, first: bool) -> Clone:
     kind = "full" if full else "linked"
-    c = Clone(name, Plan("clone", name, f"{kind} clone {name} of snapshot {snapshot} of {o.name}"))
+    c = Clone(name, Plan("clone", name, f"{kind} clone {name} of snapshot {snapshot} of {o.name}",
+                         journal_at_once=True))  # CopyImage, CreateOverlay, DefineClone: undo finds nothing
     disks = []
     for s in sources:
         fmt = s.format if full else "qcow2"
