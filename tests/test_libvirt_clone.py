@@ -38,6 +38,21 @@ def test_linked_clones_of_a_libvirt_domain(conn, guest, tmp_path):  # noqa: F811
     lv.run("create", guest.name, "gold")
     lv.gen(2)  # after the snapshot: no clone may read it
     names = [f"{guest.name}-c{n}" for n in range(1, CLONES + 1)]
+    os.mkdir(tmp_path / "other")
+    other = Guest(conn, str(tmp_path / "other"))  # a libvirt domain the catalog does not know
+    try:
+        ours = lambda: sorted(n for n in conn.listDefinedDomains() if n.startswith(guest.name))  # noqa: E731
+        before = sorted(os.listdir(tmp_path)), ours()
+        for args, words in [((other.name,), f"domain {other.name} exists"),
+                            ((f"{guest.name}-c{{n}}", "--count", "0"), "--count 0"),
+                            ((f"{guest.name}-c", "--count", "2"), "{n}")]:
+            r = lv.run("clone", guest.name, "gold", *args, check=False)
+            assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+        r = lv.run("clone", other.name, "gold", "x", check=False)  # a snapshot of another domain
+        assert r.returncode == 2 and "no snapshot 'gold'" in r.stderr, r.stderr
+        assert (sorted(os.listdir(tmp_path)), ours()) == before
+    finally:
+        other.remove()
     try:
         out = lv.json("clone", guest.name, "gold", f"{guest.name}-c{{n}}", "--count", str(CLONES), "--start")
         assert out["clones"] == names
