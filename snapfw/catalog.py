@@ -266,8 +266,8 @@ class Catalog:
 
     def clone_origin(self, domain: str) -> dict | None:
         """For a domain `snapfw clone` made: gold_domain, gold_snapshot, full; else None."""
-        row = self._q("SELECT c.gold_domain, c.gold_snapshot, c.full FROM clones c JOIN domains d ON d.id = c.domain_id "
-                      "WHERE d.name = ?", (domain,)).fetchone()
+        row = self._q("SELECT c.gold_domain, c.gold_snapshot, c.full FROM clones c "
+                      "JOIN domains d ON d.id = c.domain_id WHERE d.name = ?", (domain,)).fetchone()
         return None if row is None else {"gold_domain": row[0], "gold_snapshot": row[1], "full": bool(row[2])}
 
     def garbage_tags(self, domain: str) -> list[tuple[str, str]]:
