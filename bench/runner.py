@@ -291,8 +291,8 @@ def render(result) -> str:
                     "bytes per clone, before it is started)"]
         sides = (("snapfw clone", c["snapfw"]), ("qemu-img create -b loop", c["bare_loop"]),
                  ("virt-clone (full copies, 1 run)", c["virt_clone"]))
-        rows = [[name, _fmt(s["median_s"], ".3f"), _fmt(s["min_s"], ".3f"), _fmt(s["new_bytes_per_clone"] / 1024, ".0f")]
-                for name, s in sides if s]
+        rows = [[name, _fmt(s["median_s"], ".3f"), _fmt(s["min_s"], ".3f"),
+                 _fmt(s["new_bytes_per_clone"] / 1024, ".0f")] for name, s in sides if s]
         out.append(_table(["clones", "s", "(min)", "KiB/clone"], rows))
         verdict = "PASS" if c["pass"] else "FAIL"
         out.append(f"clone: snapfw / bare loop {c['ratio']:.2f} (target <= {c['max_ratio']}), "
