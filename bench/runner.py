@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 
-from . import domains, lvm, measure
+from . import clones, domains, lvm, measure
 
 # issue 21: snapfw / virsh at most this, per operation; for reads, at most LARGE_READ_RATIO from 1,000 up
 READ_RATIO, LARGE_READ_RATIO, LARGE, CHANGE_RATIO = 1.5, 0.3, 1000, 1.2
@@ -48,10 +48,15 @@ def parse_args(argv):
     p.add_argument("--lvm", action="store_true",
                    help="also time snapfw's LV snapshot create/delete beside bare lvcreate -s / lvremove in the "
                         "test suite's TCG guest (tests/guest.py; boots it, about a minute more)")
+    p.add_argument("--clones", type=int, default=clones.CLONES, metavar="N",
+                   help=f"linked clones per clone round, against a bare qemu-img loop and virt-clone (default "
+                        f"{clones.CLONES}; 0 skips the clone rows)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.clones < 0:
+        p.error("--clones must be 0 or more")
     return args
 
 
@@ -209,6 +214,10 @@ def run(args) -> dict:
             result["rows"] += _measure_changes(sf, lv, env, args.repeat)
         if args.lvm:
             result["lvm"] = lvm.measure_lvm(root, snapfw_argv(), env, args.repeat, log)
+        if args.clones:
+            log(f"bench: timing {args.clones} linked clones of a two-disk domain against a bare qemu-img loop, "
+                f"{args.repeat} runs each")
+            result["clones"] = clones.measure_clones(root, snapfw_argv(), env, args.repeat, args.clones, conn, log)
         log(f"bench: timing --help and plugins, {args.repeat} runs each")
         result["commands"] = _measure_commands(env, args.repeat)
         if lv is not None:
@@ -280,6 +289,20 @@ def render(result) -> str:
                      f"<= {r['max_ratio']}", verdict, _fmt(sf["peak_rss_mib"], ".1f"),
                      _fmt(lv.get("peak_rss_mib"), ".1f")])
     out.append(_table(header, rows))
+    c = result.get("clones")
+    if c:
+        out += ["", f"{c['count']} linked clones of a two-disk domain in one `snapfw clone --count`, beside a bare "
+                    f"`qemu-img create -b` loop and {c['count']} `virt-clone` full copies (new data: allocated "
+                    "bytes per clone, before it is started)"]
+        sides = (("snapfw clone", c["snapfw"]), ("qemu-img create -b loop", c["bare_loop"]),
+                 ("virt-clone (full copies, 1 run)", c["virt_clone"]))
+        rows = [[name, _fmt(s["median_s"], ".3f"), _fmt(s["min_s"], ".3f"),
+                 _fmt(s["new_bytes_per_clone"] / 1024, ".0f")] for name, s in sides if s]
+        out.append(_table(["clones", "s", "(min)", "KiB/clone"], rows))
+        verdict = "PASS" if c["pass"] else "FAIL"
+        out.append(f"clone: snapfw / bare loop {c['ratio']:.2f} (target <= {c['max_ratio']}), "
+                   f"{c['snapfw']['new_bytes_per_clone'] / 1024:.0f} KiB new per clone (target < "
+                   f"{c['max_new_bytes_per_clone'] // 1024} KiB): {verdict}")
     out += ["", "snapfw alone (no virsh counterpart): import time is the sum of the top-level imports of one "
                 "`python -X importtime -m snapfw` run"]
     rows = [[c["command"], _fmt(c["snapfw"]["median_s"], ".3f"), _fmt(c["snapfw"]["min_s"], ".3f"),

@@ -88,6 +88,17 @@ _MIGRATIONS = [
     CREATE INDEX clone_bases_base ON clone_bases(base);
     CREATE INDEX clone_bases_gold ON clone_bases(gold_domain, gold_snapshot);
     """,
+    # version 3: the domains `snapfw clone` made (linked, full, or detached since), which `clone-delete`
+    # may remove whole; linked clones made before are known by their clone_bases rows
+    """
+    CREATE TABLE clones(
+        domain_id INTEGER PRIMARY KEY REFERENCES domains(id) ON DELETE CASCADE,
+        gold_domain TEXT NOT NULL,
+        gold_snapshot TEXT NOT NULL,
+        full INTEGER NOT NULL);
+    INSERT OR IGNORE INTO clones(domain_id, gold_domain, gold_snapshot, full)
+        SELECT domain_id, gold_domain, gold_snapshot, 0 FROM clone_bases;
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -253,6 +264,12 @@ class Catalog:
         return [dict(zip(keys, r)) for r in self._q(sql + " ORDER BY d.name, c.target", (gold if gold is not None
                                                                                       else clone,))]
 
+    def clone_origin(self, domain: str) -> dict | None:
+        """For a domain `snapfw clone` made: gold_domain, gold_snapshot, full; else None."""
+        row = self._q("SELECT c.gold_domain, c.gold_snapshot, c.full FROM clones c "
+                      "JOIN domains d ON d.id = c.domain_id WHERE d.name = ?", (domain,)).fetchone()
+        return None if row is None else {"gold_domain": row[0], "gold_snapshot": row[1], "full": bool(row[2])}
+
     def garbage_tags(self, domain: str) -> list[tuple[str, str]]:
         return self._q("SELECT g.path, g.tag FROM garbage_tags g JOIN domains d ON d.id = g.domain_id "
                        "WHERE d.name = ? ORDER BY g.path, g.tag", (domain,)).fetchall()
@@ -288,10 +305,15 @@ class Catalog:
             raise
 
     # journal: each call is its own fsynced transaction, written before the step it announces
-    def begin_plan(self, plan_id: str, domain: str, operation: str, steps: dict):
+    def begin_plan(self, plan_id: str, domain: str, operation: str, steps: dict, started=()):
+        """Journal a plan; ``started``: indexes of prepare steps marked started with it, in its transaction."""
         with self.write():
+            now = time.time()
             self._q("INSERT INTO plans(id, domain, operation, state, created, steps) VALUES (?,?,?,?,?,?)",
-                    (plan_id, domain, operation, "running", time.time(), json.dumps(steps)))
+                    (plan_id, domain, operation, "running", now, json.dumps(steps)))
+            for idx in started:
+                self._q("INSERT INTO journal(plan_id, phase, idx, state, at) VALUES (?,?,?,?,?)",
+                        (plan_id, "prepare", idx, "started", now))
 
     def mark_step(self, plan_id: str, phase: str, idx: int, state: str):
         with self.write():
@@ -300,8 +322,8 @@ class Catalog:
 
     def forget_plan(self, plan_id: str):
         """Drop a plan that is done or rolled back: the journal is for recovery, not history."""
-        with self.write():
-            self._q("DELETE FROM plans WHERE id = ?", (plan_id,))
+        with self.write() as changes:
+            changes.forget_plan(plan_id)
 
 
 class Changes:
@@ -325,6 +347,9 @@ class Changes:
         if not row:
             raise UnknownSnapshot(f"domain {domain!r} has no snapshot {name!r}")
         return row[0]
+
+    def forget_plan(self, plan_id: str):
+        self._q("DELETE FROM plans WHERE id = ?", (plan_id,))
 
     def set_plan_state(self, plan_id: str, state: str):
         self._q("UPDATE plans SET state = ? WHERE id = ?", (state, plan_id))
@@ -381,6 +406,17 @@ class Changes:
     def remove_clone_base(self, clone: str, target: str):
         self._q("DELETE FROM clone_bases WHERE target = ? AND domain_id = (SELECT id FROM domains WHERE name = ?)",
                 (target, clone))
+
+    def add_clone(self, clone: str, gold: str, snapshot: str, full: bool):
+        self._q("INSERT INTO clones(domain_id, gold_domain, gold_snapshot, full) VALUES (?,?,?,?)",
+                (self._domain_id(clone), gold, snapshot, int(full)))
+
+    def remove_domain(self, domain: str):
+        """Forget ``domain`` whole: its snapshots, files, pending tags and references on shared bases."""
+        self._q("DELETE FROM files WHERE domain_id = (SELECT id FROM domains WHERE name = ?)", (domain,))
+        self._q("DELETE FROM garbage_tags WHERE domain_id = (SELECT id FROM domains WHERE name = ?)", (domain,))
+        self._q("UPDATE domains SET current_id = NULL WHERE name = ?", (domain,))
+        self._q("DELETE FROM domains WHERE name = ?", (domain,))
 
     def add_garbage_tag(self, domain: str, path: str, tag: str):
         self._q("INSERT OR IGNORE INTO garbage_tags(domain_id, path, tag) VALUES (?,?,?)",

@@ -83,7 +83,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 
 # the commands that change disks: an unexpected error in one of them may leave something for `check`
-_CHANGING = ("create", "revert", "delete", "clone", "detach")
+_CHANGING = ("create", "revert", "delete", "clone", "detach", "clone-delete")
 
 
 class _Group(click.Group):
@@ -302,6 +302,23 @@ def detach(ctx, clone, as_json, dry_run):
     _print_plan(plan, as_json, dry_run, {"domain": clone, "operation": "detach"})
     if not dry_run and not as_json:
         click.echo(f"Clone {clone} detached: it reads through no shared base any more.")
+
+
+@main.command("clone-delete")
+@click.argument("clone")
+@click.option("--snapshots", is_flag=True, help="Also remove CLONE's snapshots (refused otherwise while it has any).")
+@json_option
+@dry_run_option
+@click.pass_context
+def clone_delete(ctx, clone, snapshots, as_json, dry_run):
+    """Remove CLONE, a domain `snapfw clone` made: its definition, the files snapfw made for it, its catalog
+    entries and its references on shared bases (like `virsh undefine --remove-all-storage`, limited to those)."""
+    from . import clone as clones
+
+    plan = clones.delete_clone(_session(ctx, as_json), clone, snapshots, dry_run)
+    _print_plan(plan, as_json, dry_run, {"domain": clone, "operation": "clone-delete"})
+    if not dry_run and not as_json:
+        click.echo(f"Clone {clone} deleted with its files.")
 
 
 @main.command("list")

@@ -86,6 +86,23 @@ class DefineClone(Step):
 
 
 @dataclass
+class UndefineClone(Step):
+    """Remove the hypervisor's definition of clone ``clone["name"]`` (a finish step: its catalog entry is
+    gone); refuses to go on, keeping its files, when the definition no longer names its disks."""
+
+    clone: dict
+
+    def do(self, ctx):
+        ctx.driver.undefine_clone(self.clone)
+        if self.clone["name"] in ctx.driver.list_domains():
+            raise Inconsistent(f"domain {self.clone['name']} was changed since it was planned to go (its disks "
+                               "are not the ones snapfw recorded): its definition and files are kept")
+
+    def describe(self):
+        return f"undefine domain {self.clone['name']}"
+
+
+@dataclass
 class StreamBase(Step):
     """Copy into ``path`` everything it reads through shared base ``base``; it then has no backing file.
     Undo relinks it (the data it got is what the base holds)."""
@@ -183,7 +200,7 @@ def clone(session: Session, domain: str, snapshot: str, pattern: str, count: int
                     execute(c.plan, session.catalog, session)
                 outer.progress(100 * (i + 1) / len(clones))
                 if start:
-                    session.driver.start(c.name)
+                    session.driver.start(c.name, paused=False)
         finally:
             session.reporter = outer
     return clones
@@ -231,7 +248,8 @@ def _free(folder: str, stem: str, suffix: str) -> str:
 
 def _plan(o: _Operation, snapshot: str, name: str, sources: list[_Source], full: bool, first: bool) -> Clone:
     kind = "full" if full else "linked"
-    c = Clone(name, Plan("clone", name, f"{kind} clone {name} of snapshot {snapshot} of {o.name}"))
+    c = Clone(name, Plan("clone", name, f"{kind} clone {name} of snapshot {snapshot} of {o.name}",
+                         journal_at_once=True))  # CopyImage, CreateOverlay, DefineClone: undo finds nothing
     disks = []
     for s in sources:
         fmt = s.format if full else "qcow2"
@@ -261,7 +279,12 @@ def _plan(o: _Operation, snapshot: str, name: str, sources: list[_Source], full:
     if left_out:
         c.plan.notes.append(f"disks {', '.join(left_out)} were added after snapshot {snapshot}: the clone has none")
     c.plan.prepare.append(DefineClone(o.name, {"name": name, "disks": disks}))
+    c.plan.changes.append(functools.partial(_mark_clone, name, o.name, snapshot, full))
     return c
+
+
+def _mark_clone(clone, gold, snapshot, full, changes):
+    changes.add_clone(clone, gold, snapshot, full)
 
 
 def _put(domain, f, changes):
@@ -346,3 +369,42 @@ def detach(session: Session, name: str, dry_run: bool = False) -> Plan:
 
 def _unlink(clone, target, changes):
     changes.remove_clone_base(clone, target)
+
+
+def delete_clone(session: Session, name: str, snapshots: bool = False, dry_run: bool = False) -> Plan:
+    """Remove domain ``name``, which `snapfw clone` made: its definition, every file snapfw made for it and
+    its catalog entries, with its references on shared bases, in one transaction before the forward-only
+    removals. Refused for any other domain, a running one, one whose files other domains read through,
+    and, unless ``snapshots``, one that has snapshots."""
+    o = _Operation(session, name, "clone-delete")
+    with session.lock(o.name):
+        origin = session.catalog.clone_origin(o.name)
+        if origin is None:
+            raise BadInput(f"domain {o.name} was not made by `snapfw clone`; snapfw removes only domains it made")
+        if session.driver.domain(o.name).running:
+            raise Refused(f"clone {o.name} is running; shut it down first")
+        o.load()
+        if len(o.tree) and not snapshots:
+            raise Refused(f"clone {o.name} has {len(o.tree)} snapshot(s) ({', '.join(s.name for s in o.tree)}); "
+                          "delete them first, or pass --snapshots to remove them with it")
+        readers = sorted({c for c, f in session.catalog.placements() if c != o.name and f.backing in o.files})
+        if readers:
+            raise Refused(f"domains {', '.join(readers)} read through files of clone {o.name}; detach or delete "
+                          "them first")
+        for disk in o.domain.disks:
+            o.inspect.chain(disk.path, disk.format)  # the catalog agrees with the images before anything goes
+        plan = Plan("clone-delete", o.name, f"delete clone {o.name} of snapshot {origin['gold_snapshot']} of "
+                                             f"{origin['gold_domain']} with its files")
+        plan.changes.append(lambda ch: ch.remove_domain(o.name))
+        plan.finish.append(UndefineClone({"name": o.name, "disks": [d.as_dict() for d in o.domain.disks]}))
+        for path, f in sorted(o.files.items()):
+            if f.owned:
+                plan.finish.append(RemoveFile(path))
+            else:
+                plan.notes.append(f"{path} is not snapfw's file: it is left where it is")
+        for disk in o.domain.disks:
+            if disk.path not in o.files:
+                plan.notes.append(f"disk {disk.target}'s {disk.path} is not snapfw's file: it is left where it is")
+        if not dry_run:
+            execute(plan, session.catalog, session)
+        return plan

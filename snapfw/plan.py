@@ -85,6 +85,9 @@ class Plan:
     changes: list[Callable] = field(default_factory=list)
     finish: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # True when every prepare step's undo is harmless if its do never ran (clones' steps): the journal
+    # marks them all started with the plan, in its one transaction, instead of two transactions per step
+    journal_at_once: bool = False
 
     def steps(self):
         yield from (("prepare", s) for s in self.prepare)
@@ -135,12 +138,14 @@ def execute(plan: Plan, catalog, ctx) -> None:
     plan_id = uuid.uuid4().hex
     catalog.begin_plan(plan_id, plan.domain, plan.operation,
                        {"format": JOURNAL_FORMAT, "prepare": [s.to_json() for s in plan.prepare],
-                        "finish": [s.to_json() for s in plan.finish]})
+                        "finish": [s.to_json() for s in plan.finish]},
+                       range(len(plan.prepare)) if plan.journal_at_once else ())
     started = []
     try:
         for i, step in enumerate(plan.prepare):
             _fault("prepare", i)
-            catalog.mark_step(plan_id, "prepare", i, "started")
+            if not plan.journal_at_once:
+                catalog.mark_step(plan_id, "prepare", i, "started")
             started.append(step)
             ctx.step(step)
             try:
@@ -152,17 +157,22 @@ def execute(plan: Plan, catalog, ctx) -> None:
                 error = FileError.of(e)
                 error.step = step.describe()
                 raise error from e
-            catalog.mark_step(plan_id, "prepare", i, "done")
+            if not plan.journal_at_once:
+                catalog.mark_step(plan_id, "prepare", i, "done")
         _fault("commit", 0)
         with catalog.write() as changes:
             for change in plan.changes:
                 change(changes)
-            changes.set_plan_state(plan_id, "committed")
+            if plan.finish:
+                changes.set_plan_state(plan_id, "committed")
+            else:  # nothing left to finish: the journal entry goes with the commit
+                changes.forget_plan(plan_id)
     except BaseException as failure:
         _undo(started, ctx, plan_id, catalog, failure)
         raise
-    _finish(plan_id, plan.finish, catalog, ctx, set())
-    _forget(catalog, plan_id, "the change is done")
+    if plan.finish:
+        _finish(plan_id, plan.finish, catalog, ctx, set())
+        _forget(catalog, plan_id, "the change is done")
 
 
 def _forget(catalog, plan_id, outcome: str, failure: BaseException | None = None):

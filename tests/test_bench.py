@@ -23,7 +23,8 @@ def _series(s, runs):
 def test_bench_snapfw_only_json():
     require("qemu-img")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFW_")}
-    r = subprocess.run([sys.executable, "-m", "bench", "--snapfw-only", "--counts", "5", "--repeat", "1", "--json"],
+    r = subprocess.run([sys.executable, "-m", "bench", "--snapfw-only", "--counts", "5", "--repeat", "1",
+                        "--clones", "2", "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -40,6 +41,12 @@ def test_bench_snapfw_only_json():
     assert rows["create"]["snapfw"]["argv"][-1] == rows["delete"]["snapfw"]["argv"][-1] == "s5"
     assert rows["revert"]["snapfw"]["argv"][-1] == "s4"
     assert [r["max_ratio"] for r in rows.values()] == [1.5, 1.5, 1.2, 1.2, 1.2]
+
+    c = out["clones"]
+    assert c["count"] == 2 and c["virt_clone"] is None and c["max_ratio"] == 1.5 and c["ratio"] > 0
+    for side in ("snapfw", "bare_loop"):
+        assert len(c[side]["samples_s"]) == 1 and 0 < c[side]["new_bytes_per_clone"] < c["max_new_bytes_per_clone"]
+    assert c["snapfw"]["argv"][-3:] == ["c-{n}", "--count", "2"]
 
     assert [c["command"] for c in out["commands"]] == ["--help", "plugins"]
     for c in out["commands"]:

@@ -211,3 +211,55 @@ def test_sigkill_at_each_step_boundary_then_repair(env, fault, made):
         env.assert_consistent(n)
     r = env.run("delete", "web", "gold", check=False)
     assert r.returncode == 1 and all(n in r.stderr for n in made) and "web-3" not in r.stderr
+
+
+def test_clone_delete_removes_only_what_snapfw_made(env):
+    """`clone-delete` removes a clone's definition, files and references; it refuses domains snapfw did not
+    make, clones with snapshots (unless --snapshots) and clones other domains read through; once every
+    clone is gone the gold snapshot can be deleted."""
+    _gold(env)
+    env.run("clone", "web", "gold", "web-{n}", "--count", "2")
+    env.run("clone", "web", "gold", "solo", "--full")
+    env.run("create", "web-1", "mine", "--disk", "vda=external")
+    env.run("create", "web-2", "base", "--disk", "vda=external", "--disk", "vdb=external")
+    env.run("clone", "web-2", "base", "grandchild")
+    user_file = os.path.join(env.dir, "web-1-keep.qcow2")  # the user's own file beside the clones
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", user_file, "1M"], check=True)
+    before = env.layout()
+    for args, code, words in [(("web-1",), 1, "has 1 snapshot(s) (mine)"),
+                              (("web",), 2, "not made by `snapfw clone`"),
+                              (("web-2", "--snapshots"), 1, "grandchild read through files of clone web-2"),
+                              (("nosuch",), 2, "nosuch")]:
+        r = env.run("clone-delete", *args, check=False)
+        assert r.returncode == code and words in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and env.layout() == before
+    plan = env.json("clone-delete", "web-1", "--snapshots", "--dry-run")["plan"]
+    assert env.layout() == before and plan["steps"][0]["describe"] == "undefine domain web-1"
+    env.run("clone-delete", "web-1", "--snapshots")
+    env.run("clone-delete", "solo")
+    assert not [n for n in env.files() if n.startswith(("web-1-v", "solo"))] and os.path.exists(user_file)
+    assert sorted(n for n in os.listdir(env.dir) if n.endswith(".yaml")) == ["grandchild.yaml", "web-2.yaml",
+                                                                            "web.yaml"]
+    r = env.run("delete", "web", "gold", check=False)
+    assert r.returncode == 1 and "web-2 (snapshot gold)" in r.stderr and "web-1" not in r.stderr
+    env.run("clone-delete", "grandchild")
+    env.run("clone-delete", "web-2", "--snapshots")
+    env.run("delete", "web", "gold")
+    assert sorted(n for n in env.files() if not n.startswith("web-v")) == ["web-1-keep.qcow2"]
+    assert env.reads("web", "vda", 0x99, 0)
+    env.assert_consistent("web")
+    assert env.run("check").stdout.strip() == "No problems found."
+
+
+def test_clone_delete_killed_then_repaired(env):
+    """Killed after its catalog commit, between removing the definition and the files: `check --repair`
+    finishes it."""
+    _gold(env)
+    env.run("clone", "web", "gold", "web-1")
+    r = env.run("clone-delete", "web-1", check=False, env={"SNAPFW_FAULT": "finish:1:kill"})
+    assert r.returncode == -9 and not os.path.exists(os.path.join(env.dir, "web-1.yaml"))
+    assert "web-1: interrupted clone-delete" in env.run("check", check=False).stdout
+    env.run("check", "--repair")
+    assert not [n for n in env.files() if n.startswith("web-1")]
+    env.run("delete", "web", "gold")
+    assert env.run("check").stdout.strip() == "No problems found."

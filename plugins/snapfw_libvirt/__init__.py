@@ -40,6 +40,7 @@ from snapfw.api import (
     Inconsistent,
     NotSupported,
     QMPError,
+    Refused,
     ToolError,
     UnknownDomain,
     check_name,
@@ -195,7 +196,7 @@ class LibvirtDriver(HypervisorDriver):
         for el in xml.findall("devices/disk"):
             target = el.find("target").get("dev")
             device, kind = el.get("device", "disk"), el.get("type", "file")
-            if device in ("cdrom", "floppy") or el.find("readonly") is not None:
+            if _read_only(el):
                 notes.append(f"disk {target} ({device}, {_source(el)}) is read-only: snapfw leaves it out")
                 continue
             if device != "disk" or kind != "file" or el.find("source") is None or not el.find("source").get("file"):
@@ -279,10 +280,63 @@ class LibvirtDriver(HypervisorDriver):
                 el.remove(stale)
             changed = True
         if changed:
-            for prefix, uri in NAMESPACES.items():
-                ET.register_namespace(prefix, uri)
-            with _calls("defineXML"):
-                self.conn.defineXML(ET.tostring(xml, encoding="unicode"))
+            self._define(xml)
+
+    def _define(self, xml: ET.Element) -> None:
+        for prefix, uri in NAMESPACES.items():
+            ET.register_namespace(prefix, uri)
+        with _calls("defineXML"):
+            self.conn.defineXML(ET.tostring(xml, encoding="unicode"))
+
+    # --- clones ----------------------------------------------------------------------------------------
+    def define_clone(self, source: str, clone: dict) -> None:
+        """``source``'s persistent XML under the clone's name, without what makes it that domain: no
+        ``<uuid>``, no interface ``<mac>`` (libvirt draws new ones, as for any XML without them), no
+        ``<nvram>`` file (libvirt makes the clone its own from the firmware's template on first start);
+        each disk of ``clone["disks"]`` on its new file, the source's other writable disks left out,
+        read-only ones (CD-ROMs) kept. ``defineXML`` refuses a name that exists (its UUID differs)."""
+        xml = self._xml(self._lookup(source), live=False)
+        xml.find("name").text = check_name("domain", clone["name"])
+        for el in xml.findall("uuid"):
+            xml.remove(el)
+        for iface in xml.findall("devices/interface"):
+            for el in iface.findall("mac"):
+                iface.remove(el)
+        for nvram in xml.findall("os/nvram"):
+            nvram.text = None
+            if not nvram.attrib:
+                xml.find("os").remove(nvram)
+        wanted = {d["target"]: d for d in clone["disks"]}
+        devices = xml.find("devices")
+        for el in devices.findall("disk"):
+            d = wanted.get(el.find("target").get("dev"))
+            if d is None:
+                if not _read_only(el):
+                    devices.remove(el)
+                continue
+            el.find("source").set("file", d["path"])
+            el.find("driver").set("type", d["format"])
+            for stale in el.findall("backingStore"):
+                el.remove(stale)
+        self._define(xml)
+
+    def undefine_clone(self, clone: dict) -> None:
+        """Undefine ``clone["name"]`` while its writable disks are exactly ``clone["disks"]``'s files (with
+        the NVRAM file and managed-save image libvirt made for it); a domain that runs is refused."""
+        libvirt = _libvirt()
+        try:
+            dom = self._lookup(clone["name"])
+        except UnknownDomain:
+            return
+        disks = {el.find("target").get("dev"): el.find("source").get("file")
+                 for el in self._xml(dom, live=False).findall("devices/disk")
+                 if not _read_only(el) and el.find("source") is not None}
+        if disks != {d["target"]: d["path"] for d in clone["disks"]}:
+            return
+        with _calls("undefine"):
+            if dom.isActive():
+                raise Refused(f"domain {clone['name']} is running; shut it down before it is undefined")
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
 
     # --- mirroring snapfw's snapshots into libvirt's own records ------------------------------------------
     def _records(self, dom) -> dict[str, ET.Element]:
@@ -693,6 +747,11 @@ def _disk_snapshot_xml(external: list[dict], active: dict[str, str]) -> str:
                     f"<source file={_attr(a['overlay'])}/></disk>" for a in external)
     others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in active if t not in {a["target"] for a in external})
     return f"<domainsnapshot><disks>{specs}{others}</disks></domainsnapshot>"
+
+
+def _read_only(disk: ET.Element) -> bool:
+    """A CD-ROM, floppy or ``<readonly/>`` disk: never snapshotted, shared as it is by clones."""
+    return disk.get("device", "disk") in ("cdrom", "floppy") or disk.find("readonly") is not None
 
 
 def _attr(value: str) -> str:
