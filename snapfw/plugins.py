@@ -15,6 +15,9 @@ BUILTIN = ("snapfw_images", "snapfw_qcow2", "snapfw_external", "snapfw_qmp", "sn
 ENTRY_POINT_GROUP = "snapfw"
 DISABLE_ENV = "SNAPFW_DISABLE_PLUGINS"
 ENTRY_POINTS_CACHE = "entry-points.json"  # in connection.cache_home()
+# scans kept in the cache, one per key: the interpreters, venvs and sys.path[0]s (`python -m snapfw` puts
+# the working directory there) one host runs snapfw with, which would otherwise evict each other
+CACHED_SCANS = 8
 
 _versions: dict[str, str] = {}  # plugin name -> version of the distribution that installed it
 
@@ -51,13 +54,17 @@ def entry_points() -> list[tuple[str, str, str | None]]:
     found is cached, keyed by the installed distributions (:func:`_installed`); any change scans again."""
     key = _installed()
     cached = connection.read_cache(ENTRY_POINTS_CACHE)
-    if isinstance(cached, dict) and cached.get("key") == key:
-        return [tuple(ep) for ep in cached["entry_points"]]
-    from importlib.metadata import entry_points as scan
+    scans = cached.get("scans") if isinstance(cached, dict) else None
+    scans = [s for s in scans if isinstance(s, dict)] if isinstance(scans, list) else []
+    for scan in scans:
+        if scan.get("key") == key and isinstance(scan.get("entry_points"), list):
+            return [tuple(ep) for ep in scan["entry_points"]]
+    from importlib.metadata import entry_points
 
     found = [(ep.name, ep.value, ep.dist.version if ep.dist is not None else None)
-             for ep in scan(group=ENTRY_POINT_GROUP)]
-    connection.write_cache(ENTRY_POINTS_CACHE, {"key": key, "entry_points": found})
+             for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    connection.write_cache(ENTRY_POINTS_CACHE,
+                           {"scans": [{"key": key, "entry_points": found}, *scans][:CACHED_SCANS]})
     return found
 
 
