@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 import time
-import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
 
 from snapfw.api import (
     EXTERNAL,
@@ -41,6 +41,9 @@ from snapfw.api import (
     hookimpl,
     remove_overlay,
 )
+
+if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
 
 # local transports only (see the module docstring); qemu:///session is the same scheme
 SCHEMES = ("qemu", "qemu+unix")
@@ -64,6 +67,13 @@ def _libvirt():
                            "(it builds against libvirt-dev and pkg-config)") from None
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions anyway
     return libvirt
+
+
+def _et():
+    """ElementTree, imported on first use, as libvirt itself: the offline drivers' commands need neither."""
+    import xml.etree.ElementTree as ET
+
+    return ET
 
 
 @contextlib.contextmanager
@@ -141,7 +151,7 @@ class LibvirtDriver(HypervisorDriver):
         libvirt = _libvirt()
         flags = 0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
         with _calls("XMLDesc"):
-            return ET.fromstring(dom.XMLDesc(flags))
+            return _et().fromstring(dom.XMLDesc(flags))
 
     def _monitor(self, dom, command: str, args: dict | None = None):
         """A QMP command through libvirt's monitor passthrough (what libvirt has no API for)."""
@@ -230,7 +240,7 @@ class LibvirtDriver(HypervisorDriver):
     def define(self, domain: dict) -> None:
         """Point the persistent XML's disks at the new files; with ``definition``, in that XML (a snapshot's)."""
         dom = self._lookup(domain["name"])
-        base = ET.fromstring(domain["definition"]["xml"]) if "definition" in domain else None
+        base = _et().fromstring(domain["definition"]["xml"]) if "definition" in domain else None
         self._set_sources(dom, {d["target"]: (d["path"], d["format"]) for d in domain["disks"]}, base)
 
     def _set_sources(self, dom, sources: dict[str, tuple[str, str]], base: ET.Element | None = None) -> None:
@@ -240,7 +250,8 @@ class LibvirtDriver(HypervisorDriver):
         already says so."""
         xml = self._xml(dom, live=False)
         changed = False
-        if base is not None and ET.tostring(base) != ET.tostring(xml):
+        etree = _et()
+        if base is not None and etree.tostring(base) != etree.tostring(xml):
             xml, changed = base, True
         for el in xml.findall("devices/disk"):
             target = el.find("target").get("dev")
@@ -258,9 +269,9 @@ class LibvirtDriver(HypervisorDriver):
             changed = True
         if changed:
             for prefix, uri in NAMESPACES.items():
-                ET.register_namespace(prefix, uri)
+                etree.register_namespace(prefix, uri)
             with _calls("defineXML"):
-                self.conn.defineXML(ET.tostring(xml, encoding="unicode"))
+                self.conn.defineXML(etree.tostring(xml, encoding="unicode"))
 
     # --- stop and start (revert) -----------------------------------------------------------------------
     def restart_problem(self, domain: Domain) -> str | None:

@@ -26,7 +26,6 @@ refused before anything changes. While QEMU is down, the domain is read from the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -74,6 +73,8 @@ CHAIN_KEYS = ("filename", "format", "backing-filename", "full-backing-filename",
 
 def _node_name(overlay: str, prefix: str) -> str:
     """A QEMU node or job name for an overlay, stable across runs (recovery finds it again), <= 31 bytes."""
+    import hashlib  # here: every command loads this plugin, few name an overlay
+
     return f"{prefix}-{hashlib.sha256(os.fsencode(overlay)).hexdigest()[:20]}"
 
 
