@@ -17,10 +17,9 @@ from . import connection, plugins
 from .backend import LIVE_CREATE, LIVE_DELETE, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
 from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
-from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
-                     UnknownSnapshot)
+from .errors import BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError
 from .live import LiveSnapshot, StartDomain, StopDomain
-from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
+from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name, find_snapshot
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
 from .tools import qemuimg
@@ -639,13 +638,6 @@ def _refuse_clone_bases(catalog: Catalog, domain: str, names: list[str]):
         listed = ", ".join(sorted({f"{c['clone']} (snapshot {c['gold_snapshot']})" for c in deps}))
         raise Refused(f"linked clones of {domain} read through snapshots being deleted: {listed}; "
                       "`snapfw detach` them first")
-
-
-def find_snapshot(tree: Tree, domain: str, name: str) -> Snapshot:
-    """``name`` in ``domain``'s tree, or UnknownSnapshot."""
-    if name not in tree:
-        raise UnknownSnapshot(f"domain {domain} has no snapshot {name!r}")
-    return tree.by_name[name]
 
 
 # --- reading -----------------------------------------------------------------------------------------
