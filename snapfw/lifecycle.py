@@ -209,12 +209,13 @@ class ImageUsers:
     the file each disk runs on, from the driver; the files the catalog records for each disk, and the
     files those read through."""
 
-    def __init__(self, driver, placements: list[tuple[str, ImageFile]], unreadable=None):
-        """``unreadable(name, error)`` is told of a domain the driver cannot read (its disks are unknown)."""
+    def __init__(self, driver, placements: list[tuple[str, ImageFile]], unreadable=None, read=None):
+        """``unreadable(name, error)`` is told of a domain the driver cannot read (its disks are unknown);
+        ``read``: name -> Domain the caller has just read from the driver, not asked for again."""
         self.uses: dict = {}
         for name in driver.list_domains():
             try:
-                domain = driver.domain(name)
+                domain = (read or {}).get(name) or driver.domain(name)
             except SnapfwError as e:
                 if unreadable is not None:
                     unreadable(name, e)
@@ -369,7 +370,8 @@ class _Operation:
         placements = s.catalog.placements()
         self.pinned = _pinned(self.name, placements)
         self.users = ImageUsers(s.driver, placements, lambda other, e: s.reporter.warn(
-            f"domain {other} cannot be read ({e}); images it runs on are not compared with {self.name}'s"))
+            f"domain {other} cannot be read ({e}); images it runs on are not compared with {self.name}'s"),
+            {self.name: self.domain})
         self.inspect = Inspector(self.domain.allowed_roots, self.files, live=self.domain.live_chains)
 
     def start(self, disks, backends: dict | None = None) -> list[DiskOp]:

@@ -167,6 +167,7 @@ class QMPDriver(HypervisorDriver):
         self.socket = os.path.normpath(rest)
         self.spec_path = self.socket + SPEC_SUFFIX
         self._qmp: QMP | None = None
+        self._named: tuple[QMP, str] | None = None  # (connection, the -name QEMU gave on it)
 
     @property
     def qmp(self) -> QMP:
@@ -176,10 +177,14 @@ class QMPDriver(HypervisorDriver):
         return self._qmp
 
     def _name(self) -> str:
-        name = self.qmp.execute("query-name").get("name")
-        if not name:
-            raise NotSupported(f"the QEMU at {self.socket} has no -name; snapfw names domains by it")
-        return name
+        """QEMU's -name, asked once per connection: the QEMU at the other end cannot change it."""
+        qmp = self.qmp
+        if self._named is None or self._named[0] is not qmp:
+            name = qmp.execute("query-name").get("name")
+            if not name:
+                raise NotSupported(f"the QEMU at {self.socket} has no -name; snapfw names domains by it")
+            self._named = (qmp, name)
+        return self._named[1]
 
     def _check(self, name: str):
         actual = self._name()
