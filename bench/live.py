@@ -96,16 +96,15 @@ class LibvirtGuest:
             libvirt_qemu.qemuMonitorCommand(self.dom, cmd, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
 
     def chain(self, target: str) -> list[str]:
-        """The files of disk ``target``, active first, from the live XML."""
+        """The files of disk ``target``, active first: the active one from the live XML, the rest from the
+        image headers."""
         import xml.etree.ElementTree as ET
 
         xml = ET.fromstring(self.dom.XMLDesc(0))
         disk = next(d for d in xml.findall("devices/disk") if d.find("target").get("dev") == target)
-        out = []
-        while disk is not None and disk.find("source") is not None:
-            out.append(disk.find("source").get("file"))
-            disk = disk.find("backingStore")
-        return out
+        out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", "-f", "qcow2",
+                              disk.find("source").get("file")], check=True, capture_output=True, text=True).stdout
+        return [node["filename"] for node in json.loads(out)]
 
     def remove(self):
         import libvirt
@@ -182,9 +181,10 @@ def _measure_deletes(q, lv, snapfw, virsh, state, env, repeat) -> dict:
         script, copied = [], 0
         for target in DISKS:
             chain = lv.chain(target)
-            top = chain[len(chain) // 2]
+            top, base = chain[len(chain) // 2], chain[len(chain) // 2 + 1]  # virsh's default base is the bottom
             copied += _allocated(top)
-            script.append(" ".join(virsh + ["blockcommit", lv.name, target, "--top", top, "--wait"]))
+            script.append(" ".join(virsh + ["blockcommit", lv.name, target, "--top", top, "--base", base,
+                                            "--wait"]))
         vs.argv = ["sh", "-c", "set -e; " + "; ".join(script)]
         sample, _ = measure.run(vs.argv, env=None)
         vs.samples.append(sample)
