@@ -181,9 +181,9 @@ def _measure_deletes(q, lv, snapfw, virsh, state, env, repeat) -> dict:
         script, copied = [], 0
         for target in DISKS:
             chain = lv.chain(target)
-            top, base = chain[len(chain) // 2], chain[len(chain) // 2 + 1]  # virsh's default base is the bottom
+            top, below = chain[len(chain) // 2], chain[len(chain) // 2 + 1]  # virsh's default base: the bottom
             copied += _allocated(top)
-            script.append(" ".join(virsh + ["blockcommit", lv.name, target, "--top", top, "--base", base,
+            script.append(" ".join(virsh + ["blockcommit", lv.name, target, "--top", top, "--base", below,
                                             "--wait"]))
         vs.argv = ["sh", "-c", "set -e; " + "; ".join(script)]
         sample, _ = measure.run(vs.argv, env=None)
