@@ -322,7 +322,7 @@ def render(result) -> str:
         out.append(_table(["live create", "s", "(min)", "x virsh", "target", "", "MiB"], rows))
         rows = []
         for key, what in (("snapfw", "snapfw delete of a middle snapshot, qmp driver"),
-                          ("virsh", f"virsh blockcommit --wait of a middle layer, each of {len(live.DISKS)} disks")):
+                          ("virsh", f"virsh blockcommit --base --wait of a middle layer, {len(live.DISKS)} disks")):
             d = result["live"]["delete"].get(key)
             if d:
                 rows.append([what, _fmt(d["median_s"], ".3f"), _fmt(d["min_s"], ".3f"),
