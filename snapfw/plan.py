@@ -41,11 +41,6 @@ class Step:
         """Reverse :meth:`do`, also after a partial or absent ``do``. Finish steps never need it."""
         raise NotImplementedError(f"{type(self).__name__} cannot be undone")
 
-    def resume(self, ctx) -> None:
-        """Run again by ``check --repair`` after a crash cut a run of :meth:`do` short: ``do``, unless a
-        cut leaves more to clean up than a whole run does (a first run then skips that cost)."""
-        self.do(ctx)
-
     def describe(self) -> str:
         raise NotImplementedError
 
@@ -178,7 +173,7 @@ def _undo(started, ctx, plan_id, catalog, failure):
     _forget(catalog, plan_id, "rolled back", failure)
 
 
-def _finish(plan_id, steps, catalog, ctx, already_done, cut_short=frozenset()):
+def _finish(plan_id, steps, catalog, ctx, already_done):
     for i, step in enumerate(steps):
         if i in already_done:
             continue
@@ -186,7 +181,7 @@ def _finish(plan_id, steps, catalog, ctx, already_done, cut_short=frozenset()):
             _fault("finish", i)
             catalog.mark_step(plan_id, "finish", i, "started")
             ctx.step(step)
-            (step.resume if i in cut_short else step.do)(ctx)
+            step.do(ctx)
             catalog.mark_step(plan_id, "finish", i, "done")
         except (Exception, KeyboardInterrupt) as e:
             why = "was interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({e})"
@@ -217,8 +212,7 @@ def recover(catalog, ctx, plan: dict) -> str:
     if plan["state"] == "committed":
         steps = _journaled(plan, "finish")
         done = {i for (ph, i), st in marks.items() if ph == "finish" and st == "done"}
-        cut_short = {i for (ph, i), st in marks.items() if ph == "finish" and st == "started"}
-        _finish(plan["id"], steps, catalog, ctx, done, cut_short)
+        _finish(plan["id"], steps, catalog, ctx, done)
         _forget(catalog, plan["id"], "finished")
         return f"finished {plan['operation']} of {plan['domain']}"
     steps = _journaled(plan, "prepare")

@@ -11,7 +11,6 @@ import struct
 from dataclasses import dataclass
 
 from .connection import fsync_dir
-from .errors import ToolError
 from .model import fit_file_name
 from .plan import Step
 from .tools import qemuimg
@@ -22,15 +21,9 @@ def _tags(path: str) -> set[str]:
 
 
 def _delete_tag(path: str, tag: str):
-    """Delete ``tag`` if it is there (a step may run again after a crash): one ``qemu-img snapshot -d``;
-    only when that fails are the tags read, to tell "already gone" from a real failure."""
-    if not os.path.exists(path):
-        return
-    try:
+    """Delete ``tag`` if it is there: a step may run again after a crash."""
+    if os.path.exists(path) and tag in _tags(path):
         qemuimg.snapshot("-d", path, tag)
-    except ToolError:
-        if tag in _tags(path):
-            raise
 
 
 def work_name(path: str) -> str:
@@ -159,9 +152,8 @@ class ApplyTag(Step):
     keep: str
 
     def do(self, ctx):
-        # no read of the tags first: ``keep`` is drawn fresh when the plan is made (the backend checks it
-        # is not in the file), and recovery only ever undoes a prepare step, never runs it again
-        qemuimg.snapshot("-c", self.path, self.keep)
+        if self.keep not in _tags(self.path):
+            qemuimg.snapshot("-c", self.path, self.keep)
         qemuimg.snapshot("-a", self.path, self.tag)
 
     def undo(self, ctx):
@@ -183,9 +175,6 @@ class DeleteTag(Step):
     tag: str
 
     def do(self, ctx):
-        _delete_tag(self.path, self.tag)
-
-    def resume(self, ctx):
         _delete_tag(self.path, self.tag)
         _release_leaks(self.path)  # a run cut short may have dropped the tag but not its clusters' counts
 

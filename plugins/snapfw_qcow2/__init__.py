@@ -61,11 +61,8 @@ class InternalBackend(DiskBackend):
         if discarded:
             op.notes.append(f"{', '.join(discarded)} read through {path} but hold only the state this revert "
                             "discards: removed once it is done")
-        tags = {s["name"] for s in op.inspect(path, g.format(path)).get("snapshots", [])}
-        while True:  # ApplyTag creates it without looking first
-            keep = f"snapfw-revert-{uuid.uuid4().hex[:12]}"
-            if keep not in tags:
-                break
+        op.inspect(path, g.format(path))
+        keep = f"snapfw-revert-{uuid.uuid4().hex[:12]}"
         op.prepare.append(ApplyTag(path, record["tag"], keep))
         op.finish.append(DeleteTag(path, keep))
         g.active, g.active_format = path, g.format(path)
