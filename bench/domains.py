@@ -135,13 +135,16 @@ def connect():
 
 
 def remove_stale(conn, log) -> None:
-    """Undefine domains a killed earlier run left behind (named with the prefix and a dead pid)."""
+    """Undefine (and stop) domains a killed earlier run left behind (named with the prefix and a dead pid,
+    then for the live guests a suffix)."""
     import libvirt
 
-    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE):
+    for dom in conn.listAllDomains(0):
         name = dom.name()
-        pid = name[len(NAME_PREFIX):]
+        pid = name[len(NAME_PREFIX):].split("-")[0]
         if name.startswith(NAME_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            if dom.isActive():
+                dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
             log(f"bench: undefined {name}, left behind by an earlier run")
 

@@ -11,10 +11,12 @@ import sys
 import tempfile
 import time
 
-from . import clones, domains, lvm, measure
+from . import clones, domains, live, lvm, measure
 
 # issue 21: snapfw / virsh at most this, per operation; for reads, at most LARGE_READ_RATIO from 1,000 up
 READ_RATIO, LARGE_READ_RATIO, LARGE, CHANGE_RATIO = 1.5, 0.3, 1000, 1.2
+# a live disk-only atomic snapshot of a running 4-disk guest: snapfw / virsh at most this, per driver
+LIVE_RATIO = {"qmp": 1.0, "libvirt": 1.3}
 READS, CHANGES = ("list", "show"), ("create", "revert", "delete")
 VIRSH = ["virsh", "-c", domains.LIBVIRT_URI]
 
@@ -51,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--clones", type=int, default=clones.CLONES, metavar="N",
                    help=f"linked clones per clone round, against a bare qemu-img loop and virt-clone (default "
                         f"{clones.CLONES}; 0 skips the clone rows)")
+    p.add_argument("--no-live", action="store_true",
+                   help="skip the live rows (running 4-disk guests: bare QEMU, and libvirt unless --snapfw-only)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = p.parse_args(argv)
     if args.repeat < 1:
@@ -158,6 +162,9 @@ def run(args) -> dict:
     for var in ("SNAPFW_CONNECT", "SNAPFW_STATE_DIR"):
         os.environ.pop(var, None)
     env = dict(os.environ)
+    # snapfw as installed runs from compiled .pyc files (the untimed warm-up run writes them); with this
+    # set (as in some CI shells) every timed run compiled snapfw and its plugins again: 72 ms of CPU here
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if not shutil.which("qemu-img"):
         raise RuntimeError("qemu-img not found (apt-get install qemu-utils)")
     if not measure.rss_available():
@@ -180,7 +187,8 @@ def run(args) -> dict:
               "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                        "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
               "snapfw_version": _version("snapfw"),
-              "libvirt_version": _libvirt_version(conn), "populate_s": {"snapfw": {}, "libvirt": {}}, "rows": []}
+              "libvirt_version": _libvirt_version(conn), "populate_s": {"snapfw": {}, "libvirt": {}}, "rows": [],
+              "live": None}
     try:
         sf = domains.SnapfwDomain(root)
         if conn is not None:
@@ -220,6 +228,13 @@ def run(args) -> dict:
             result["clones"] = clones.measure_clones(root, snapfw_argv(), env, args.repeat, args.clones, conn, log)
         log(f"bench: timing --help and plugins, {args.repeat} runs each")
         result["commands"] = _measure_commands(env, args.repeat)
+        if not args.no_live:
+            if shutil.which("qemu-system-x86_64"):
+                log(f"bench: timing live snapshots of running 4-disk guests, {args.repeat} runs each")
+                result["live"] = _live_rows(live.measure_live(conn, root, snapfw_argv(), VIRSH, env, args.repeat,
+                                                              log))
+            else:
+                log("bench: warning: qemu-system-x86_64 not found: no live rows")
         if lv is not None:
             rss = domains.libvirtd_rss_mib()
             result["libvirtd_rss_mib"] = None if rss is None else round(rss, 1)
@@ -233,11 +248,28 @@ def run(args) -> dict:
             conn.close()
         shutil.rmtree(root, ignore_errors=True)
 
-    checked = [r["pass"] for r in result["rows"] if r["pass"] is not None]
+    checked = [r["pass"] for r in result["rows"] + (result["live"] or {}).get("rows", []) if r["pass"] is not None]
     result["pass"] = all(checked) if checked else None
     result["host"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["total_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _live_rows(measured: dict) -> dict:
+    """The live create series as rows against virsh's, with their targets; the deletes as measured."""
+    create, virsh = measured["create"], measured["create"].get("virsh")
+    rows = []
+    for key, what in (("virsh", "virsh snapshot-create-as --disk-only --atomic --no-metadata"),
+                      ("floor", "bare QMP transaction (stdlib client, the floor)"),
+                      ("qmp", "snapfw create, qmp driver"), ("libvirt", "snapfw create, libvirt driver")):
+        if key not in create:
+            continue
+        s = create[key]
+        ratio = _round(s["median_s"] / virsh["median_s"]) if virsh else None
+        limit = LIVE_RATIO.get(key)
+        rows.append({"operation": what, "series": s, "ratio": ratio, "max_ratio": limit,
+                     "pass": None if limit is None or ratio is None else ratio <= limit})
+    return {"rows": rows, "delete": measured["delete"]}
 
 
 def _round(x, digits=3):
@@ -315,6 +347,23 @@ def render(result) -> str:
                  _fmt(r["lvm"]["median_s"], ".3f"), _fmt(r["lvm"]["min_s"], ".3f"), _fmt(r["ratio"], ".2f")]
                 for r in result["lvm"]]
         out.append(_table(["operation", "snapfw s", "(min)", "lvm s", "(min)", "ratio"], rows))
+    if result.get("live"):
+        out += ["", f"live, running guests with {len(live.DISKS)} qcow2 disks: one disk-only atomic snapshot of all "
+                    "disks (external overlays)"]
+        rows = [[r["operation"], _fmt(r["series"]["median_s"], ".3f"), _fmt(r["series"]["min_s"], ".3f"),
+                 _fmt(r["ratio"], ".2f"), f"<= {r['max_ratio']}" if r["max_ratio"] else "",
+                 "-" if r["pass"] is None else "PASS" if r["pass"] else "FAIL",
+                 _fmt(r["series"]["peak_rss_mib"], ".1f")] for r in result["live"]["rows"]]
+        out.append(_table(["live create", "s", "(min)", "x virsh", "target", "", "MiB"], rows))
+        rows = []
+        for key, what in (("snapfw", "snapfw delete of a middle snapshot, qmp driver"),
+                          ("virsh", f"virsh blockcommit --base --wait of a middle layer, {len(live.DISKS)} disks")):
+            d = result["live"]["delete"].get(key)
+            if d:
+                rows.append([what, _fmt(d["median_s"], ".3f"), _fmt(d["min_s"], ".3f"),
+                             _fmt(sorted(d["bytes"])[len(d["bytes"]) // 2] / 2**20, ".1f"),
+                             _fmt(d["peak_rss_mib"], ".1f")])
+        out += ["", _table(["live delete", "s", "(min)", "MiB copied", "MiB"], rows)]
     if result.get("libvirtd_rss_mib") is not None:
         out.append(f"(virsh is a client: libvirtd does the work and was {result['libvirtd_rss_mib']:.1f} MiB "
                    "resident at the end, not counted above)")
@@ -326,6 +375,7 @@ def render(result) -> str:
         out.append("TARGETS not checked: needs virsh (not --snapfw-only)")
     else:
         failed = [f"{r['operation']} at {r['count']}" for r in result["rows"] if r["pass"] is False]
+        failed += [r["operation"] for r in (result["live"] or {}).get("rows", []) if r["pass"] is False]
         out.append("PASS: every row meets its target" if not failed else f"FAIL: {', '.join(failed)}")
     out.append(f"bench total: {result['total_s']:.1f} s")
     return "\n".join(out)

@@ -138,6 +138,28 @@ def main(ctx, uri, state_dir, lock_timeout, debug):
     ctx.obj = {"uri": uri, "state_dir": state_dir, "lock_timeout": lock_timeout}
 
 
+def _catalog_of(ctx, domain):
+    """The catalog holding DOMAIN's snapshots, found as cheaply as reading allows: no plugin (and no
+    lifecycle) once snapfw has noted where the connection's catalogs live. None for a domain the driver
+    knows that has no snapshots yet; UnknownDomain for one neither knows."""
+    from . import connection
+    from .catalog import Catalog
+    from .model import check_name
+
+    check_name("domain", domain)
+    o = ctx.obj
+    uri = connection.resolve_uri(o["uri"])
+    # the driver (and the plugin manager) only when snapfw has never noted where its catalogs are
+    state = connection.state_override(o["state_dir"]) or connection.known_state_dir(uri) or _session(ctx).state
+    catalog = Catalog.open(state, create=False)
+    if catalog is not None and catalog.has_domain(domain):
+        return catalog
+    from . import lifecycle
+
+    lifecycle.ensure_domain(_session(ctx), domain)
+    return None
+
+
 def _session(ctx, as_json=False):
     from .lifecycle import Session
 
@@ -328,21 +350,8 @@ def clone_delete(ctx, clone, snapshots, as_json, dry_run):
 @click.pass_context
 def list_(ctx, domain, tree, as_json):
     """List the snapshots of DOMAIN, oldest first."""
-    from . import connection
-    from .catalog import Catalog
-    from .model import check_name
-
-    check_name("domain", domain)
-    o = ctx.obj
-    uri = connection.resolve_uri(o["uri"])
-    # the driver (and the plugin manager) only when snapfw has never noted where its catalogs are
-    state = connection.state_override(o["state_dir"]) or connection.known_state_dir(uri) or _session(ctx).state
-    catalog = Catalog.open(state, create=False)
+    catalog = _catalog_of(ctx, domain)
     rows = catalog.list_rows(domain) if catalog is not None else []
-    if not rows:
-        from . import lifecycle
-
-        lifecycle.ensure_domain(_session(ctx), domain)
     states = {}
     if rows and any("host" in r.data for s in catalog.tree(domain) for r in s.disks):
         from . import lifecycle  # records of disks on the connection's host (LVs): their state is asked there
@@ -447,14 +456,18 @@ def _snapshot_dict(tree, name, files, states=None) -> dict:
 @click.pass_context
 def show(ctx, domain, name, as_json):
     """Show one snapshot: its place in the tree and each disk's files."""
-    from . import lifecycle
-    from .model import check_name
+    from .model import Tree, check_name, find_snapshot
 
     check_name("snapshot", name)
-    session = _session(ctx)
-    tree = lifecycle.snapshots(session, domain)
-    lifecycle.find_snapshot(tree, domain, name)
-    d = _snapshot_dict(tree, name, session.catalog.files(domain), lifecycle.statuses(session, domain))
+    catalog = _catalog_of(ctx, domain)
+    tree = catalog.tree(domain) if catalog is not None else Tree([])
+    find_snapshot(tree, domain, name)
+    states = {}
+    if any("host" in r.data for r in tree.by_name[name].disks):
+        from . import lifecycle  # records of disks on the connection's host (LVs): their state is asked there
+
+        states = lifecycle.statuses(_session(ctx), domain)
+    d = _snapshot_dict(tree, name, catalog.files(domain), states)
     if as_json:
         _emit(d)
         return

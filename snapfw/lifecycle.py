@@ -18,9 +18,9 @@ from .backend import LIVE_CREATE, LIVE_DELETE, MIRROR, OFFLINE_CREATE, DiskGraph
 from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
-                     UnknownDomain, UnknownSnapshot)
+                     UnknownDomain)
 from .live import LiveSnapshot, StartDomain, StopDomain
-from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
+from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name, find_snapshot
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
 from .tools import procs, qemuimg
@@ -210,12 +210,13 @@ class ImageUsers:
     the file each disk runs on, from the driver; the files the catalog records for each disk, and the
     files those read through."""
 
-    def __init__(self, driver, placements: list[tuple[str, ImageFile]], unreadable=None):
-        """``unreadable(name, error)`` is told of a domain the driver cannot read (its disks are unknown)."""
+    def __init__(self, driver, placements: list[tuple[str, ImageFile]], unreadable=None, read=None):
+        """``unreadable(name, error)`` is told of a domain the driver cannot read (its disks are unknown);
+        ``read``: name -> Domain the caller has just read from the driver, not asked for again."""
         self.uses: dict = {}
         for name in driver.list_domains():
             try:
-                domain = driver.domain(name)
+                domain = (read or {}).get(name) or driver.domain(name)
             except SnapfwError as e:
                 if unreadable is not None:
                     unreadable(name, e)
@@ -372,7 +373,8 @@ class _Operation:
         placements = s.catalog.placements()
         self.pinned = _pinned(self.name, placements)
         self.users = ImageUsers(s.driver, placements, lambda other, e: s.reporter.warn(
-            f"domain {other} cannot be read ({e}); images it runs on are not compared with {self.name}'s"))
+            f"domain {other} cannot be read ({e}); images it runs on are not compared with {self.name}'s"),
+            {self.name: self.domain})
         self.inspect = Inspector(self.domain.allowed_roots, self.files, live=self.domain.live_chains)
 
     def start(self, disks, backends: dict | None = None) -> list[DiskOp]:
@@ -733,13 +735,6 @@ def _refuse_clone_bases(catalog: Catalog, domain: str, names: list[str]):
         listed = ", ".join(sorted({f"{c['clone']} (snapshot {c['gold_snapshot']})" for c in deps}))
         raise Refused(f"linked clones of {domain} read through snapshots being deleted: {listed}; "
                       "`snapfw detach` them first")
-
-
-def find_snapshot(tree: Tree, domain: str, name: str) -> Snapshot:
-    """``name`` in ``domain``'s tree, or UnknownSnapshot."""
-    if name not in tree:
-        raise UnknownSnapshot(f"domain {domain} has no snapshot {name!r}")
-    return tree.by_name[name]
 
 
 # --- reading -----------------------------------------------------------------------------------------

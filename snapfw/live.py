@@ -25,7 +25,6 @@ offline as the backends always do, and starts it again from its definition (:cla
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from .plan import Step
@@ -80,6 +79,8 @@ class LiveSnapshot(Step):
 
 def job_id(*parts: str) -> str:
     """A block job's id, the same for the same work in every run, so recovery finds the job again."""
+    import hashlib  # here: only live merges need it, and importing it costs every command
+
     return "snapfw-" + hashlib.sha256("\0".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from .errors import BadInput
+from .errors import BadInput, UnknownSnapshot
 
 MAX_NAME_BYTES = 255
 FORMATS = ("qcow2", "raw")
@@ -170,3 +170,10 @@ class Tree:
             out.append(n)
             queue.extend(self.by_name[n].children)
         return out
+
+
+def find_snapshot(tree: Tree, domain: str, name: str) -> Snapshot:
+    """``name`` in ``domain``'s tree, or UnknownSnapshot."""
+    if name not in tree:
+        raise UnknownSnapshot(f"domain {domain} has no snapshot {name!r}")
+    return tree.by_name[name]

@@ -14,6 +14,9 @@ from .errors import PluginError
 BUILTIN = ("snapfw_images", "snapfw_qcow2", "snapfw_external", "snapfw_qmp", "snapfw_libvirt", "snapfw_lvm")
 ENTRY_POINT_GROUP = "snapfw"
 DISABLE_ENV = "SNAPFW_DISABLE_PLUGINS"
+# scans kept in one cache file, one per key: the working directories `python -m snapfw` runs in (it puts
+# them first on sys.path), which would otherwise evict each other
+CACHED_SCANS = 8
 
 _versions: dict[str, str] = {}  # plugin name -> version of the distribution that installed it
 
@@ -51,22 +54,26 @@ def entry_points() -> list[tuple[str, str, str | None]]:
     key = _installed()
     cache = _cache_name()
     cached = connection.read_cache(cache)
-    if isinstance(cached, dict) and cached.get("key") == key:
-        return [tuple(ep) for ep in cached["entry_points"]]
-    from importlib.metadata import entry_points as scan
+    scans = cached.get("scans") if isinstance(cached, dict) else None
+    scans = [s for s in scans if isinstance(s, dict)] if isinstance(scans, list) else []
+    for scan in scans:
+        if scan.get("key") == key and isinstance(scan.get("entry_points"), list):
+            return [tuple(ep) for ep in scan["entry_points"]]
+    from importlib.metadata import entry_points as scan_group
 
     found = [(ep.name, ep.value, ep.dist.version if ep.dist is not None else None)
-             for ep in scan(group=ENTRY_POINT_GROUP)]
-    connection.write_cache(cache, {"key": key, "entry_points": found})
+             for ep in scan_group(group=ENTRY_POINT_GROUP)]
+    connection.write_cache(cache, {"scans": [{"key": key, "entry_points": found}, *scans][:CACHED_SCANS]})
     return found
 
 
 def _cache_name() -> str:
-    """The entry-point cache's file in connection.cache_home(), one per interpreter and path: snapfw run
-    from two venvs (or PYTHONPATHs) at once would otherwise replace each other's and scan every time."""
+    """The entry-point cache's file in connection.cache_home(), one per interpreter and path (but the
+    working directory): snapfw run from two venvs (or PYTHONPATHs) at once would otherwise replace each
+    other's scans and scan every time."""
     import zlib
 
-    where = "\0".join([sys.executable, *sys.path]).encode("utf-8", "surrogateescape")
+    where = "\0".join([sys.executable, *sys.path[1:]]).encode("utf-8", "surrogateescape")
     return f"entry-points-{zlib.crc32(where):08x}.json"
 
 

@@ -7,7 +7,6 @@ Every step is idempotent and its undo tolerates a partial or missing ``do``, bec
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ def _delete_tag(path: str, tag: str):
 def work_name(path: str) -> str:
     """A hidden name ``.<name>.<token>.tmp`` next to ``path`` to write it under, drawn when a plan is made."""
     folder, name = os.path.split(path)
-    token = secrets.token_hex(6)  # within NAME_MAX
+    token = os.urandom(6).hex()  # secrets.token_hex's bytes, without importing it; within NAME_MAX
     return os.path.join(folder, f".{fit_file_name(name, 255 - 18)}.{token}.tmp")
 
 

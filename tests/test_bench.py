@@ -23,13 +23,13 @@ def _series(s, runs):
 def test_bench_snapfw_only_json():
     require("qemu-img")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFW_")}
-    r = subprocess.run([sys.executable, "-m", "bench", "--snapfw-only", "--counts", "5", "--repeat", "1",
+    r = subprocess.run([sys.executable, "-m", "bench", "--snapfw-only", "--no-live", "--counts", "5", "--repeat", "1",
                         "--clones", "2", "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["snapfw_only"] is True and out["counts"] == [5] and out["repeat"] == 1
-    assert out["libvirt_version"] is None and out["populate_s"]["libvirt"] == {}
+    assert out["libvirt_version"] is None and out["populate_s"]["libvirt"] == {} and out["live"] is None
 
     rows = {r["operation"]: r for r in out["rows"]}
     assert list(rows) == ["list", "show", "create", "revert", "delete"]
@@ -53,3 +53,23 @@ def test_bench_snapfw_only_json():
         _series(c["snapfw"], 1)
         assert c["import_s"] > 0
     assert out["pass"] is None and out["total_s"] > 0
+
+
+def test_bench_live_rows_without_libvirt():
+    """The live rows on bare QEMUs alone: snapfw's qmp driver and the floor (qmp_floor.py) each snapshot a
+    running 4-disk guest; snapfw deletes a middle snapshot and reports the bytes it copied."""
+    require("qemu-img"), require("qemu-system-x86_64")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFW_")}
+    r = subprocess.run([sys.executable, "-m", "bench", "--snapfw-only", "--counts", "2", "--repeat", "1", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    live = json.loads(r.stdout)["live"]
+    rows = {row["operation"]: row for row in live["rows"]}
+    assert list(rows) == ["bare QMP transaction (stdlib client, the floor)", "snapfw create, qmp driver"]
+    for row in rows.values():
+        _series(row["series"], 1)
+        assert row["ratio"] is None and row["pass"] is None
+    assert rows["snapfw create, qmp driver"]["max_ratio"] == 1.0
+    delete = live["delete"]["snapfw"]
+    assert delete["argv"][-4] == "delete" and len(delete["bytes"]) == 1 and delete["bytes"][0] >= 0
+    assert "virsh" not in live["delete"]

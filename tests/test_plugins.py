@@ -270,9 +270,9 @@ def test_entry_points_found_once_are_found_again_after_pip_changes_the_site(env,
         (info / "entry_points.txt").write_text("[snapfw]\ndemo = testplugin_demo\n")
         return info
 
-    def demo_version(*python_args):
+    def demo_version(*python_args, cwd=None):
         r = subprocess.run([sys.executable, *python_args, "-m", "snapfw", "plugins", "--json"], capture_output=True,
-                           text=True, env={**os.environ, **plugin_env(str(root), "demo")})
+                           text=True, env={**os.environ, **plugin_env(str(root), "demo")}, cwd=cwd)
         assert r.returncode == 0, r.stderr
         return {row["name"]: row["version"] for row in json.loads(r.stdout)}.get("demo"), r.stderr
 
@@ -280,6 +280,11 @@ def test_entry_points_found_once_are_found_again_after_pip_changes_the_site(env,
     old = install("1.0")
     assert demo_version()[0] == "1.0"
     version, imports = demo_version("-X", "importtime")
+    assert version == "1.0" and "importlib.metadata" not in {ln.split("|")[-1].strip() for ln in imports.splitlines()}
+    elsewhere = tmp_path / "elsewhere"  # `python -m` there: another sys.path[0], so another key, scanned once
+    elsewhere.mkdir()
+    assert demo_version(cwd=elsewhere)[0] == "1.0"
+    version, imports = demo_version("-X", "importtime")  # and the first key's scan is still cached
     assert version == "1.0" and "importlib.metadata" not in {ln.split("|")[-1].strip() for ln in imports.splitlines()}
     for f in old.iterdir():  # pip's upgrade: the old dist-info goes, the new one comes
         f.unlink()

@@ -20,8 +20,6 @@ import errno
 import os
 import stat
 
-import yaml
-
 from snapfw.api import (
     FORMATS,
     BadInput,
@@ -36,11 +34,6 @@ from snapfw.api import (
     hookimpl,
     uri_path,
 )
-
-# libyaml's safe loader when PyYAML has it: every change reads every domain file of the directory (the
-# sharing check), ~2 ms each with the pure-Python one; it refuses the same tags
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
 
 class ImagesDriver(HypervisorDriver):
     scheme = "images"
@@ -62,10 +55,14 @@ class ImagesDriver(HypervisorDriver):
         return sorted(n[:-5] for n in names if n.endswith(".yaml") and not n.startswith("."))
 
     def _load(self, name: str) -> dict:
+        import yaml  # here: every command loads this plugin, only this driver reads YAML
+
         path = self._file(name)
         try:
             with open(path, encoding="utf-8") as f:
-                data = yaml.load(f, Loader=_SAFE_LOADER)
+                # libyaml's safe loader when PyYAML has it: every change reads every domain file of the
+                # directory (the sharing check), ~2 ms each with the pure-Python one; it refuses the same tags
+                data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except FileNotFoundError:
             raise UnknownDomain(f"no domain {name!r} (no {path})") from None
         except OSError as e:
@@ -125,6 +122,8 @@ class ImagesDriver(HypervisorDriver):
         runs a define a crash cut short again. A file that already says what is asked is left as it is:
         undoing a define that failed on a full disk must not need the room it did not get.
         """
+        import yaml
+
         name = domain["name"]
         data = self._load(name)
         old = copy.deepcopy(data)
@@ -158,6 +157,8 @@ class ImagesDriver(HypervisorDriver):
     def define_clone(self, source: str, clone: dict) -> None:
         """Write ``DIR/<clone>.yaml``: the source's file with the clone's disks, under a hidden name first,
         then linked into place (a link never replaces a file; the name was free when the plan was made)."""
+        import yaml
+
         data = self._load(source)
         # the clone reads through the source's images: their directories are allowed roots of the clone too
         roots = [os.path.join(self.dir, r) for r in data.get("allowed_roots", [])]

@@ -24,7 +24,6 @@ definition.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -58,6 +57,8 @@ def lv_name(origin: str, snapshot: str, suffix: str = "") -> str:
     slug = re.sub(r"[^A-Za-z0-9+.-]", "-", snapshot)
     room = lvm.MAX_NAME - len(origin) - 1 - len(suffix)
     if slug != snapshot or len(slug) > room:
+        import hashlib  # here: every command loads this plugin, few need a digest
+
         digest = hashlib.sha256(snapshot.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         slug = slug[:room - 9] + "." + digest
     return f"{origin}.{slug}{suffix}"

@@ -26,7 +26,6 @@ refused before anything changes. While QEMU is down, the domain is read from the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -76,6 +75,8 @@ CHAIN_KEYS = ("filename", "format", "backing-filename", "full-backing-filename",
 
 def _node_name(overlay: str, prefix: str) -> str:
     """A QEMU node or job name for an overlay, stable across runs (recovery finds it again), <= 31 bytes."""
+    import hashlib  # here: every command loads this plugin, few name an overlay
+
     return f"{prefix}-{hashlib.sha256(os.fsencode(overlay)).hexdigest()[:20]}"
 
 
@@ -182,6 +183,7 @@ class QMPDriver(HypervisorDriver):
         self.socket = os.path.normpath(rest)
         self.spec_path = self.socket + SPEC_SUFFIX
         self._qmp: QMP | None = None
+        self._named: tuple[QMP, str] | None = None  # (connection, the -name QEMU gave on it)
 
     @property
     def qmp(self) -> QMP:
@@ -191,10 +193,14 @@ class QMPDriver(HypervisorDriver):
         return self._qmp
 
     def _name(self) -> str:
-        name = self.qmp.execute("query-name").get("name")
-        if not name:
-            raise NotSupported(f"the QEMU at {self.socket} has no -name; snapfw names domains by it")
-        return name
+        """QEMU's -name, asked once per connection: the QEMU at the other end cannot change it."""
+        qmp = self.qmp
+        if self._named is None or self._named[0] is not qmp:
+            name = qmp.execute("query-name").get("name")
+            if not name:
+                raise NotSupported(f"the QEMU at {self.socket} has no -name; snapfw names domains by it")
+            self._named = (qmp, name)
+        return self._named[1]
 
     def _check(self, name: str):
         actual = self._name()

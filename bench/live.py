@@ -1,0 +1,195 @@
+"""Live rows: a running 4-disk guest, snapshotted disk-only and atomically, then a middle snapshot merged away.
+
+Four guests, each with four 16 MiB qcow2 disks and no OS (firmware only, as the tests run them), so that no
+tool ever finds a chain another tool changed: a bare QEMU for ``snapfw --connect qmp://``, a bare QEMU for
+the floor (``qmp_floor.py``: one QMP ``transaction`` from a tiny stdlib client), a libvirt domain for
+``snapfw --connect qemu:///system`` and one for ``virsh snapshot-create-as --disk-only --atomic
+--no-metadata``. Before each round 1 MiB of a new pattern goes into every disk of the snapfw-qmp and the
+virsh guests (HMP ``qemu-io``, as a guest would write), so each layer holds data a merge must copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from . import domains, measure
+
+DISKS = ("vda", "vdb", "vdc", "vdd")
+MIB = 1 << 20
+FLOOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qmp_floor.py")
+
+
+def _disk_flags() -> list[str]:
+    return [a for t in DISKS for a in ("--disk", f"{t}=external")]
+
+
+class Qemu:
+    """``qemu-system-x86_64 -name NAME -daemonize`` with the four disks as -blockdev, a QMP socket."""
+
+    def __init__(self, root: str, name: str):
+        self.dir = os.path.join(root, name)
+        os.makedirs(self.dir)
+        self.name = name
+        self.sock = os.path.join(self.dir, "qmp.sock")
+        self.pidfile = os.path.join(self.dir, "qemu.pid")
+        argv = ["qemu-system-x86_64", "-machine", "q35,accel=kvm:tcg", "-m", "64", "-nodefaults", "-display",
+                "none", "-qmp", f"unix:{self.sock},server=on,wait=off", "-name", name, "-daemonize",
+                "-pidfile", self.pidfile]
+        for i, target in enumerate(DISKS):
+            path = os.path.join(self.dir, f"{target}.qcow2")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"], check=True)
+            argv += ["-blockdev", f"driver=file,filename={path},node-name=file{i}",
+                     "-blockdev", f"driver=qcow2,file=file{i},node-name=disk{i}",
+                     "-device", f"virtio-blk-pci,drive=disk{i},id={target}"]
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+        with open(self.pidfile) as f:
+            self.pid = int(f.read())
+
+    def qmp(self, command: str, args: dict | None = None):
+        from snapfw.tools.qmp import QMP
+
+        with QMP(self.sock) as q:
+            return q.execute(command, args)
+
+    def write(self, byte: int, offset: int):
+        for target in DISKS:
+            cmd = f'qemu-io -d /machine/peripheral/{target}/virtio-backend "write -P {byte:#x} {offset} {MIB}"'
+            self.qmp("human-monitor-command", {"command-line": cmd})
+
+    def stop(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class LibvirtGuest:
+    """A persistent libvirt domain with the four disks, running (QEMU runs as root, no relabelling)."""
+
+    def __init__(self, conn, root: str, suffix: str):
+        self.name = f"{domains.NAME_PREFIX}{os.getpid()}-{suffix}"
+        self.dir = os.path.join(root, suffix)
+        os.makedirs(self.dir)
+        disks = ""
+        for target in DISKS:
+            path = os.path.join(self.dir, f"{target}.qcow2")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"], check=True)
+            disks += (f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{path}'/>"
+                      f"<target dev='{target}' bus='virtio'/></disk>")
+        kind = "kvm" if os.path.exists("/dev/kvm") else "qemu"
+        self.dom = conn.defineXML(
+            f"<domain type='{kind}'><name>{self.name}</name><memory unit='MiB'>64</memory>"
+            "<os><type arch='x86_64' machine='q35'>hvm</type></os>"
+            "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>"
+            f"<devices>{disks}</devices></domain>")
+        self.dom.create()
+
+    def write(self, byte: int, offset: int):
+        import libvirt_qemu
+
+        for i, target in enumerate(DISKS):
+            cmd = f'qemu-io -d /machine/peripheral/virtio-disk{i}/virtio-backend "write -P {byte:#x} {offset} {MIB}"'
+            libvirt_qemu.qemuMonitorCommand(self.dom, cmd, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+    def chain(self, target: str) -> list[str]:
+        """The files of disk ``target``, active first: the active one from the live XML, the rest from the
+        image headers."""
+        import xml.etree.ElementTree as ET
+
+        xml = ET.fromstring(self.dom.XMLDesc(0))
+        disk = next(d for d in xml.findall("devices/disk") if d.find("target").get("dev") == target)
+        out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", "-f", "qcow2",
+                              disk.find("source").get("file")], check=True, capture_output=True, text=True).stdout
+        return [node["filename"] for node in json.loads(out)]
+
+    def remove(self):
+        import libvirt
+
+        if self.dom.isActive():
+            self.dom.destroy()
+        self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+
+
+def _allocated(path: str) -> int:
+    """Bytes ``path`` itself holds (what committing it into its backing file copies)."""
+    out = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2", path], check=True,
+                         capture_output=True, text=True).stdout
+    return sum(e["length"] for e in json.loads(out) if e["depth"] == 0 and e["data"])
+
+
+def measure_live(conn, root: str, snapfw: list[str], virsh: list[str], env: dict, repeat: int, log) -> dict:
+    """Create rounds on all four guests (interleaved, the first untimed), then ``repeat`` live deletes of a
+    middle snapshot: snapfw's (qmp driver) against ``virsh blockcommit`` of a middle layer of each disk."""
+    state = os.path.join(root, "live-state")  # snapfw's catalog for these guests stays in the temp dir
+    series = {k: measure.Series([]) for k in ("virsh", "floor", "qmp", "libvirt")}
+    q_snapfw = q_floor = lv_snapfw = lv_virsh = None
+    try:
+        q_snapfw, q_floor = Qemu(root, f"{domains.NAME_PREFIX}{os.getpid()}-q"), Qemu(root, f"{domains.NAME_PREFIX}{os.getpid()}-f")
+        if conn is not None:
+            lv_snapfw, lv_virsh = LibvirtGuest(conn, root, "lvs"), LibvirtGuest(conn, root, "lvv")
+        for rnd in range(repeat + 1 + repeat):  # enough snapshots for `repeat` deletes of a middle one
+            name = f"l{rnd}"
+            q_snapfw.write(rnd + 1, rnd * MIB % (15 * MIB))
+            runs = {"qmp": snapfw + ["--connect", f"qmp://{q_snapfw.sock}", "--state-dir", state, "create",
+                                     q_snapfw.name, name, *_disk_flags()],
+                    "floor": [sys.executable, FLOOR, q_floor.sock, name]}
+            if lv_virsh is not None:
+                lv_virsh.write(rnd + 1, rnd * MIB % (15 * MIB))
+                runs["libvirt"] = snapfw + ["--connect", domains.LIBVIRT_URI, "--state-dir", state, "create",
+                                            lv_snapfw.name, name, *_disk_flags()]
+                runs["virsh"] = virsh + ["snapshot-create-as", "--domain", lv_virsh.name, "--name", name,
+                                         "--disk-only", "--atomic", "--no-metadata"]
+            for key, argv in runs.items():
+                sample, _ = measure.run(argv, env=env)
+                series[key].argv = argv
+                if 0 < rnd <= repeat:
+                    series[key].samples.append(sample)
+        log(f"bench: timing {repeat} live deletes of a middle snapshot")
+        deletes = _measure_deletes(q_snapfw, lv_virsh, snapfw, virsh, state, env, repeat)
+    finally:
+        for guest in (q_snapfw, q_floor):
+            if guest is not None:
+                guest.stop()
+        for guest in (lv_snapfw, lv_virsh):
+            if guest is not None:
+                try:
+                    guest.remove()
+                except Exception as e:  # report, never hide the real error
+                    log(f"bench: warning: could not remove {guest.name}: {e}")
+    return {"create": {k: s.as_dict() for k, s in series.items() if s.samples}, "delete": deletes}
+
+
+def _measure_deletes(q, lv, snapfw, virsh, state, env, repeat) -> dict:
+    """Each round: snapfw deletes the middle one of the snapshots left (it picks commit or stream and
+    reports the bytes it copies); virsh commits the middle layer of each disk's chain into its backing file."""
+    sf, vs = measure.Series([]), measure.Series([])
+    sf_bytes, vs_bytes = [], []
+    base = snapfw + ["--connect", f"qmp://{q.sock}", "--state-dir", state]
+    for _ in range(repeat):
+        names = [s["name"] for s in json.loads(measure.run(base + ["list", q.name, "--json"], env=env,
+                                                           capture=True)[1])]
+        sf.argv = base + ["delete", q.name, names[len(names) // 2], "--json"]
+        sample, out = measure.run(sf.argv, env=env, capture=True)
+        sf.samples.append(sample)
+        sf_bytes.append(json.loads(out)["plan"]["bytes_to_copy"])
+        if lv is None:
+            continue
+        script, copied = [], 0
+        for target in DISKS:
+            chain = lv.chain(target)
+            top, below = chain[len(chain) // 2], chain[len(chain) // 2 + 1]  # virsh's default base: the bottom
+            copied += _allocated(top)
+            script.append(" ".join(virsh + ["blockcommit", lv.name, target, "--top", top, "--base", below,
+                                            "--wait"]))
+        vs.argv = ["sh", "-c", "set -e; " + "; ".join(script)]
+        sample, _ = measure.run(vs.argv, env=None)
+        vs.samples.append(sample)
+        vs_bytes.append(copied)
+    out = {"snapfw": {**sf.as_dict(), "bytes": sf_bytes}}
+    if vs.samples:
+        out["virsh"] = {**vs.as_dict(), "bytes": vs_bytes}
+    return out
