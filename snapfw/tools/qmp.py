@@ -168,16 +168,19 @@ class QMP:
                 return reply["return"]
 
     def quit(self, timeout: float = COMMAND_TIMEOUT) -> None:
-        """Quit QEMU and wait until it has closed the monitor, which it does only after closing every
-        image (so their locks are released); then close this session."""
+        """Quit QEMU and wait until it has exited: it closes the monitor only after closing every image
+        (so their locks are released), and its listening socket only as its process ends (until then a
+        new connection is taken, then dropped). Then close this session."""
         deadline = time.monotonic() + timeout
+        pid = self.peer_pid()
         try:
             self.execute("quit")
             while self._read(deadline) is not None:
                 pass
             raise ToolError(f"QEMU at {self.path} did not exit within {timeout:g} s of quit", ["qmp", "quit"])
         except _Closed:
-            pass
+            while pid is not None and _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
         finally:
             self.close()
 
@@ -222,3 +225,12 @@ class QMP:
                 raise ToolError(f"block job {job_id} did not finish by its deadline (status {status})", ["qmp"])
             self.events.clear()
             self.wait_events(min(0.1, left))
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` has not exited (a zombie has: it holds no socket any more)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
