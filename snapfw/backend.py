@@ -87,6 +87,10 @@ class DiskOp:
         self.define_after_finish = False  # the active file changes only once finish steps have run
         # a running domain: the backend appends live actions (snapfw.live) here instead of prepare steps
         self.live: list[dict] = []
+        # create: the steps that take this disk's snapshot on the host (not the hypervisor's action); on a
+        # running domain they run inside the plan window (the guest paused), after the driver's
+        # transaction; offline, after every disk's prepare steps
+        self.window: list = []
 
     def new_image_path(self, label: str, suffix: str = ".qcow2", folder: str | None = None) -> str:
         """A free name ``<domain>-<target>.<label>[.N]<suffix>``, in ``folder`` or next to the disk's base
@@ -95,7 +99,7 @@ class DiskOp:
             folder = os.path.dirname(min(self.graph.files, key=len, default=self.disk.path))
         # room for `.NNNN<suffix>` within NAME_MAX
         stem = fit_file_name(f"{self.domain.name}-{self.disk.target}.{label}", 250 - len(os.fsencode(suffix)))
-        taken = set(self.graph.files) | {s.path for s in self.prepare if hasattr(s, "path")}
+        taken = set(self.graph.files) | {s.path for s in self.prepare + self.window if hasattr(s, "path")}
         for n in range(0, 10000):
             path = os.path.join(folder, f"{stem}{'' if n == 0 else f'.{n}'}{suffix}")
             if path not in taken and not os.path.lexists(path):
@@ -198,10 +202,12 @@ class HypervisorDriver:
     def start(self, name: str) -> None:
         raise NotSupported(f"driver {self.scheme} cannot start domains")
 
-    def pause(self, domain: Domain) -> None:
+    def pause(self, domain: str) -> None:
+        """Pause running ``domain`` (its disks drained and flushed) for a plan window."""
         raise NotSupported(f"driver {self.scheme} cannot pause domains")
 
-    def resume(self, domain: Domain) -> None:
+    def resume(self, domain: str) -> None:
+        """Let ``domain`` run again if it is paused; idempotent (a plan's undo and ``check --repair`` call it)."""
         raise NotSupported(f"driver {self.scheme} cannot resume domains")
 
     def restart_problem(self, domain: Domain) -> str | None:

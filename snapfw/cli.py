@@ -387,6 +387,10 @@ def show(ctx, domain, name, as_json):
     click.echo(f"Name:         {d['name']}\nDomain:       {domain}\nCreated:      {_local(tree.by_name[name].created)}\n"
                f"Parent:       {d['parent'] or '-'}\nChildren:     {', '.join(d['children']) or '-'}\n"
                f"Current:      {'yes' if d['current'] else 'no'}\nDescription:  {d['description'] or '-'}")
+    held = d["config"].get("window")
+    if held is not None:  # taken from a running guest
+        paused = held.get("paused_seconds")
+        click.echo(f"Paused:       {'no' if paused is None else f'yes, {paused:.3f} s'}")
     for disk in d["disks"]:
         tag = f" tag {disk['tag']}" if "tag" in disk else ""
         click.echo(f"Disk {disk['target']}:     {disk['backend']}{tag}: {' <- '.join(disk['files'])}")

@@ -19,7 +19,7 @@ from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
                      UnknownSnapshot)
-from .live import LiveSnapshot, StartDomain, StopDomain
+from .live import LiveSnapshot, StartDomain, StopDomain, held, window
 from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
@@ -431,8 +431,11 @@ class _Operation:
             plan.notes += op.notes
             collect += _collect(op.graph, plan.notes, frozenset(self.domain.live_chains))
         live = [a for op in self.ops for a in op.live]
-        if live:  # every disk's live action in one atomic step, after the disks' own preparations
-            plan.prepare.append(LiveSnapshot(self.name, live))
+        hosted = [s for op in self.ops for s in op.window]
+        # every disk's live action in one atomic step, after the disks' own preparations; with host steps
+        # of other disks, all of it paused at one instant
+        plan.prepare += window(self.name, ([LiveSnapshot(self.name, live)] if live else []) + hosted,
+                               pause=bool(hosted) and self.domain.state == RUNNING)
         old = {"name": self.domain.name, "disks": [d.as_dict() for d in self.domain.disks]}
         new = {"name": self.domain.name, "disks": [dict(d) for d in old["disks"]]}
         for op in self.ops:
@@ -540,6 +543,8 @@ def create(session: Session, domain: str, name: str, description: str = "",
         snap = Snapshot(name, o.tree.current, time.time(), description, True, records, o.domain.config())
         disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
         plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
+        if o.domain.running:  # how the guest was held, measured while the plan runs (before this change)
+            plan.changes.append(lambda ch: snap.config.update(window=held(plan.prepare)))
         plan.changes += [lambda ch: ch.add_snapshot(o.name, snap), lambda ch: ch.set_current(o.name, name)]
         h = plugins.hook()
         return o.run(plan, dry_run, lambda: h.snapfw_pre_snapshot(domain=o.domain, name=name),

@@ -16,6 +16,12 @@ them (rule 1), so a backend appends :class:`LiveCommit` / :class:`LiveStream` fi
 the driver runs each as a block job of the hypervisor. A job outlives snapfw: its id is fixed by the step
 (journaled before it starts), so ``check --repair`` re-attaches to it instead of starting it again.
 
+A disk whose snapshot is a host step rather than the hypervisor's (a btrfs subvolume, an LVM volume)
+appends that step to ``op.window``: the core then runs the transaction and those steps inside a *plan
+window* (:func:`window`) that pauses the guest (:class:`Pause` ... :class:`Resume`), so every disk is
+taken at one instant; the executor resumes the guest first whatever fails, and ``check --repair`` after a
+crash. Later holds (a guest-agent freeze, a memory image) join the same window.
+
 Reverting a running domain stops it (:class:`StopDomain`, undone by starting it again), reverts the disks
 offline as the backends always do, and starts it again from its definition (:class:`StartDomain`).
 """
@@ -47,6 +53,62 @@ def describe_action(a: dict) -> str:
     if a["kind"] == INTERNAL:
         return f"{a['target']}: internal snapshot {a['tag']!r} in {a['file']}"
     return f"{a['target']}: freeze {a['file']}, new overlay {a['overlay']}"
+
+
+# the longest a plan window may keep a guest paused: a step that would start later fails, and the
+# snapshot is undone with the guest running again
+PAUSE_SECONDS = 30.0
+
+
+@dataclass
+class Pause(Step):
+    """Open a pause window on running ``domain``: its vCPUs stop (QEMU drains and flushes every disk first),
+    so host steps of disks that are not the hypervisor's see every disk at the same instant. Undo resumes it
+    (only while paused: idempotent); the executor runs that first whenever the plan fails."""
+
+    domain: str
+    seconds: float = PAUSE_SECONDS
+    holds = True
+
+    def do(self, ctx):
+        ctx.driver.pause(self.domain)
+
+    def undo(self, ctx):
+        ctx.driver.resume(self.domain)
+
+    def describe(self):
+        return f"pause {self.domain} (at most {self.seconds:g} s)"
+
+
+@dataclass
+class Resume(Step):
+    """Close the pause window: ``domain`` runs again. Nothing to undo (the pause's undo resumes)."""
+
+    domain: str
+    releases = True
+
+    def do(self, ctx):
+        ctx.driver.resume(self.domain)
+
+    def undo(self, ctx):
+        pass
+
+    def describe(self):
+        return f"resume {self.domain}"
+
+
+def window(domain: str, steps: list, pause: bool) -> list:
+    """``steps`` (the transaction, host snapshot steps) as the plan window of running ``domain``: between
+    :class:`Pause` and :class:`Resume` if ``pause`` (some disk is not the hypervisor's: its host step and
+    the transaction must see one instant; a guest already paused stays so and needs none)."""
+    return [Pause(domain), *steps, Resume(domain)] if pause else list(steps)
+
+
+def held(steps: list) -> dict:
+    """What the plan window of ``steps`` did, once they ran, for the snapshot's record: how long the guest
+    was paused (seconds, or None if it was not)."""
+    pause = next((s for s in steps if isinstance(s, Pause)), None)
+    return {"paused_seconds": pause.held_seconds if pause else None}
 
 
 @dataclass

@@ -315,6 +315,17 @@ class QMPDriver(HypervisorDriver):
         if not paused and self.qmp.execute("query-status").get("status") == "prelaunch":
             self.qmp.execute("cont")
 
+    # --- the plan window ---------------------------------------------------------------------------------
+    def pause(self, domain: str) -> None:
+        """QMP ``stop``: QEMU drains and flushes every disk before it returns."""
+        self._check(domain)
+        self.qmp.execute("stop")
+
+    def resume(self, domain: str) -> None:
+        self._check(domain)
+        if self.qmp.execute("query-status").get("status") == "paused":
+            self.qmp.execute("cont")
+
     # --- live snapshots --------------------------------------------------------------------------------
     def live_snapshot(self, domain: str, actions: list[dict]) -> None:
         self._check(domain)
