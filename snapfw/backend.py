@@ -210,6 +210,19 @@ class HypervisorDriver:
         """Let ``domain`` run again if it is paused; idempotent (a plan's undo and ``check --repair`` call it)."""
         raise NotSupported(f"driver {self.scheme} cannot resume domains")
 
+    def agent_problem(self, domain: str, seconds: float) -> str | None:
+        """Why the guest agent of running ``domain`` cannot freeze its filesystems now (none, silent for
+        ``seconds``, frozen already), or None if it can: asked before any change, for ``--quiesce``."""
+        return f"driver {self.scheme} cannot freeze guest filesystems"
+
+    def freeze(self, domain: str, seconds: float) -> int:
+        """Freeze the guest's filesystems through its agent within ``seconds``; how many it froze."""
+        raise NotSupported(f"driver {self.scheme} cannot freeze guest filesystems")
+
+    def thaw(self, domain: str, seconds: float) -> None:
+        """Thaw the guest's filesystems if frozen (idempotent), within ``seconds``."""
+        raise NotSupported(f"driver {self.scheme} cannot thaw guest filesystems")
+
     def restart_problem(self, domain: Domain) -> str | None:
         """Why snapfw cannot stop ``domain`` and start it again from its definition (a live revert does,
         and so does its rollback), or None if it can."""

@@ -177,10 +177,13 @@ dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan (c
 @click.option("--description", default="", help="Free text kept with the snapshot.")
 @click.option("--disk", "disks", multiple=True, metavar="TARGET=BACKEND",
               help="Backend for one disk, e.g. vda=external (repeatable).")
+@click.option("--quiesce", is_flag=False, flag_value="yes", default=None, type=click.Choice(["yes", "try"]),
+              help="Freeze the running guest's filesystems (guest agent) around the snapshot; refuse if that "
+                   "cannot be done, or with --quiesce=try take it crash-consistent and record why.")
 @json_option
 @dry_run_option
 @click.pass_context
-def create(ctx, domain, name, description, disks, as_json, dry_run):
+def create(ctx, domain, name, description, disks, quiesce, as_json, dry_run):
     """Snapshot every disk of DOMAIN as NAME."""
     from . import lifecycle
 
@@ -192,7 +195,7 @@ def create(ctx, domain, name, description, disks, as_json, dry_run):
         if target in backends:
             raise BadInput(f"--disk names {target} twice")
         backends[target] = backend
-    plan = lifecycle.create(_session(ctx, as_json), domain, name, description, backends, dry_run)
+    plan = lifecycle.create(_session(ctx, as_json), domain, name, description, backends, dry_run, quiesce)
     _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "create"})
     if not dry_run and not as_json:
         click.echo(f"Snapshot {name} of {domain} created.")
@@ -389,8 +392,14 @@ def show(ctx, domain, name, as_json):
                f"Current:      {'yes' if d['current'] else 'no'}\nDescription:  {d['description'] or '-'}")
     held = d["config"].get("window")
     if held is not None:  # taken from a running guest
-        paused = held.get("paused_seconds")
+        paused, frozen = held.get("paused_seconds"), held.get("frozen_seconds")
         click.echo(f"Paused:       {'no' if paused is None else f'yes, {paused:.3f} s'}")
+        if held.get("quiesced"):
+            quiesced = f"yes, {held.get('frozen_filesystems')} filesystem(s) frozen for {frozen:.3f} s"
+        else:
+            why = held.get("quiesce_problem")
+            quiesced = f"no, crash-consistent ({why})" if why else "no, crash-consistent"
+        click.echo(f"Quiesced:     {quiesced}")
     for disk in d["disks"]:
         tag = f" tag {disk['tag']}" if "tag" in disk else ""
         click.echo(f"Disk {disk['target']}:     {disk['backend']}{tag}: {' <- '.join(disk['files'])}")

@@ -19,7 +19,7 @@ from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
                      UnknownSnapshot)
-from .live import LiveSnapshot, StartDomain, StopDomain, held, window
+from .live import AGENT_SECONDS, LiveSnapshot, StartDomain, StopDomain, held, window
 from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
@@ -352,6 +352,7 @@ class _Operation:
         self.s = session
         self.name = check_name("domain", domain)
         self.operation = operation
+        self.quiesce = False  # create: freeze the guest's filesystems around the snapshot
 
     def load(self):
         s = self.s
@@ -435,7 +436,7 @@ class _Operation:
         # every disk's live action in one atomic step, after the disks' own preparations; with host steps
         # of other disks, all of it paused at one instant
         plan.prepare += window(self.name, ([LiveSnapshot(self.name, live)] if live else []) + hosted,
-                               pause=bool(hosted) and self.domain.state == RUNNING)
+                               pause=bool(hosted) and self.domain.state == RUNNING, freeze=self.quiesce)
         old = {"name": self.domain.name, "disks": [d.as_dict() for d in self.domain.disks]}
         new = {"name": self.domain.name, "disks": [dict(d) for d in old["disks"]]}
         for op in self.ops:
@@ -519,11 +520,18 @@ def _store_graph(domain: str, before: DiskGraph, after: DiskGraph, changes):
             changes.set_record(domain, name, after.target, data)
 
 
+QUIESCE, QUIESCE_TRY = "yes", "try"
+
+
 def create(session: Session, domain: str, name: str, description: str = "",
-           backends: dict[str, str] | None = None, dry_run: bool = False) -> Plan:
-    """Snapshot every disk of ``domain`` as ``name``, a child of the current snapshot."""
+           backends: dict[str, str] | None = None, dry_run: bool = False, quiesce: str | None = None) -> Plan:
+    """Snapshot every disk of ``domain`` as ``name``, a child of the current snapshot. ``quiesce``
+    (a running domain): freeze its filesystems through its guest agent around the snapshot; QUIESCE
+    refuses before any change if that cannot be done, QUIESCE_TRY then takes it crash-consistent."""
     o = _Operation(session, domain, "create")
     check_name("snapshot", name)
+    if quiesce not in (None, QUIESCE, QUIESCE_TRY):
+        raise BadInput(f"invalid --quiesce {quiesce!r}: expected {QUIESCE} or {QUIESCE_TRY}")
     backends = dict(backends or {})
     for target, b in backends.items():
         check_name("disk target", target)
@@ -540,16 +548,35 @@ def create(session: Session, domain: str, name: str, description: str = "",
                               chosen[op.disk.target].create(op, name)) for op in ops]
         for op, r in zip(ops, records):
             op.graph.records[name] = r.data
+        problem = _quiesce_problem(session, o, quiesce)
         snap = Snapshot(name, o.tree.current, time.time(), description, True, records, o.domain.config())
         disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
         plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
         if o.domain.running:  # how the guest was held, measured while the plan runs (before this change)
-            plan.changes.append(lambda ch: snap.config.update(window=held(plan.prepare)))
+            plan.changes.append(lambda ch: snap.config.update(window=held(plan.prepare, problem)))
+        if problem:
+            plan.notes.append(f"not quiesced ({problem}): the snapshot is crash-consistent")
         plan.changes += [lambda ch: ch.add_snapshot(o.name, snap), lambda ch: ch.set_current(o.name, name)]
         h = plugins.hook()
         return o.run(plan, dry_run, lambda: h.snapfw_pre_snapshot(domain=o.domain, name=name),
                      functools.partial(h.snapfw_post_snapshot, domain=o.domain, snapshot=snap),
                      f"snapshot {name} of {o.name} was created")
+
+
+def _quiesce_problem(session: Session, o: "_Operation", quiesce: str | None) -> str | None:
+    """Decide the freeze window before any change: ``o.quiesce`` if the guest agent can freeze the
+    filesystems now; else refuse (QUIESCE) or return why not (QUIESCE_TRY, recorded with the snapshot).
+    A shut-off domain's disks are consistent as they are: nothing to freeze."""
+    if quiesce is None or not o.domain.running:
+        return None
+    problem = ("it is paused, so its guest agent cannot run" if o.domain.state == PAUSED
+               else session.driver.agent_problem(o.name, AGENT_SECONDS))
+    if problem is None:
+        o.quiesce = True
+    elif quiesce == QUIESCE:
+        raise Refused(f"cannot quiesce {o.name}: {problem}; nothing was changed (--quiesce=try takes a "
+                      "crash-consistent snapshot instead)")
+    return problem
 
 
 RUNNING, PAUSED, STOPPED = "running", "paused", "shut off"

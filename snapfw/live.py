@@ -16,6 +16,9 @@ them (rule 1), so a backend appends :class:`LiveCommit` / :class:`LiveStream` fi
 the driver runs each as a block job of the hypervisor. A job outlives snapfw: its id is fixed by the step
 (journaled before it starts), so ``check --repair`` re-attaches to it instead of starting it again.
 
+``create --quiesce`` adds the outer hold: :class:`Freeze` ... :class:`Thaw`, the guest's filesystems
+frozen through its guest agent (the driver's ``freeze``/``thaw``), around the pause if there is one.
+
 A disk whose snapshot is a host step rather than the hypervisor's (a btrfs subvolume, an LVM volume)
 appends that step to ``op.window``: the core then runs the transaction and those steps inside a *plan
 window* (:func:`window`) that pauses the guest (:class:`Pause` ... :class:`Resume`), so every disk is
@@ -97,18 +100,71 @@ class Resume(Step):
         return f"resume {self.domain}"
 
 
-def window(domain: str, steps: list, pause: bool) -> list:
+# how long the guest agent may take to answer, and the longest the guest's filesystems stay frozen
+AGENT_SECONDS = 5.0
+FREEZE_SECONDS = 10.0
+
+
+@dataclass
+class Freeze(Step):
+    """Open a freeze window on running ``domain``: its guest agent flushes and freezes the guest's
+    filesystems, so the snapshot holds them clean (quiesced), not only crash-consistent. Undo thaws them
+    (idempotent); the executor runs that first whenever the plan fails, ``check --repair`` after a crash."""
+
+    domain: str
+    seconds: float = FREEZE_SECONDS
+    holds = True
+    filesystems = None  # how many the agent froze, once done
+
+    def do(self, ctx):
+        self.filesystems = ctx.driver.freeze(self.domain, AGENT_SECONDS + self.seconds)
+
+    def undo(self, ctx):
+        ctx.driver.thaw(self.domain, AGENT_SECONDS)
+
+    def describe(self):
+        return f"freeze the filesystems of {self.domain} through its guest agent (at most {self.seconds:g} s)"
+
+
+@dataclass
+class Thaw(Step):
+    """Close the freeze window: the guest's filesystems take writes again."""
+
+    domain: str
+    releases = True
+
+    def do(self, ctx):
+        ctx.driver.thaw(self.domain, AGENT_SECONDS)
+
+    def undo(self, ctx):
+        pass
+
+    def describe(self):
+        return f"thaw the filesystems of {self.domain}"
+
+
+def window(domain: str, steps: list, pause: bool, freeze: bool = False) -> list:
     """``steps`` (the transaction, host snapshot steps) as the plan window of running ``domain``: between
     :class:`Pause` and :class:`Resume` if ``pause`` (some disk is not the hypervisor's: its host step and
-    the transaction must see one instant; a guest already paused stays so and needs none)."""
-    return [Pause(domain), *steps, Resume(domain)] if pause else list(steps)
+    the transaction must see one instant; a guest already paused stays so and needs none), and all of it
+    between :class:`Freeze` and :class:`Thaw` if ``freeze`` (quiesce)."""
+    steps = [Pause(domain), *steps, Resume(domain)] if pause else list(steps)
+    return [Freeze(domain), *steps, Thaw(domain)] if freeze else steps
 
 
-def held(steps: list) -> dict:
+def held(steps: list, quiesce_problem: str | None = None) -> dict:
     """What the plan window of ``steps`` did, once they ran, for the snapshot's record: how long the guest
-    was paused (seconds, or None if it was not)."""
+    was paused and its filesystems frozen (seconds, or None if not), how many were frozen, and why a
+    quiesce that was asked for (``--quiesce=try``) could not be done."""
     pause = next((s for s in steps if isinstance(s, Pause)), None)
-    return {"paused_seconds": pause.held_seconds if pause else None}
+    freeze = next((s for s in steps if isinstance(s, Freeze)), None)
+    out = {"paused_seconds": pause.held_seconds if pause else None, "quiesced": freeze is not None,
+           "frozen_seconds": freeze.held_seconds if freeze else None}
+    if freeze is not None:
+        out["frozen_filesystems"] = freeze.filesystems
+    if quiesce_problem:
+        out["quiesce_problem"] = quiesce_problem
+    return out
 
 
 @dataclass
