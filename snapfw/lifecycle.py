@@ -13,7 +13,7 @@ import os
 import re
 import time
 
-from . import connection, plugins
+from . import connection, freezehooks, plugins
 from .backend import LIVE_CREATE, LIVE_DELETE, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
 from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
@@ -554,6 +554,11 @@ def create(session: Session, domain: str, name: str, description: str = "",
         plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
         if o.domain.running:  # how the guest was held, measured while the plan runs (before this change)
             plan.changes.append(lambda ch: snap.config.update(window=held(plan.prepare, problem)))
+            hooks = freezehooks.scripts(o.name)
+            if freezehooks.wanted(hooks):  # first of all: a failing one aborts before any change
+                after = hooks[freezehooks.POST_THAW]
+                plan.prepare.insert(0, freezehooks.PreFreeze(o.name, name, hooks[freezehooks.PRE_FREEZE], after))
+                plan.finish.insert(0, freezehooks.PostThaw(o.name, name, after))
         if problem:
             plan.notes.append(f"not quiesced ({problem}): the snapshot is crash-consistent")
         plan.changes += [lambda ch: ch.add_snapshot(o.name, snap), lambda ch: ch.set_current(o.name, name)]

@@ -7,6 +7,7 @@ One guest boots per module (TCG is slow here); the silent-agent test stops its a
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -69,6 +70,20 @@ def test_kill_inside_the_freeze_then_repair_thaws_the_guest(booted):
     assert "rolled back create" in live.run("check", "web", "--repair").stdout
     assert freeze_status(live) == "thawed" and live.snapshot_names() == names
     live.qemu.sh(f"echo three > {MOUNT}/file && sync")
+
+
+def test_hooks_run_before_the_freeze_and_after_the_thaw(booted, tmp_path):
+    from test_freezehooks import configure, log, script
+
+    live, folder = booted, str(tmp_path)
+    env = configure(folder, [{"phase": "pre-freeze", "run": [script(folder, "flush", "true")]},
+                             {"phase": "post-thaw", "run": [script(folder, "unlock", "true")]}])
+    r = live.run("create", "web", "q5", "--quiesce", "--json", env=env)
+    steps = [json.loads(ln)["step"].split(" (")[0] for ln in r.stderr.splitlines() if '"event": "step"' in ln]
+    assert steps[:2] == ["pre-freeze hooks of web", "freeze the filesystems of web through its guest agent"]
+    assert steps[3] == "thaw the filesystems of web" and steps[-1] == "post-thaw hooks of web", steps
+    assert log(folder) == ["pre-freeze web q5 flush", "post-thaw web q5 unlock"]
+    assert freeze_status(live) == "thawed"
 
 
 def test_no_agent_channel_is_refused_before_any_change(tmp_path):
