@@ -83,18 +83,23 @@ class Pause(Step):
         return f"pause {self.domain} (at most {self.seconds:g} s)"
 
 
-@dataclass
-class Resume(Step):
-    """Close the pause window: ``domain`` runs again. Nothing to undo (the pause's undo resumes)."""
+class _Release(Step):
+    """Closes the innermost plan window. Nothing to undo: the holding step's undo releases again."""
 
-    domain: str
     releases = True
-
-    def do(self, ctx):
-        ctx.driver.resume(self.domain)
 
     def undo(self, ctx):
         pass
+
+
+@dataclass
+class Resume(_Release):
+    """Close the pause window: ``domain`` runs again."""
+
+    domain: str
+
+    def do(self, ctx):
+        ctx.driver.resume(self.domain)
 
     def describe(self):
         return f"resume {self.domain}"
@@ -127,17 +132,13 @@ class Freeze(Step):
 
 
 @dataclass
-class Thaw(Step):
+class Thaw(_Release):
     """Close the freeze window: the guest's filesystems take writes again."""
 
     domain: str
-    releases = True
 
     def do(self, ctx):
         ctx.driver.thaw(self.domain, AGENT_SECONDS)
-
-    def undo(self, ctx):
-        pass
 
     def describe(self):
         return f"thaw the filesystems of {self.domain}"
