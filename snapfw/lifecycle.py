@@ -19,7 +19,8 @@ from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
                      UnknownSnapshot)
-from .live import AGENT_SECONDS, LiveSnapshot, StartDomain, StopDomain, held, window
+from .live import (AGENT_SECONDS, FREEZE_SECONDS, PAUSE_SECONDS, LiveSnapshot, StartDomain, StopDomain, held,
+                   window, window_seconds)
 from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
@@ -353,6 +354,7 @@ class _Operation:
         self.name = check_name("domain", domain)
         self.operation = operation
         self.quiesce = False  # create: freeze the guest's filesystems around the snapshot
+        self.window_seconds = (PAUSE_SECONDS, FREEZE_SECONDS)  # deadlines of the pause and the freeze
 
     def load(self):
         s = self.s
@@ -436,7 +438,8 @@ class _Operation:
         # every disk's live action in one atomic step, after the disks' own preparations; with host steps
         # of other disks, all of it paused at one instant
         plan.prepare += window(self.name, ([LiveSnapshot(self.name, live)] if live else []) + hosted,
-                               pause=bool(hosted) and self.domain.state == RUNNING, freeze=self.quiesce)
+                               pause=bool(hosted) and self.domain.state == RUNNING, freeze=self.quiesce,
+                               seconds=self.window_seconds)
         old = {"name": self.domain.name, "disks": [d.as_dict() for d in self.domain.disks]}
         new = {"name": self.domain.name, "disks": [dict(d) for d in old["disks"]]}
         for op in self.ops:
@@ -549,6 +552,8 @@ def create(session: Session, domain: str, name: str, description: str = "",
         for op, r in zip(ops, records):
             op.graph.records[name] = r.data
         problem = _quiesce_problem(session, o, quiesce)
+        if o.domain.running:
+            o.window_seconds = window_seconds()
         snap = Snapshot(name, o.tree.current, time.time(), description, True, records, o.domain.config())
         disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
         plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")

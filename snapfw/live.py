@@ -34,6 +34,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from . import config
+from .errors import BadInput
 from .plan import Step
 
 EXTERNAL = "external"
@@ -144,13 +146,30 @@ class Thaw(_Release):
         return f"thaw the filesystems of {self.domain}"
 
 
-def window(domain: str, steps: list, pause: bool, freeze: bool = False) -> list:
+def window_seconds() -> tuple[float, float]:
+    """The deadlines (pause, freeze) of plan windows: the ``window`` section of the configuration file
+    (``pause_seconds``, ``freeze_seconds``), else PAUSE_SECONDS and FREEZE_SECONDS."""
+    path, sections = config.load()
+    given = sections.get("window") or {}
+    if not isinstance(given, dict) or set(given) - {"pause_seconds", "freeze_seconds"}:
+        raise BadInput(f"config {path}: window must be a mapping of pause_seconds and freeze_seconds")
+    out = []
+    for key, default in (("pause_seconds", PAUSE_SECONDS), ("freeze_seconds", FREEZE_SECONDS)):
+        value = given.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise BadInput(f"config {path}: window {key} must be a positive number of seconds")
+        out.append(float(value))
+    return out[0], out[1]
+
+
+def window(domain: str, steps: list, pause: bool, freeze: bool = False,
+           seconds: tuple[float, float] = (PAUSE_SECONDS, FREEZE_SECONDS)) -> list:
     """``steps`` (the transaction, host snapshot steps) as the plan window of running ``domain``: between
     :class:`Pause` and :class:`Resume` if ``pause`` (some disk is not the hypervisor's: its host step and
     the transaction must see one instant; a guest already paused stays so and needs none), and all of it
-    between :class:`Freeze` and :class:`Thaw` if ``freeze`` (quiesce)."""
-    steps = [Pause(domain), *steps, Resume(domain)] if pause else list(steps)
-    return [Freeze(domain), *steps, Thaw(domain)] if freeze else steps
+    between :class:`Freeze` and :class:`Thaw` if ``freeze`` (quiesce). ``seconds``: their deadlines."""
+    steps = [Pause(domain, seconds[0]), *steps, Resume(domain)] if pause else list(steps)
+    return [Freeze(domain, seconds[1]), *steps, Thaw(domain)] if freeze else steps
 
 
 def held(steps: list, quiesce_problem: str | None = None) -> dict:

@@ -135,8 +135,9 @@ def execute(plan: Plan, catalog, ctx) -> None:
     try:
         for i, step in enumerate(plan.prepare):
             _fault("prepare", i)
-            if windows and not step.releases and time.monotonic() > windows[-1][2]:
-                hold = windows[-1][0]
+            late = [hold for hold, _, deadline in windows if time.monotonic() > deadline]
+            if late and not step.releases:
+                hold = late[0]
                 raise Refused(f"'{hold.describe()}' passed its deadline of {hold.seconds:g} s before "
                               f"'{step.describe()}'; the guest is released and the snapshot undone")
             catalog.mark_step(plan_id, "prepare", i, "started")

@@ -238,3 +238,15 @@ def test_kill_inside_the_pause_window_then_repair_resumes_the_guest(mixed, btrfs
     gen(live, 2)
     live.run("create", "web", "s1")
     assert status(live) == "running" and live.snapshot_names() == ["s1"]
+
+
+def test_past_the_pause_deadline_the_guest_is_resumed_and_nothing_changes(mixed, btrfs, tmp_path):
+    live = mixed
+    original, before, subs = live.domain(), live.files(), subvolumes(btrfs)
+    config = tmp_path / "config.yaml"
+    config.write_text("window: {pause_seconds: 0.001}\n")
+    r = live.run("create", "web", "s1", env={"SNAPFW_CONFIG": str(config)}, check=False)
+    assert r.returncode == 1 and "'pause web (at most 0.001 s)' passed its deadline of 0.001 s" in r.stderr, r.stderr
+    assert status(live) == "running"
+    assert live.domain() == original and live.files() == before and subvolumes(btrfs) == subs
+    assert live.json("list", "web") == []

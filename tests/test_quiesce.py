@@ -72,6 +72,17 @@ def test_kill_inside_the_freeze_then_repair_thaws_the_guest(booted):
     live.qemu.sh(f"echo three > {MOUNT}/file && sync")
 
 
+def test_past_the_freeze_deadline_the_guest_is_thawed_and_nothing_changes(booted, tmp_path):
+    live = booted
+    names, before = live.snapshot_names(), live.files()
+    config = tmp_path / "config.yaml"
+    config.write_text("window: {freeze_seconds: 0.001}\n")
+    r = live.run("create", "web", "q6", "--quiesce", env={"SNAPFW_CONFIG": str(config)}, check=False)
+    assert r.returncode == 1 and "passed its deadline of 0.001 s" in r.stderr, r.stderr
+    assert freeze_status(live) == "thawed" and live.qemu.qmp("query-status")["status"] == "running"
+    assert live.snapshot_names() == names and live.files() == before
+
+
 def test_hooks_run_before_the_freeze_and_after_the_thaw(booted, tmp_path):
     from test_freezehooks import configure, log, script
 
