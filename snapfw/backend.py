@@ -199,9 +199,6 @@ class HypervisorDriver:
         while it is still the one define_clone made (the same disk files)."""
         raise NotSupported(f"driver {self.scheme} cannot define new domains (clones)")
 
-    def start(self, name: str) -> None:
-        raise NotSupported(f"driver {self.scheme} cannot start domains")
-
     def pause(self, domain: str) -> None:
         """Pause running ``domain`` (its disks drained and flushed) for a plan window."""
         raise NotSupported(f"driver {self.scheme} cannot pause domains")

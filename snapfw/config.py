@@ -1,39 +1,46 @@
-"""snapfw's configuration file: the file ``$SNAPFW_CONFIG`` names, else ``/etc/snapfw/config.yaml``.
+"""The site's config file: defaults people write, in YAML (``safe_load`` only, rule 8).
 
-Plain YAML read with ``safe_load``: a mapping of sections, each read by the module that uses it
-(``freeze_hooks``: :mod:`snapfw.freezehooks`). No file is an empty configuration; a file that is not a
-mapping is a BadInput naming it. Read only by the commands that need it (yaml is not on ``list``'s path).
+``$SNAPFW_CONFIG`` names it, else ``/etc/snapfw/config.yaml``; a missing default file is an empty config,
+a missing file that ``$SNAPFW_CONFIG`` names is an error (a typo must not silently drop the settings).
 """
 
 from __future__ import annotations
 
 import os
 
-from .errors import BadInput, FileError
+from .errors import BadInput
 
 CONFIG_ENV = "SNAPFW_CONFIG"
 DEFAULT_PATH = "/etc/snapfw/config.yaml"
 
 
 def load() -> tuple[str, dict]:
-    """(the configuration file's path, its sections)."""
-    named = os.environ.get(CONFIG_ENV)
-    path = named or DEFAULT_PATH
+    """The config file's path and its mapping (empty if there is no file)."""
     import yaml
 
+    path = os.environ.get(CONFIG_ENV) or DEFAULT_PATH
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            doc = yaml.safe_load(f)
     except FileNotFoundError:
-        if named:
-            raise BadInput(f"${CONFIG_ENV} names {path}, which does not exist") from None
+        if os.environ.get(CONFIG_ENV):
+            raise BadInput(f"config file {path} (${CONFIG_ENV}) does not exist") from None
         return path, {}
     except OSError as e:
-        raise FileError.of(e, path) from None
+        raise BadInput(f"cannot read config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise BadInput(f"config {path}: not plain YAML ({getattr(e, 'problem', None) or e})") from None
-    if data is None:
+        raise BadInput(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if doc is None:
         return path, {}
-    if not isinstance(data, dict):
-        raise BadInput(f"config {path}: expected a mapping of sections (freeze_hooks: ...)")
-    return path, data
+    if not isinstance(doc, dict):
+        raise BadInput(f"config file {path} must be a mapping of settings, not a {type(doc).__name__}")
+    return path, doc
+
+
+def setting(name: str, kind: type, default):
+    """Setting ``name`` of the config file, which must be a ``kind`` if present."""
+    path, doc = load()
+    value = doc.get(name, default)
+    if not isinstance(value, kind):
+        raise BadInput(f"config file {path}: {name!r} must be a {kind.__name__}, not {value!r}")
+    return value
