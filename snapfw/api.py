@@ -53,6 +53,7 @@ from .plan import Plan, Step
 from .steps import ApplyTag, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile, remove_overlay
 from .tools import lvm, qemuimg
 from .tools.host import Host
+from .tools.qga import GuestAgent
 from .tools.qmp import QMP, QMPError
 from .tools.run import run
 
@@ -79,6 +80,7 @@ __all__ = [
     "fit_file_name",
     "FORMATS",
     "fsync_dir",
+    "GuestAgent",
     "hookimpl",
     "Host",
     "HypervisorDriver",

@@ -93,6 +93,10 @@ class DiskOp:
         self.define_after_finish = False  # the active file changes only once finish steps have run
         # a running domain: the backend appends live actions (snapfw.live) here instead of prepare steps
         self.live: list[dict] = []
+        # create: the steps that take this disk's snapshot on the host (not the hypervisor's action); on a
+        # running domain they run inside the plan window (the guest paused), after the driver's
+        # transaction; offline, after every disk's prepare steps
+        self.window: list = []
 
     def new_image_path(self, label: str, suffix: str = ".qcow2", folder: str | None = None) -> str:
         """A free name ``<domain>-<target>.<label>[.N]<suffix>``, in ``folder`` or next to the disk's base
@@ -101,7 +105,7 @@ class DiskOp:
             folder = os.path.dirname(min(self.graph.files, key=len, default=self.disk.path))
         # room for `.NNNN<suffix>` within NAME_MAX
         stem = fit_file_name(f"{self.domain.name}-{self.disk.target}.{label}", 250 - len(os.fsencode(suffix)))
-        taken = set(self.graph.files) | {s.path for s in self.prepare if hasattr(s, "path")}
+        taken = set(self.graph.files) | {s.path for s in self.prepare + self.window if hasattr(s, "path")}
         for n in range(0, 10000):
             path = os.path.join(folder, f"{stem}{'' if n == 0 else f'.{n}'}{suffix}")
             if path not in taken and not os.path.lexists(path):
@@ -212,11 +216,26 @@ class HypervisorDriver:
         while it is still the one define_clone made (the same disk files)."""
         raise NotSupported(f"driver {self.scheme} cannot define new domains (clones)")
 
-    def pause(self, domain: Domain) -> None:
+    def pause(self, domain: str) -> None:
+        """Pause running ``domain`` (its disks drained and flushed) for a plan window."""
         raise NotSupported(f"driver {self.scheme} cannot pause domains")
 
-    def resume(self, domain: Domain) -> None:
+    def resume(self, domain: str) -> None:
+        """Let ``domain`` run again if it is paused; idempotent (a plan's undo and ``check --repair`` call it)."""
         raise NotSupported(f"driver {self.scheme} cannot resume domains")
+
+    def agent_problem(self, domain: str, seconds: float) -> str | None:
+        """Why the guest agent of running ``domain`` cannot freeze its filesystems now (none, silent for
+        ``seconds``, frozen already), or None if it can: asked before any change, for ``--quiesce``."""
+        return f"driver {self.scheme} cannot freeze guest filesystems"
+
+    def freeze(self, domain: str, seconds: float) -> int:
+        """Freeze the guest's filesystems through its agent within ``seconds``; how many it froze."""
+        raise NotSupported(f"driver {self.scheme} cannot freeze guest filesystems")
+
+    def thaw(self, domain: str, seconds: float) -> None:
+        """Thaw the guest's filesystems if frozen (idempotent), within ``seconds``."""
+        raise NotSupported(f"driver {self.scheme} cannot thaw guest filesystems")
 
     def restart_problem(self, domain: Domain) -> str | None:
         """Why snapfw cannot stop ``domain`` and start it again from its definition (a live revert does,

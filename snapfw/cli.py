@@ -210,10 +210,13 @@ dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan (c
 @click.option("--lvm-size", metavar="SIZE",
               help="Copy-on-write space of each classic LVM snapshot: a share of its origin (20%) or a size "
                    "(512M) (default: $SNAPFW_LVM_SIZE, else 20%).")
+@click.option("--quiesce", is_flag=False, flag_value="yes", default=None, type=click.Choice(["yes", "try"]),
+              help="Freeze the running guest's filesystems (guest agent) around the snapshot; refuse if that "
+                   "cannot be done, or with --quiesce=try take it crash-consistent and record why.")
 @json_option
 @dry_run_option
 @click.pass_context
-def create(ctx, domain, name, description, disks, mirror, lvm_size, as_json, dry_run):
+def create(ctx, domain, name, description, disks, mirror, lvm_size, quiesce, as_json, dry_run):
     """Snapshot every disk of DOMAIN as NAME."""
     from . import lifecycle
 
@@ -227,7 +230,7 @@ def create(ctx, domain, name, description, disks, mirror, lvm_size, as_json, dry
         backends[target] = backend
     options = {"lvm-size": lvm_size} if lvm_size else {}
     session = _session(ctx, as_json)
-    plan = lifecycle.create(session, domain, name, description, backends, dry_run, mirror, options)
+    plan = lifecycle.create(session, domain, name, description, backends, dry_run, mirror, options, quiesce)
     _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "create"}, session)
     if not dry_run and not as_json:
         click.echo(f"Snapshot {name} of {domain} created.")
@@ -474,6 +477,16 @@ def show(ctx, domain, name, as_json):
     click.echo(f"Name:         {d['name']}\nDomain:       {domain}\nCreated:      {_local(tree.by_name[name].created)}\n"
                f"Parent:       {d['parent'] or '-'}\nChildren:     {', '.join(d['children']) or '-'}\n"
                f"Current:      {'yes' if d['current'] else 'no'}\nDescription:  {d['description'] or '-'}")
+    held = d["config"].get("window")
+    if held is not None:  # taken from a running guest
+        paused, frozen = held.get("paused_seconds"), held.get("frozen_seconds")
+        click.echo(f"Paused:       {'no' if paused is None else f'yes, {paused:.3f} s'}")
+        if held.get("quiesced"):
+            quiesced = f"yes, {held.get('frozen_filesystems')} filesystem(s) frozen for {frozen:.3f} s"
+        else:
+            why = held.get("quiesce_problem")
+            quiesced = f"no, crash-consistent ({why})" if why else "no, crash-consistent"
+        click.echo(f"Quiesced:     {quiesced}")
     for disk in d["disks"]:
         tag = f" tag {disk['tag']}" if "tag" in disk else ""
         state = f" ({disk['status']})" if "status" in disk else ""

@@ -72,3 +72,18 @@ def snapfw_pre_delete(domain, names):
 @hookspec
 def snapfw_post_delete(domain, names):
     """Called after snapshots ``names`` of ``domain`` were deleted; errors become warnings. All run."""
+
+
+@hookspec
+def snapfw_pre_freeze(domain, name):
+    """Called just before the instant snapshot ``name`` of running domain ``domain`` (its name, a str:
+    the call is a journaled plan step) is taken: before its filesystems are frozen with ``--quiesce``,
+    before the hypervisor's transaction without. Raising a SnapfwError aborts before any change. All run.
+    """
+
+
+@hookspec
+def snapfw_post_thaw(domain, name):
+    """Called once the snapshot is taken and the guest thawed, and also when it failed or was rolled
+    back after ``snapfw_pre_freeze`` ran (to release what that took). Errors become warnings. All run.
+    """

@@ -13,13 +13,14 @@ import os
 import re
 import time
 
-from . import config, connection, plugins
+from . import config, connection, freezehooks, plugins
 from .backend import LIVE_CREATE, LIVE_DELETE, MIRROR, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
 from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
                      UnknownDomain)
-from .live import LiveSnapshot, StartDomain, StopDomain
+from .live import (AGENT_SECONDS, FREEZE_SECONDS, PAUSE_SECONDS, LiveSnapshot, StartDomain, StopDomain, held,
+                   window, window_seconds)
 from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name, find_snapshot
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
@@ -354,6 +355,8 @@ class _Operation:
         self.name = check_name("domain", domain)
         self.operation = operation
         self.options = options or {}
+        self.quiesce = False  # create: freeze the guest's filesystems around the snapshot
+        self.window_seconds = (PAUSE_SECONDS, FREEZE_SECONDS)  # deadlines of the pause and the freeze
 
     def load(self):
         s = self.s
@@ -438,8 +441,12 @@ class _Operation:
             plan.notes += op.notes
             collect += _collect(op.graph, plan.notes, frozenset(self.domain.live_chains))
         live = [a for op in self.ops for a in op.live]
-        if live:  # every disk's live action in one atomic step, after the disks' own preparations
-            plan.prepare.append(LiveSnapshot(self.name, live))
+        hosted = [s for op in self.ops for s in op.window]
+        # every disk's live action in one atomic step, after the disks' own preparations; with host steps
+        # of other disks, all of it paused at one instant
+        plan.prepare += window(self.name, ([LiveSnapshot(self.name, live)] if live else []) + hosted,
+                               pause=bool(hosted) and self.domain.state == RUNNING, freeze=self.quiesce,
+                               seconds=self.window_seconds)
         old = {"name": self.domain.name, "disks": [d.as_dict() for d in self.domain.disks]}
         new = {"name": self.domain.name, "disks": [dict(d) for d in old["disks"]]}
         for op in self.ops:
@@ -553,15 +560,22 @@ def _store_graph(domain: str, before: DiskGraph, after: DiskGraph, changes):
             changes.set_record(domain, name, after.target, data)
 
 
+QUIESCE, QUIESCE_TRY = "yes", "try"
+
+
 def create(session: Session, domain: str, name: str, description: str = "",
            backends: dict[str, str] | None = None, dry_run: bool = False, mirror: bool | None = None,
-           options: dict | None = None) -> Plan:
+           options: dict | None = None, quiesce: str | None = None) -> Plan:
     """Snapshot every disk of ``domain`` as ``name``, a child of the current snapshot. ``mirror``: also
     record it in the driver's own snapshot records (None: as the config file's ``mirror`` says, for a
     driver that can). ``options``: backend options by name (``lvm-size``), each read by the backend it
-    belongs to."""
+    belongs to. ``quiesce`` (a running domain): freeze its filesystems through its guest agent around the
+    snapshot; QUIESCE refuses before any change if that cannot be done, QUIESCE_TRY then takes it
+    crash-consistent."""
     o = _Operation(session, domain, "create", options)
     check_name("snapshot", name)
+    if quiesce not in (None, QUIESCE, QUIESCE_TRY):
+        raise BadInput(f"invalid --quiesce {quiesce!r}: expected {QUIESCE} or {QUIESCE_TRY}")
     mirror = _wants_mirror(session, mirror)
     backends = dict(backends or {})
     for target, b in backends.items():
@@ -579,12 +593,24 @@ def create(session: Session, domain: str, name: str, description: str = "",
                               chosen[op.disk.target].create(op, name)) for op in ops]
         for op, r in zip(ops, records):
             op.graph.records[name] = r.data
+        problem = _quiesce_problem(session, o, quiesce)
+        if o.domain.running:
+            o.window_seconds = window_seconds()
         snap = Snapshot(name, o.tree.current, time.time(), description, True, records, o.domain.config())
         if mirror:
             snap.config[MIRRORED] = {"state": o.domain.state, "active": {op.disk.target: op.graph.active
                                                                           for op in ops}}
         disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
         plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
+        if o.domain.running:  # how the guest was held, measured while the plan runs (before this change)
+            plan.changes.append(lambda ch: snap.config.update(window=held(plan.prepare, problem)))
+            hooks = freezehooks.scripts(o.name)
+            if freezehooks.wanted(hooks):  # first of all: a failing one aborts before any change
+                after = hooks[freezehooks.POST_THAW]
+                plan.prepare.insert(0, freezehooks.PreFreeze(o.name, name, hooks[freezehooks.PRE_FREEZE], after))
+                plan.finish.insert(0, freezehooks.PostThaw(o.name, name, after))
+        if problem:
+            plan.notes.append(f"not quiesced ({problem}): the snapshot is crash-consistent")
         plan.changes += [lambda ch: ch.add_snapshot(o.name, snap), lambda ch: ch.set_current(o.name, name)]
         if mirror:
             plan.notes.append(f"once recorded, snapshot {name} is mirrored into the {session.driver_class.scheme} "
@@ -641,6 +667,22 @@ def sync_mirror(session: Session, domain: str, repair: bool) -> list[str]:
     words; with ``repair``, the driver's records are made to match first."""
     entries, current = mirror_entries(session.catalog.tree(domain))
     return session.driver.mirror(domain, entries, current, repair)
+
+
+def _quiesce_problem(session: Session, o: "_Operation", quiesce: str | None) -> str | None:
+    """Decide the freeze window before any change: ``o.quiesce`` if the guest agent can freeze the
+    filesystems now; else refuse (QUIESCE) or return why not (QUIESCE_TRY, recorded with the snapshot).
+    A shut-off domain's disks are consistent as they are: nothing to freeze."""
+    if quiesce is None or not o.domain.running:
+        return None
+    problem = ("it is paused, so its guest agent cannot run" if o.domain.state == PAUSED
+               else session.driver.agent_problem(o.name, AGENT_SECONDS))
+    if problem is None:
+        o.quiesce = True
+    elif quiesce == QUIESCE:
+        raise Refused(f"cannot quiesce {o.name}: {problem}; nothing was changed (--quiesce=try takes a "
+                      "crash-consistent snapshot instead)")
+    return problem
 
 
 RUNNING, PAUSED, STOPPED = "running", "paused", "shut off"

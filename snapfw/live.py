@@ -19,6 +19,15 @@ the driver runs each as a block job of the hypervisor. A job outlives snapfw: it
 An internal snapshot (tag) in the active file of a running disk is deleted by the hypervisor too
 (:class:`LiveDeleteTag`): QEMU holds that file open read-write, so ``qemu-img snapshot -d`` may not touch it.
 
+``create --quiesce`` adds the outer hold: :class:`Freeze` ... :class:`Thaw`, the guest's filesystems
+frozen through its guest agent (the driver's ``freeze``/``thaw``), around the pause if there is one.
+
+A disk whose snapshot is a host step rather than the hypervisor's (a btrfs subvolume, an LVM volume)
+appends that step to ``op.window``: the core then runs the transaction and those steps inside a *plan
+window* (:func:`window`) that pauses the guest (:class:`Pause` ... :class:`Resume`), so every disk is
+taken at one instant; the executor resumes the guest first whatever fails, and ``check --repair`` after a
+crash. Later holds (a guest-agent freeze, a memory image) join the same window.
+
 Reverting a running domain stops it (:class:`StopDomain`, undone by starting it again), reverts the disks
 offline as the backends always do, and starts it again from its definition (:class:`StartDomain`).
 """
@@ -27,6 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import config
+from .errors import BadInput
 from .plan import Step
 
 EXTERNAL = "external"
@@ -49,6 +60,133 @@ def describe_action(a: dict) -> str:
     if a["kind"] == INTERNAL:
         return f"{a['target']}: internal snapshot {a['tag']!r} in {a['file']}"
     return f"{a['target']}: freeze {a['file']}, new overlay {a['overlay']}"
+
+
+# the longest a plan window may keep a guest paused: a step that would start later fails, and the
+# snapshot is undone with the guest running again
+PAUSE_SECONDS = 30.0
+
+
+@dataclass
+class Pause(Step):
+    """Open a pause window on running ``domain``: its vCPUs stop (QEMU drains and flushes every disk first),
+    so host steps of disks that are not the hypervisor's see every disk at the same instant. Undo resumes it
+    (only while paused: idempotent); the executor runs that first whenever the plan fails."""
+
+    domain: str
+    seconds: float = PAUSE_SECONDS
+    holds = True
+
+    def do(self, ctx):
+        ctx.driver.pause(self.domain)
+
+    def undo(self, ctx):
+        ctx.driver.resume(self.domain)
+
+    def describe(self):
+        return f"pause {self.domain} (at most {self.seconds:g} s)"
+
+
+class _Release(Step):
+    """Closes the innermost plan window. Nothing to undo: the holding step's undo releases again."""
+
+    releases = True
+
+    def undo(self, ctx):
+        pass
+
+
+@dataclass
+class Resume(_Release):
+    """Close the pause window: ``domain`` runs again."""
+
+    domain: str
+
+    def do(self, ctx):
+        ctx.driver.resume(self.domain)
+
+    def describe(self):
+        return f"resume {self.domain}"
+
+
+# how long the guest agent may take to answer, and the longest the guest's filesystems stay frozen
+AGENT_SECONDS = 5.0
+FREEZE_SECONDS = 10.0
+
+
+@dataclass
+class Freeze(Step):
+    """Open a freeze window on running ``domain``: its guest agent flushes and freezes the guest's
+    filesystems, so the snapshot holds them clean (quiesced), not only crash-consistent. Undo thaws them
+    (idempotent); the executor runs that first whenever the plan fails, ``check --repair`` after a crash."""
+
+    domain: str
+    seconds: float = FREEZE_SECONDS
+    holds = True
+    filesystems = None  # how many the agent froze, once done
+
+    def do(self, ctx):
+        self.filesystems = ctx.driver.freeze(self.domain, AGENT_SECONDS + self.seconds)
+
+    def undo(self, ctx):
+        ctx.driver.thaw(self.domain, AGENT_SECONDS)
+
+    def describe(self):
+        return f"freeze the filesystems of {self.domain} through its guest agent (at most {self.seconds:g} s)"
+
+
+@dataclass
+class Thaw(_Release):
+    """Close the freeze window: the guest's filesystems take writes again."""
+
+    domain: str
+
+    def do(self, ctx):
+        ctx.driver.thaw(self.domain, AGENT_SECONDS)
+
+    def describe(self):
+        return f"thaw the filesystems of {self.domain}"
+
+
+def window_seconds() -> tuple[float, float]:
+    """The deadlines (pause, freeze) of plan windows: the ``window`` section of the configuration file
+    (``pause_seconds``, ``freeze_seconds``), else PAUSE_SECONDS and FREEZE_SECONDS."""
+    path, sections = config.load()
+    given = sections.get("window") or {}
+    if not isinstance(given, dict) or set(given) - {"pause_seconds", "freeze_seconds"}:
+        raise BadInput(f"config {path}: window must be a mapping of pause_seconds and freeze_seconds")
+    out = []
+    for key, default in (("pause_seconds", PAUSE_SECONDS), ("freeze_seconds", FREEZE_SECONDS)):
+        value = given.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise BadInput(f"config {path}: window {key} must be a positive number of seconds")
+        out.append(float(value))
+    return out[0], out[1]
+
+
+def window(domain: str, steps: list, pause: bool, freeze: bool = False,
+           seconds: tuple[float, float] = (PAUSE_SECONDS, FREEZE_SECONDS)) -> list:
+    """``steps`` (the transaction, host snapshot steps) as the plan window of running ``domain``: between
+    :class:`Pause` and :class:`Resume` if ``pause`` (some disk is not the hypervisor's: its host step and
+    the transaction must see one instant; a guest already paused stays so and needs none), and all of it
+    between :class:`Freeze` and :class:`Thaw` if ``freeze`` (quiesce). ``seconds``: their deadlines."""
+    steps = [Pause(domain, seconds[0]), *steps, Resume(domain)] if pause else list(steps)
+    return [Freeze(domain, seconds[1]), *steps, Thaw(domain)] if freeze else steps
+
+
+def held(steps: list, quiesce_problem: str | None = None) -> dict:
+    """What the plan window of ``steps`` did, once they ran, for the snapshot's record: how long the guest
+    was paused and its filesystems frozen (seconds, or None if not), how many were frozen, and why a
+    quiesce that was asked for (``--quiesce=try``) could not be done."""
+    pause = next((s for s in steps if isinstance(s, Pause)), None)
+    freeze = next((s for s in steps if isinstance(s, Freeze)), None)
+    out = {"paused_seconds": pause.held_seconds if pause else None, "quiesced": freeze is not None,
+           "frozen_seconds": freeze.held_seconds if freeze else None}
+    if freeze is not None:
+        out["frozen_filesystems"] = freeze.filesystems
+    if quiesce_problem:
+        out["quiesce_problem"] = quiesce_problem
+    return out
 
 
 @dataclass

@@ -7,6 +7,12 @@ A plan has three phases:
              this is the point after which the plan only goes forward.
 ``finish``   forward-only, idempotent steps (remove a file, merge a chain); a crash among them is finished
              by ``snapfw check --repair``, which is why each step is journaled, as JSON, before it runs.
+
+A *plan window* holds a running guest still (paused, or its filesystems frozen) around the steps that must
+see its disks at one instant: a prepare step with ``holds`` opens it and a later one with ``releases``
+closes it. Whatever fails inside (an error, Ctrl-C), the executor releases every hold first, before any
+other undo, so the guest is held no longer than the work needs; a step that would start after the
+window's deadline (``seconds``) fails instead. ``check --repair`` rolls back the same way after a crash.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import dataclasses
 import importlib
 import os
 import signal
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import FileError, Inconsistent, SnapfwError
+from .errors import FileError, Inconsistent, Refused, SnapfwError
 
 FAULT_ENV = "SNAPFW_FAULT"
 # The shape of a journaled plan: {"format": 1, "prepare": [step...], "finish": [step...]}, each step
@@ -33,6 +40,13 @@ class Step:
     """A unit of work. Subclasses are dataclasses whose fields are JSON values (they are journaled)."""
 
     bytes_to_copy: int = 0
+    # a plan window (see the module docstring): ``holds`` opens one, its undo releases the guest and must
+    # be idempotent; ``releases`` closes the innermost open one; ``held_seconds`` is set on the holding
+    # step once closed, for the record
+    holds: bool = False
+    releases: bool = False
+    seconds: float = 0.0
+    held_seconds: float | None = None
 
     def do(self, ctx) -> None:
         raise NotImplementedError
@@ -140,10 +154,15 @@ def execute(plan: Plan, catalog, ctx) -> None:
                        {"format": JOURNAL_FORMAT, "prepare": [s.to_json() for s in plan.prepare],
                         "finish": [s.to_json() for s in plan.finish]},
                        range(len(plan.prepare)) if plan.journal_at_once else ())
-    started = []
+    started, windows = [], []  # windows: (holding step, its start, its deadline), innermost last
     try:
         for i, step in enumerate(plan.prepare):
             _fault("prepare", i)
+            late = [hold for hold, _, deadline in windows if time.monotonic() > deadline]
+            if late and not step.releases:
+                hold = late[0]
+                raise Refused(f"'{hold.describe()}' passed its deadline of {hold.seconds:g} s before "
+                              f"'{step.describe()}'; the guest is released and the snapshot undone")
             if not plan.journal_at_once:
                 catalog.mark_step(plan_id, "prepare", i, "started")
             started.append(step)
@@ -157,6 +176,12 @@ def execute(plan: Plan, catalog, ctx) -> None:
                 error = FileError.of(e)
                 error.step = step.describe()
                 raise error from e
+            if step.holds:
+                now = time.monotonic()
+                windows.append((step, now, now + step.seconds))
+            elif step.releases and windows:
+                hold, since, _ = windows.pop()
+                hold.held_seconds = time.monotonic() - since
             if not plan.journal_at_once:
                 catalog.mark_step(plan_id, "prepare", i, "done")
         _fault("commit", 0)
@@ -192,7 +217,10 @@ def _reason(failure: BaseException) -> str:
 
 
 def _undo(started, ctx, plan_id, catalog, failure):
-    for i, step in enumerate(reversed(started)):
+    """Undo the started steps in reverse, releasing every hold on the guest first (resume, thaw): the
+    guest runs again while the rest is undone; a hold's undo is idempotent, so running it again is no harm."""
+    holds = [s for s in reversed(started) if s.holds]
+    for i, step in enumerate(holds + [s for s in reversed(started) if not s.holds]):
         try:
             _fault("undo", i)
             step.undo(ctx)

@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 
-from conftest import IN_CI, Env
+from conftest import IN_CI, KIB64, Env, reads
 from snapfw import plugins
 from snapfw.model import Disk
 from snapfw.testing import BackendConformance
@@ -94,7 +94,7 @@ def test_pip_install_makes_snapfw_plugins_show_it(installed):
     assert r.returncode == 0, r.stderr
     row = next(r for r in json.loads(r.stdout) if r["name"] == "btrfs")
     assert (row["kind"], row["plugin"], row["version"]) == ("disk backend", "btrfs", "0.1.0")
-    assert row["capabilities"] == ["offline.create", "offline.delete", "offline.revert"]
+    assert row["capabilities"] == ["live.create", "offline.create", "offline.delete", "offline.revert"]
 
 
 def test_usable_only_for_raw_images_in_a_subvolume_of_their_own(installed, btrfs):
@@ -146,3 +146,107 @@ def test_undo_deletes_only_the_snapshot_it_made(installed, btrfs):
     mine.do(None)
     mine.undo(None)
     assert not os.path.exists(mine.path)
+
+
+# --- live: a btrfs disk beside a qcow2 one on a running QEMU, in one pause window ---------------------------
+BYTES = {"vda": 0x10, "vdb": 0x80}
+
+
+@pytest.fixture
+def mixed(installed, btrfs):
+    """A running bare QEMU (qmp driver, launch spec) with vda a qcow2 image and vdb a raw image alone in
+    its btrfs subvolume, and the `snapfw` command on it."""
+    from live import LiveEnv, Qemu
+
+    folder = tempfile.mkdtemp(dir=btrfs, prefix="window-")
+    qemu = Qemu(folder, disks=(("vda", "qcow2"), ("vdb", "raw")))
+    os.unlink(qemu.images["vdb"][0])
+    qemu.images["vdb"] = subvolume_disk(folder, "web-vdb", 4 << 20)
+    qemu.write_spec()
+    qemu.start()
+    yield LiveEnv(folder, qemu)
+    qemu.kill()
+
+
+def gen(live, g):
+    for target, byte in BYTES.items():
+        live.write("web", target, byte + g, g * KIB64)
+
+
+def subvolumes(btrfs) -> set[str]:
+    listed = subprocess.run(["btrfs", "subvolume", "list", btrfs], capture_output=True, text=True, check=True)
+    return {ln.split(" path ", 1)[1] for ln in listed.stdout.splitlines()}
+
+
+def status(live) -> str:
+    return live.qemu.qmp("query-status")["status"]
+
+
+def test_live_create_pauses_the_guest_around_the_transaction_and_the_subvolume_snapshot(mixed, btrfs):
+    """Each snapshot holds both disks at one instant: every generation written before it reads back after
+    a revert to it, none written after; the guest ran throughout and the pause is recorded."""
+    live = mixed
+    gen(live, 1)
+    steps = [s["describe"] for s in live.json("create", "web", "s1", "--disk", "vda=external")["plan"]["steps"]]
+    assert steps[0] == "pause web (at most 30 s)" and steps[3] == "resume web", steps
+    assert "snapshot the disks of running web at once" in steps[1] and "snapshot of subvolume" in steps[2]
+    assert status(live) == "running"
+    gen(live, 2)
+    live.run("create", "web", "s2", "--disk", "vda=external")
+    gen(live, 3)
+    for name in ("s1", "s2"):
+        shown = live.json("show", "web", name)
+        assert {d["target"]: d["backend"] for d in shown["disks"]}["vdb"] == "btrfs"
+        assert 0 < shown["config"]["window"]["paused_seconds"] < 30
+    assert "Paused:" in live.run("show", "web", "s2").stdout
+    assert "No problems found" in live.run("check", "web").stdout
+    for name, last in (("s1", 1), ("s2", 2)):
+        live.run("revert", "web", name, "--stopped")
+        for target, (path, fmt) in live.domain().items():
+            for g in (1, 2, 3):
+                assert reads(path, fmt, BYTES[target] + g if g <= last else 0, g * KIB64), (name, target, g)
+        live.assert_consistent()
+
+
+def test_a_failure_in_the_btrfs_part_undoes_the_qcow2_part_and_resumes_the_guest(mixed, btrfs):
+    live = mixed
+    original, before, subs = live.domain(), live.files(), subvolumes(btrfs)
+    gen(live, 1)
+    # prepare: [pause, transaction, subvolume snapshot, resume, define]: fail just before the btrfs step
+    r = live.run("create", "web", "s1", "--disk", "vda=external", env={"SNAPFW_FAULT": "prepare:2"}, check=False)
+    assert r.returncode == 1 and "injected fault before prepare step 2" in r.stderr, r.stderr
+    assert status(live) == "running"
+    assert live.domain() == original and live.files() == before and subvolumes(btrfs) == subs
+    assert live.json("list", "web") == []
+    gen(live, 2)
+    live.qemu.quit()
+    for target, (path, fmt) in original.items():
+        assert reads(path, fmt, BYTES[target] + 1, KIB64) and reads(path, fmt, BYTES[target] + 2, 2 * KIB64)
+
+
+def test_kill_inside_the_pause_window_then_repair_resumes_the_guest(mixed, btrfs):
+    live = mixed
+    original, before, subs = live.domain(), live.files(), subvolumes(btrfs)
+    gen(live, 1)
+    r = live.run("create", "web", "s1", "--disk", "vda=external", env={"SNAPFW_FAULT": "prepare:2:kill"},
+                 check=False)
+    assert r.returncode == -9 and status(live) == "paused"  # the transaction ran, the btrfs step did not
+    assert live.domain() != original
+    assert "rolled back create" in live.run("check", "web", "--repair").stdout
+    assert status(live) == "running"
+    assert live.domain() == original and live.files() == before and subvolumes(btrfs) == subs
+    gen(live, 2)
+    live.run("create", "web", "s1")
+    assert status(live) == "running" and live.snapshot_names() == ["s1"]
+
+
+def test_past_the_pause_deadline_the_guest_is_resumed_and_nothing_changes(mixed, btrfs, tmp_path):
+    live = mixed
+    original, before, subs = live.domain(), live.files(), subvolumes(btrfs)
+    config = tmp_path / "config.yaml"
+    config.write_text("window: {pause_seconds: 0.001}\n")
+    r = live.run("create", "web", "s1", env={"SNAPFW_CONFIG": str(config)}, check=False)
+    assert r.returncode == 1 and "'pause web (at most 0.001 s)' passed its deadline of 0.001 s" in r.stderr, r.stderr
+    assert status(live) == "running"
+    assert live.domain() == original and live.files() == before and subvolumes(btrfs) == subs
+    assert live.json("list", "web") == []

@@ -429,6 +429,17 @@ class LibvirtDriver(HypervisorDriver):
             if not dom.isActive():
                 dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
 
+    # --- the plan window ---------------------------------------------------------------------------------
+    def pause(self, domain: str) -> None:
+        with _calls("suspend"):
+            self._lookup(domain).suspend()
+
+    def resume(self, domain: str) -> None:
+        dom = self._lookup(domain)
+        with _calls("resume"):
+            if dom.state()[0] == _libvirt().VIR_DOMAIN_PAUSED:
+                dom.resume()
+
     # --- live snapshots --------------------------------------------------------------------------------
     def _live_sources(self, dom) -> dict[str, str]:
         """target -> the file the running domain writes to, from libvirt's live XML."""

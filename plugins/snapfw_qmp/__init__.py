@@ -21,6 +21,9 @@ string, a comma of the file name is doubled; in a JSON argument, it is JSON-esca
 no shell and must daemonize; snapfw adds ``-S`` and continues the guest once QEMU runs on the planned
 files. Without a launch spec, create and delete work on any QEMU found by its socket; a revert is
 refused before anything changes. While QEMU is down, the domain is read from the spec (shut off).
+
+The guest agent (``create --quiesce``) is found from QEMU itself: the ``virtserialport`` named
+``org.qemu.guest_agent.0``, and the unix socket its chardev serves (``-chardev socket,server=on``).
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ from snapfw.api import (
     Disk,
     Domain,
     FileError,
+    GuestAgent,
     HypervisorDriver,
     Inconsistent,
     NotSupported,
     QMPError,
+    ToolError,
     UnknownDomain,
     check_name,
     fit_file_name,
@@ -69,6 +74,8 @@ START_SECONDS = 60.0
 # the launch spec of the QEMU at SOCKET (see the module docstring)
 SPEC_SUFFIX = ".launch.yaml"
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)(\.format)?\}")
+# the virtio-serial port name the QEMU guest agent listens on
+AGENT_PORT = "org.qemu.guest_agent.0"
 CHAIN_KEYS = ("filename", "format", "backing-filename", "full-backing-filename", "backing-filename-format",
               "snapshots", "format-specific", "virtual-size")
 
@@ -349,6 +356,58 @@ class QMPDriver(HypervisorDriver):
         self._check(domain)
         if not paused and self.qmp.execute("query-status").get("status") == "prelaunch":
             self.qmp.execute("cont")
+
+    # --- the plan window ---------------------------------------------------------------------------------
+    def pause(self, domain: str) -> None:
+        """QMP ``stop``: QEMU drains and flushes every disk before it returns."""
+        self._check(domain)
+        self.qmp.execute("stop")
+
+    def resume(self, domain: str) -> None:
+        self._check(domain)
+        if self.qmp.execute("query-status").get("status") == "paused":
+            self.qmp.execute("cont")
+
+    def _agent_socket(self, domain: str) -> str | None:
+        """The unix socket of the guest agent's channel, from QEMU's own view, or None if it has none."""
+        self._check(domain)
+        label = None
+        for parent in ("/machine/peripheral", "/machine/peripheral-anon"):
+            for child in self.qmp.execute("qom-list", {"path": parent}):
+                if child["type"] == "child<virtserialport>":
+                    port = f"{parent}/{child['name']}"
+                    if self.qmp.execute("qom-get", {"path": port, "property": "name"}) == AGENT_PORT:
+                        label = self.qmp.execute("qom-get", {"path": port, "property": "chardev"})
+        for chardev in self.qmp.execute("query-chardev"):
+            name = chardev["filename"].removeprefix("disconnected:")
+            if chardev["label"] == label and name.startswith("unix:") and name.endswith(",server=on"):
+                return name[len("unix:"):-len(",server=on")]
+        return None
+
+    def _guest_agent(self, domain: str, seconds: float) -> GuestAgent:
+        path = self._agent_socket(domain)
+        if path is None:
+            raise NotSupported(f"the QEMU of {domain} has no guest agent channel (a virtserialport named "
+                               f"{AGENT_PORT} on a unix socket chardev QEMU serves)")
+        return GuestAgent(path, timeout=seconds).connect()
+
+    def agent_problem(self, domain: str, seconds: float) -> str | None:
+        try:
+            with self._guest_agent(domain, seconds) as agent:
+                if agent.execute("guest-fsfreeze-status", timeout=seconds) != "thawed":
+                    return "its filesystems are frozen already (by someone else: snapfw would thaw them)"
+        except (NotSupported, ToolError, BadInput) as e:
+            return str(e)
+        return None
+
+    def freeze(self, domain: str, seconds: float) -> int:
+        with self._guest_agent(domain, seconds) as agent:
+            return agent.execute("guest-fsfreeze-freeze", timeout=seconds)
+
+    def thaw(self, domain: str, seconds: float) -> None:
+        with self._guest_agent(domain, seconds) as agent:
+            if agent.execute("guest-fsfreeze-status", timeout=seconds) != "thawed":
+                agent.execute("guest-fsfreeze-thaw", timeout=seconds)
 
     # --- live snapshots --------------------------------------------------------------------------------
     def live_snapshot(self, domain: str, actions: list[dict]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-import secrets
+import os
 import time
 
 from ..errors import ToolError
@@ -24,7 +24,7 @@ class GuestAgent(QMP):
     def connect(self) -> "GuestAgent":
         self._open("guest agent")
         try:
-            token = secrets.randbelow(1 << 31)
+            token = int.from_bytes(os.urandom(4), "big") >> 1  # not `secrets`: 25 ms to import
             self._sock.sendall(json.dumps({"execute": "guest-sync", "arguments": {"id": token}}).encode() + b"\n")
             deadline = time.monotonic() + self.timeout
             while True:

@@ -47,11 +47,13 @@ def _child_setup(parent: int, limited: bool):
         resource.setrlimit(resource.RLIMIT_AS, (LIMIT_ADDRESS_SPACE, LIMIT_ADDRESS_SPACE))
 
 
-def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float | None = None) -> str:
+def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float | None = None,
+        env: dict | None = None) -> str:
     """Run ``argv`` and return its stdout as text.
 
     ``limited`` applies the CPU, address-space and wall-clock limits for untrusted images.
     ``progress`` receives percentages parsed from ``qemu-img -p`` output as they arrive.
+    ``env``: variables added to its environment.
     """
     if shutil.which(argv[0]) is None:
         pkg = PACKAGE_HINT.get(argv[0])
@@ -61,7 +63,7 @@ def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float
     # coreutils timeout: it kills the program (and only it) however snapfw waits for it
     full = ["timeout", "-k", "5", str(wall), *argv] if wall else argv
     child = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, "LC_ALL": "C"}, preexec_fn=lambda: _child_setup(parent, limited))
+                             env={**os.environ, "LC_ALL": "C", **(env or {})}, preexec_fn=lambda: _child_setup(parent, limited))
     try:
         out, err = _read(child, progress)
         code = child.wait()

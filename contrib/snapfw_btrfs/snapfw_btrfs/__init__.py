@@ -12,6 +12,11 @@ for a read-only snapshot, an undeletable) subvolume behind. So this backend take
 out of the graph itself and deletes their subvolumes in finish steps: the core never sees them as
 garbage. A subvolume snapfw did not make (the disk's original one) is only forgotten, never deleted.
 One backend per disk: mixing other backends' snapshots into a btrfs disk is not supported.
+
+Live create: the snapshot of a running domain's disk is the same subvolume snapshot, a host step the
+hypervisor knows nothing of, so it goes to ``op.window``: snapfw pauses the guest (QEMU drains and flushes
+the image first), runs the hypervisor's transaction for the other disks and this step, and resumes it.
+btrfs writes the file's dirty pages before it snapshots the subvolume. Revert and delete stay offline.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 from dataclasses import dataclass
 
 from snapfw.api import (
+    LIVE_CREATE,
     OFFLINE_CREATE,
     OFFLINE_DELETE,
     OFFLINE_REVERT,
@@ -103,7 +109,7 @@ class DeleteSubvolume(Step):
 class BtrfsBackend(DiskBackend):
     name = "btrfs"
     description = "raw images in btrfs subvolumes: read-only subvolume snapshots (btrfs subvolume snapshot -r)"
-    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE})
+    capabilities = frozenset({OFFLINE_CREATE, OFFLINE_REVERT, OFFLINE_DELETE, LIVE_CREATE})
     priority = 15  # before external (20): raw disks in subvolumes get btrfs unless told otherwise
     cost = {"create": "metadata only", "revert": "metadata only", "delete": "metadata only",
             "space": "extents written since, per branch"}
@@ -122,12 +128,13 @@ class BtrfsBackend(DiskBackend):
             return f"{folder} is not a btrfs subvolume inside a btrfs filesystem ({e})"
         return None
 
-    def _snapshot(self, op, source_file, label, readonly) -> str:
-        """Plan a snapshot of the subvolume holding ``source_file``; the path of the file in the snapshot."""
+    def _snapshot(self, op, source_file, label, readonly, steps=None) -> str:
+        """Plan a snapshot of the subvolume holding ``source_file`` (appended to ``steps``, default
+        ``op.prepare``); the path of the file in the snapshot."""
         g = op.graph
         source = os.path.dirname(source_file)
         path = op.new_image_path(label, suffix="", folder=os.path.dirname(os.path.dirname(g.active)))
-        op.prepare.append(SnapshotSubvolume(source, path, readonly))
+        (op.prepare if steps is None else steps).append(SnapshotSubvolume(source, path, readonly))
         file = os.path.join(path, os.path.basename(source_file))
         g.files[file] = ImageFile(file, g.target, "raw", None, owned=True)
         return file
@@ -144,7 +151,7 @@ class BtrfsBackend(DiskBackend):
         op.finish.append(DeleteSubvolume(os.path.dirname(path)))
 
     def create(self, op, snapshot):
-        return {"file": self._snapshot(op, op.graph.active, snapshot, readonly=True)}
+        return {"file": self._snapshot(op, op.graph.active, snapshot, readonly=True, steps=op.window)}
 
     def revert(self, op, snapshot, record):
         g = op.graph
