@@ -177,10 +177,12 @@ dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan (c
 @click.option("--description", default="", help="Free text kept with the snapshot.")
 @click.option("--disk", "disks", multiple=True, metavar="TARGET=BACKEND",
               help="Backend for one disk, e.g. vda=external (repeatable).")
+@click.option("--memory", type=click.Choice(["none", "live", "paused"]), default="none", show_default=True,
+              help="Also save a running DOMAIN's memory: copied while it runs (live) or while paused.")
 @json_option
 @dry_run_option
 @click.pass_context
-def create(ctx, domain, name, description, disks, as_json, dry_run):
+def create(ctx, domain, name, description, disks, memory, as_json, dry_run):
     """Snapshot every disk of DOMAIN as NAME."""
     from . import lifecycle
 
@@ -192,7 +194,7 @@ def create(ctx, domain, name, description, disks, as_json, dry_run):
         if target in backends:
             raise BadInput(f"--disk names {target} twice")
         backends[target] = backend
-    plan = lifecycle.create(_session(ctx, as_json), domain, name, description, backends, dry_run)
+    plan = lifecycle.create(_session(ctx, as_json), domain, name, description, backends, dry_run, memory)
     _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "create"})
     if not dry_run and not as_json:
         click.echo(f"Snapshot {name} of {domain} created.")
@@ -201,7 +203,8 @@ def create(ctx, domain, name, description, disks, as_json, dry_run):
 @main.command()
 @click.argument("domain")
 @click.argument("name")
-@click.option("--running", "state", flag_value="running", help="Leave DOMAIN running (default if it ran).")
+@click.option("--running", "state", flag_value="running",
+              help="Leave DOMAIN running (default if it ran, or if NAME holds its memory: it resumes at NAME).")
 @click.option("--paused", "state", flag_value="paused", help="Leave DOMAIN started but paused.")
 @click.option("--stopped", "state", flag_value="shut off", help="Leave DOMAIN shut off (default if it was).")
 @click.option("--keep-config", is_flag=True, help="Keep DOMAIN's configuration as it is now, not as stored with NAME.")
@@ -313,14 +316,15 @@ def list_(ctx, domain, tree, as_json):
         lifecycle.ensure_domain(_session(ctx), domain)
     if as_json:
         _emit([{"name": n, "parent": p, "current": bool(cur), "created": _iso(t), "description": desc,
-                "disks": [dict(zip(("target", "backend"), d.split("=", 1))) for d in (disks or "").split(",") if d]}
-               for n, p, t, desc, cur, disks in rows])
+                "disks": [dict(zip(("target", "backend"), d.split("=", 1))) for d in (disks or "").split(",") if d],
+                "memory": mem} for n, p, t, desc, cur, disks, mem in rows])
         return
     if tree:
         _print_tree(rows)
         return
     table = [("Name", "Creation Time", "Parent", "Current", "Disks")]
-    table += [(n, _local(t), p or "-", "*" if cur else "", disks or "") for n, p, t, _, cur, disks in rows]
+    table += [(n, _local(t), p or "-", "*" if cur else "", (disks or "") + (f" +memory({mem})" if mem else ""))
+              for n, p, t, _, cur, disks, mem in rows]
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     out = []
     for i, r in enumerate(table):
@@ -362,8 +366,11 @@ def _snapshot_dict(tree, name, files) -> dict:
             chain.append(path)
             path = files[path].backing if path in files else None
         disks.append({"target": r.target, "backend": r.backend, **r.data, "files": chain})
+    m = s.memory
+    memory = {"kind": m.kind, "file": m.file, "size": m.size, "backend": m.backend} if m else None
     return {"name": s.name, "parent": s.parent, "children": s.children, "current": s.current,
-            "created": _iso(s.created), "description": s.description, "disks": disks, "config": s.config}
+            "created": _iso(s.created), "description": s.description, "disks": disks, "memory": memory,
+            "config": s.config}
 
 
 @main.command()
@@ -390,6 +397,8 @@ def show(ctx, domain, name, as_json):
     for disk in d["disks"]:
         tag = f" tag {disk['tag']}" if "tag" in disk else ""
         click.echo(f"Disk {disk['target']}:     {disk['backend']}{tag}: {' <- '.join(disk['files'])}")
+    m = d["memory"]
+    click.echo(f"Memory:       {m['kind']}: {m['file']} ({m['size']} bytes)" if m else "Memory:       none (disks only)")
 
 
 @main.command()

@@ -13,14 +13,14 @@ import os
 import re
 import time
 
-from . import connection, plugins
-from .backend import LIVE_CREATE, LIVE_DELETE, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
+from . import connection, memory, plugins
+from .backend import LIVE_CREATE, LIVE_DELETE, MEMORY_KINDS, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
 from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
                      UnknownSnapshot)
 from .live import LiveSnapshot, StartDomain, StopDomain
-from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name
+from .model import Disk, DiskRecord, Domain, ImageFile, MemoryRecord, Snapshot, Tree, check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
 from .tools import qemuimg
@@ -516,18 +516,27 @@ def _store_graph(domain: str, before: DiskGraph, after: DiskGraph, changes):
             changes.set_record(domain, name, after.target, data)
 
 
+MEMORY_NONE = "none"
+
+
 def create(session: Session, domain: str, name: str, description: str = "",
-           backends: dict[str, str] | None = None, dry_run: bool = False) -> Plan:
-    """Snapshot every disk of ``domain`` as ``name``, a child of the current snapshot."""
+           backends: dict[str, str] | None = None, dry_run: bool = False, memory: str | None = None) -> Plan:
+    """Snapshot every disk of ``domain`` as ``name``, a child of the current snapshot. ``memory``:
+    MEMORY_LIVE or MEMORY_PAUSED also saves a running domain's memory (default MEMORY_NONE: disks only)."""
     o = _Operation(session, domain, "create")
     check_name("snapshot", name)
     backends = dict(backends or {})
     for target, b in backends.items():
         check_name("disk target", target)
+    memory = memory or MEMORY_NONE
+    if memory not in (MEMORY_NONE, *MEMORY_KINDS):
+        raise BadInput(f"invalid --memory {memory!r}: expected {MEMORY_NONE}, {', '.join(MEMORY_KINDS)}")
     with session.lock(o.name):
         o.load()
         if name in o.tree:
             raise BadInput(f"domain {o.name} already has a snapshot named {name!r}")
+        if memory != MEMORY_NONE and not o.domain.running:
+            raise BadInput(f"--memory {memory}: domain {o.name} is {o.domain.state}, it has no memory to save")
         for target in backends:
             o.domain.disk(target)
         capability = LIVE_CREATE if o.domain.running else OFFLINE_CREATE
@@ -539,12 +548,42 @@ def create(session: Session, domain: str, name: str, description: str = "",
             op.graph.records[name] = r.data
         snap = Snapshot(name, o.tree.current, time.time(), description, True, records, o.domain.config())
         disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
-        plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
+        plan = o.assemble(f"create snapshot {name} of {o.name} ({disks}"
+                          f"{'' if memory == MEMORY_NONE else f'; memory: {memory}'})")
+        if memory != MEMORY_NONE:
+            snap.memory = _save_memory(o, ops, records, plan, name, memory)
+            plan.changes.append(lambda ch: _measure(snap.memory))
         plan.changes += [lambda ch: ch.add_snapshot(o.name, snap), lambda ch: ch.set_current(o.name, name)]
         h = plugins.hook()
         return o.run(plan, dry_run, lambda: h.snapfw_pre_snapshot(domain=o.domain, name=name),
                      functools.partial(h.snapfw_post_snapshot, domain=o.domain, snapshot=snap),
                      f"snapshot {name} of {o.name} was created")
+
+
+def _save_memory(o: "_Operation", ops: list[DiskOp], records: list[DiskRecord], plan: Plan, name: str,
+                 kind: str) -> MemoryRecord:
+    """Put the memory save around the disks' live snapshot in ``plan`` (snapfw.memory); the record it
+    makes, bound to the disk records of snapshot ``name``."""
+    backend = memory.backend_for(None, type(o.s.driver).scheme)
+    if kind not in backend.kinds:
+        raise NotSupported(f"memory backend {backend.name} cannot take --memory {kind} snapshots")
+    folder = os.path.dirname(min(ops[0].graph.files, key=len)) if ops else os.path.dirname(o.domain.disks[0].path)
+    size = backend.image_size(o.s.driver, o.name)
+    memory.check_space(folder, size, o.name)
+    path = memory.image_path(o.name, name, folder)
+    live = [i for i, s in enumerate(plan.prepare) if isinstance(s, LiveSnapshot)]
+    at = live[0] if live else len(plan.prepare)
+    resume, settings = o.domain.state == RUNNING, backend.settings(o.s.driver, o.name)
+    plan.prepare[at:at + len(live)] = [memory.SaveMemory(o.name, backend.name, path, kind, settings, resume, size),
+                                       *plan.prepare[at:at + len(live)],
+                                       memory.CompleteMemory(o.name, backend.name, path, settings, resume)]
+    plan.notes.append(f"the memory image {path} holds the guest's secrets: it is made mode 0600")
+    return MemoryRecord(backend.name, kind, path, 0, {"disks": {r.target: r.backend for r in records}})
+
+
+def _measure(record: MemoryRecord):
+    """The size of the image as written, recorded so a revert can tell a truncated one."""
+    record.size = os.path.getsize(record.file)
 
 
 RUNNING, PAUSED, STOPPED = "running", "paused", "shut off"
@@ -564,7 +603,11 @@ def revert(session: Session, domain: str, name: str, dry_run: bool = False, stat
         o.load()
         snap = find_snapshot(o.tree, o.name, name)
         was = o.domain.state
-        state = state or (was if o.domain.running else STOPPED)
+        # a system checkpoint resumes its guest unless told otherwise; disk-only ones keep the state it had
+        state = state or (RUNNING if snap.memory else was if o.domain.running else STOPPED)
+        restore = snap.memory is not None and state != STOPPED
+        if restore:
+            memory.check_restorable(snap, o.domain, keep_config)
         if o.domain.running or state != STOPPED:
             problem = session.driver.restart_problem(o.domain)
             if problem:
@@ -582,8 +625,12 @@ def revert(session: Session, domain: str, name: str, dry_run: bool = False, stat
         plan = o.assemble(f"revert {o.name} to snapshot {name}", definition)
         if was != STOPPED:
             plan.prepare.insert(0, StopDomain(o.name, paused=was == PAUSED))
-        if state != STOPPED:
+        if restore:
+            plan.finish.append(memory.RestoreMemory(o.name, snap.memory.backend, snap.memory.file, state == PAUSED))
+        elif state != STOPPED:
             plan.finish.append(StartDomain(o.name, paused=state == PAUSED))
+        if snap.memory is not None and not restore:
+            plan.notes.append(f"snapshot {name}'s memory image is not loaded (--stopped): {o.name} will boot afresh")
         if definition is None and not keep_config and o.domain.definition:
             plan.notes.append(f"snapshot {name} was taken without a stored configuration; {o.name} keeps its own")
         for d in o.domain.disks:
@@ -624,6 +671,7 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
                 del op.graph.records[n]
         what = f"snapshot {name}" + (f" and its {len(names) - 1} descendants" if children else "")
         plan = o.assemble(f"delete {what} of {o.name}")
+        plan.finish += [RemoveFile(o.tree.by_name[n].memory.file) for n in names if o.tree.by_name[n].memory]
         for n in reversed(names):
             plan.changes.append(functools.partial(lambda n, ch: ch.remove_snapshot(o.name, n), n))
         h = plugins.hook()
@@ -736,6 +784,8 @@ def _disagreements(session: Session, name: str, users: ImageUsers) -> list[str]:
         if problem:
             out.append(problem)
     for snap in tree:
+        if snap.memory is not None and not os.path.isfile(snap.memory.file):
+            out.append(f"snapshot {snap.name}'s memory image {snap.memory.file} is missing")
         for r in snap.disks:
             f = files.get(r.data.get("file"))
             if f is None or f.target != r.target:
