@@ -164,8 +164,8 @@ class MemoryBackend:
 
     Lifecycle, driven by the core (snapfw.memory), around the disks' one live snapshot:
 
-        running --save--> paused at the instant --the disks' live snapshot--> --complete--> running, image whole
-                   \--(failure, crash + check --repair) abort--> running, image removed by the core
+        running --save--> paused at the instant --the disks' snapshot--> --complete--> running, image whole
+        after a failure (or a crash, then check --repair): --abort--> running, image removed by the core
         stopped --restore(image)--> running (or paused) at that instant, on disks reverted to it
 
     The core makes the image file (mode 0600, empty) and passes its path. ``settings`` is what
