@@ -9,6 +9,7 @@ come from the disks. vda is qcow2 (an internal snapshot while it runs), vdb raw 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 from live import LiveEnv, Qemu
@@ -111,6 +112,70 @@ def test_a_shut_off_domain_resumes_at_a_memory_snapshot_and_delete_removes_the_i
     live.run("delete", "web", "s3")
     assert memory_files(live) == ["web.s1.memory", "web.s2.memory"]
     live.assert_consistent()
+    listed = live.json("list", "web")
+    r = live.run("revert", "web", "s2", "--keep-config", check=False)
+    assert r.returncode == 1 and "--keep-config would start it with today's configuration" in r.stderr
+    image = live.json("show", "web", "s1")["memory"]["file"]
+    os.rename(image, image + ".whole")
+    with open(image + ".whole", "rb") as whole, open(image, "wb") as cut:
+        cut.write(whole.read(4096))
+    r = live.run("revert", "web", "s1", check=False)
+    assert r.returncode == 1 and "has 4096 bytes" in r.stderr and "--stopped" in r.stderr
+    os.replace(image + ".whole", image)
+    assert live.json("list", "web") == listed and not qemu.reattach()  # nothing changed, nothing started
     revert(live, qemu, "s2")  # a system checkpoint resumes its guest by default
     assert status(qemu) == "running"
     assert marks(qemu) == {"ram": "BBBBBB", "vda": "BBBBBB", "vdb": "BBBBBB"}
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 200 MiB tmpfs of its own, to run out of space on."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield str(folder)
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_no_room_for_the_memory_image_is_refused_first_and_enospc_while_writing_changes_nothing(small_fs, tmp_path):
+    """A firmware-only guest (64 MiB) whose disks are on a small filesystem: too little room is refused
+    before any change; a filesystem that fills up while the image is written (after the check) resumes
+    the guest, removes the partial image and leaves disks and catalog as they were."""
+    from snapfw import lifecycle, plugins
+    from snapfw.api import SnapfwError, hookimpl
+
+    qemu = Qemu(small_fs, disks=(("vda", "qcow2"), ("vdb", "raw"))).start()
+    try:
+        live = LiveEnv(small_fs, qemu)
+        live.state_dir = str(tmp_path / "state")
+        filler = os.path.join(small_fs, "filler")
+        subprocess.run(["fallocate", "-l", "100m", filler], check=True)
+        before = sorted(os.listdir(small_fs))
+        disks = [n for n in before if n != "filler"]
+        r = live.run("create", "web", "s1", "--memory", "paused", check=False)
+        assert r.returncode == 1 and "not enough free space" in r.stderr and "memory image of web" in r.stderr
+        assert sorted(os.listdir(small_fs)) == before and status(qemu) == "running"
+        os.unlink(filler)
+
+        class FillUp:  # after the free-space check, just before the plan runs
+            @hookimpl
+            def snapfw_pre_snapshot(self, domain, name):
+                free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+                subprocess.run(["fallocate", "-l", str(free - 64 * 1024), filler], check=True)
+
+        plugins.get_plugin_manager().register(FillUp(), "fill-up")
+        try:
+            session = lifecycle.Session(live.uri, live.state_dir)
+            with pytest.raises(SnapfwError, match="QMP migrate failed: .*No space left") as e:
+                lifecycle.create(session, "web", "s1", memory="paused")
+            session.driver.qmp.close()
+        finally:
+            plugins.reset()
+        os.unlink(filler)
+        assert sorted(os.listdir(small_fs)) == disks and status(qemu) == "running"
+        assert live.json("list", "web") == []
+    finally:
+        qemu.kill()
