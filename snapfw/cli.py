@@ -453,6 +453,10 @@ def plugins_(as_json):
                      "version": plugins.version(plugin), "description": cls.description,
                      "capabilities": sorted(cls.capabilities),
                      "cost": {}})
+    for name, (cls, plugin) in sorted(plugins.memory_backends().items()):
+        rows.append({"kind": "memory backend", "name": name, "plugin": plugin, "version": plugins.version(plugin),
+                     "description": f"{cls.description} (drivers: {', '.join(sorted(cls.drivers))})",
+                     "capabilities": sorted(f"memory.{k}" for k in cls.kinds), "cost": {}})
     listed = {r["plugin"] for r in rows}
     for plugin, hooks in plugins.loaded():
         if plugin not in listed:  # a plugin acting around operations only

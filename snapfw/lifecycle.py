@@ -790,7 +790,7 @@ def _disagreements(session: Session, name: str, users: ImageUsers) -> list[str]:
             f = files.get(r.data.get("file"))
             if f is None or f.target != r.target:
                 out.append(f"{r.target}: snapshot {snap.name}'s file {r.data.get('file')} is not in the catalog")
-    known = set(session.catalog.files()) | {d.path for d in dom.disks}
+    known = set(session.catalog.files()) | {d.path for d in dom.disks} | {s.memory.file for s in tree if s.memory}
     for path in _leftovers(dom, {f.target for f in files.values()} | {d.target for d in dom.disks},
                            {os.path.dirname(p) for p in files}, known):
         out.append(f"{path} is named like a file snapfw makes, but no catalog entry or disk uses it; snapfw "
@@ -815,14 +815,16 @@ def _leftovers(dom: Domain, targets: set[str], folders: set[str], known: set[str
     """Files in the domain's directories, not in ``known``, named as snapfw names its own: an overlay
     ``<domain>-<target>.<label>[.N].qcow2`` (DiskOp.new_image_path), one still being written
     ``.<domain>-<target>.<label>[.N].qcow2.<random>.tmp`` (CreateOverlay), a domain definition being
-    rewritten ``.<domain>.<anything>.tmp`` (drivers).
+    rewritten ``.<domain>.<anything>.tmp`` (drivers), a memory image ``<domain>.<snapshot>[.N].memory``
+    (snapfw.memory).
 
     A name proves nothing (the user may have made the file), so these are only reported. The files
     snapfw provably made are those an interrupted plan's journal names; `check --repair` removes them
     when it rolls that plan back.
     """
     d, disks = re.escape(dom.name), "|".join(re.escape(t) for t in sorted(targets))
-    ours = re.compile(rf"{d}-(?:{disks})\..+\.qcow2|\.{d}-(?:{disks})\..+\.tmp|\.{d}\..+\.tmp", re.DOTALL)
+    ours = re.compile(rf"{d}-(?:{disks})\..+\.qcow2|\.{d}-(?:{disks})\..+\.tmp|\.{d}\..+\.tmp|{d}\..+\.memory",
+                      re.DOTALL)
     out = []
     for folder in sorted({os.path.normpath(f) for f in set(dom.allowed_roots) | folders}):
         try:

@@ -474,7 +474,7 @@ class QemuMemory(MemoryBackend):
     """
 
     name = "qemu"
-    description = "QEMU migration stream to a file (qmp driver): live or paused"
+    description = "QEMU migration stream to a file, live or paused"
     drivers = frozenset({"qmp"})
 
     def image_size(self, driver, domain):
