@@ -11,6 +11,9 @@ from .backend import (
     LIVE_CREATE,
     LIVE_DELETE,
     LIVE_REVERT,
+    MEMORY_KINDS,
+    MEMORY_LIVE,
+    MEMORY_PAUSED,
     MIRROR,
     OFFLINE_CREATE,
     OFFLINE_DELETE,
@@ -19,6 +22,7 @@ from .backend import (
     DiskGraph,
     DiskOp,
     HypervisorDriver,
+    MemoryBackend,
 )
 from .connection import fsync_dir, uri_path
 from .errors import (
@@ -48,7 +52,8 @@ from .live import (
     external_action,
     internal_action,
 )
-from .model import FORMATS, Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name, fit_file_name
+from .model import (FORMATS, Disk, DiskRecord, Domain, ImageFile, MemoryRecord, Snapshot, Tree, check_name,
+                    fit_file_name)
 from .plan import Plan, Step
 from .steps import ApplyTag, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile, remove_overlay
 from .tools import lvm, qemuimg
@@ -98,6 +103,11 @@ __all__ = [
     "LiveStream",
     "LockTimeout",
     "lvm",
+    "MEMORY_KINDS",
+    "MEMORY_LIVE",
+    "MEMORY_PAUSED",
+    "MemoryBackend",
+    "MemoryRecord",
     "MIRROR",
     "NotSupported",
     "OFFLINE_CREATE",

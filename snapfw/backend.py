@@ -169,6 +169,65 @@ class DiskBackend:
             raise NotSupported(f"backend {self.name} cannot delete snapshots")
 
 
+MEMORY_LIVE = "live"
+MEMORY_PAUSED = "paused"
+MEMORY_KINDS = (MEMORY_LIVE, MEMORY_PAUSED)
+
+
+class MemoryBackend:
+    """Base of memory backends: how to write a running domain's memory (RAM and device state) to an image
+    file and start the domain from it again, for the hypervisor drivers named in ``drivers``.
+
+    Lifecycle, driven by the core (snapfw.memory), around the disks' one live snapshot:
+
+        running --save--> paused at the instant --the disks' snapshot--> --complete--> running, image whole
+        after a failure (or a crash, then check --repair): --abort--> running, image removed by the core
+        stopped --restore(image)--> running (or paused) at that instant, on disks reverted to it
+
+    The core makes the image file (mode 0600, empty) and passes its path. ``settings`` is what
+    :meth:`settings` returned before any change, journaled: what ``save`` changes in the hypervisor and
+    ``complete``/``abort`` put back, also in another process after a crash. Every method but ``save`` is
+    idempotent, since ``check --repair`` may call it again.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    drivers: ClassVar[frozenset[str]] = frozenset()  # URI schemes of the drivers it works with
+    kinds: ClassVar[frozenset[str]] = frozenset(MEMORY_KINDS)
+
+    def image_size(self, driver: "HypervisorDriver", domain: str) -> int:
+        """About how many bytes the image of running ``domain`` takes (RAM and device state), for the
+        free-space check before any change."""
+        raise NotImplementedError
+
+    def settings(self, driver: "HypervisorDriver", domain: str) -> dict:
+        """The hypervisor settings of ``domain`` that ``save`` changes (JSON), read before any change."""
+        return {}
+
+    def save(self, driver: "HypervisorDriver", domain: str, path: str, kind: str, settings: dict,
+             deadline: float) -> None:
+        """Write the memory of ``domain`` to the existing file ``path`` and leave the domain paused at that
+        instant, its disks flushed for their snapshot. ``kind`` MEMORY_PAUSED: pause first; MEMORY_LIVE:
+        copy while it runs, pausing only for the last pass. What is left to write once the disks are
+        done, :meth:`complete` writes. Past ``deadline`` (monotonic), raise."""
+        raise NotSupported(f"memory backend {self.name} cannot save memory")
+
+    def complete(self, driver: "HypervisorDriver", domain: str, path: str, settings: dict, resume: bool,
+                 deadline: float) -> None:
+        """Finish the image ``save`` began (nothing if it is whole) and let ``domain`` run if ``resume``."""
+        raise NotSupported(f"memory backend {self.name} cannot save memory")
+
+    def abort(self, driver: "HypervisorDriver", domain: str, settings: dict, resume: bool) -> None:
+        """Undo :meth:`save`, also a failed or interrupted one: stop whatever still writes the image and
+        let ``domain`` run if ``resume``. Nothing if the domain is gone."""
+        raise NotSupported(f"memory backend {self.name} cannot save memory")
+
+    def restore(self, driver: "HypervisorDriver", domain: str, path: str, paused: bool) -> None:
+        """Start stopped ``domain`` from its definition with the memory image ``path`` loaded, then let it
+        run unless ``paused``. Idempotent: finish a restore a crash interrupted."""
+        raise NotSupported(f"memory backend {self.name} cannot restore memory")
+
+
 class HypervisorDriver:
     """Base of hypervisor drivers: how to reach domains behind a connection URI.
 

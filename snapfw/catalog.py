@@ -16,7 +16,7 @@ import time
 
 from .connection import fsync_dir
 from .errors import CatalogError, FileError, Refused, UnknownSnapshot
-from .model import DiskRecord, ImageFile, Snapshot, Tree
+from .model import DiskRecord, ImageFile, MemoryRecord, Snapshot, Tree
 
 FILENAME = "catalog.sqlite"
 # SQLite errors that come from the file system, not from the database (a full disk leaves no room for
@@ -99,16 +99,29 @@ _MIGRATIONS = [
     INSERT OR IGNORE INTO clones(domain_id, gold_domain, gold_snapshot, full)
         SELECT domain_id, gold_domain, gold_snapshot, 0 FROM clone_bases;
     """,
+    # version 4: memory state. A snapshot's memory image (at most one), bound to that snapshot's disk
+    # records: it goes with the snapshot
+    """
+    CREATE TABLE memory_records(
+        snapshot_id INTEGER PRIMARY KEY REFERENCES snapshots(id) ON DELETE CASCADE,
+        backend TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        file TEXT NOT NULL UNIQUE,
+        size INTEGER NOT NULL,
+        data TEXT NOT NULL);
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-# The whole `snapfw list` in one query: visible snapshots with parent name, current flag and disks.
+# The whole `snapfw list` in one query: visible snapshots with parent name, current flag, disks and the
+# kind of their memory image (NULL: disks only).
 _LIST_SQL = """
 SELECT s.name, p.name, s.created, s.description, s.id = d.current_id,
        (SELECT group_concat(r.target || '=' || r.backend, ',') FROM disk_records r
-         WHERE r.snapshot_id = s.id ORDER BY r.target)
+         WHERE r.snapshot_id = s.id ORDER BY r.target), m.kind
   FROM snapshots s JOIN domains d ON d.id = s.domain_id
   LEFT JOIN snapshots p ON p.id = s.parent_id
+  LEFT JOIN memory_records m ON m.snapshot_id = s.id
  WHERE d.name = ? ORDER BY s.created, s.id
 """
 
@@ -211,7 +224,8 @@ class Catalog:
 
     # --- reading -------------------------------------------------------------------------------
     def list_rows(self, domain: str) -> list[tuple]:
-        """(name, parent, created, description, current, "vda=qcow2,vdb=external") per snapshot."""
+        """(name, parent, created, description, current, "vda=qcow2,vdb=external", memory kind or None)
+        per snapshot."""
         return self._q(_LIST_SQL, (domain,)).fetchall()
 
     def domains(self) -> list[str]:
@@ -236,6 +250,11 @@ class Catalog:
                 "JOIN snapshots s ON s.id = r.snapshot_id JOIN domains d ON d.id = s.domain_id "
                 "WHERE d.name = ? ORDER BY r.target", (domain,)):
             by_id[sid].disks.append(DiskRecord(target, backend, json.loads(data)))
+        for sid, backend, kind, file, size, data in self._q(
+                "SELECT m.snapshot_id, m.backend, m.kind, m.file, m.size, m.data FROM memory_records m "
+                "JOIN snapshots s ON s.id = m.snapshot_id JOIN domains d ON d.id = s.domain_id "
+                "WHERE d.name = ?", (domain,)):
+            by_id[sid].memory = MemoryRecord(backend, kind, file, size, json.loads(data))
         return Tree(snaps)
 
     def files(self, domain: str | None = None) -> dict[str, ImageFile]:
@@ -363,6 +382,10 @@ class Changes:
         for r in snap.disks:
             self._q("INSERT INTO disk_records(snapshot_id, target, backend, data) VALUES (?,?,?,?)",
                     (sid, r.target, r.backend, json.dumps(r.data)))
+        m = snap.memory
+        if m is not None:
+            self._q("INSERT INTO memory_records(snapshot_id, backend, kind, file, size, data) VALUES (?,?,?,?,?,?)",
+                    (sid, m.backend, m.kind, m.file, m.size, json.dumps(m.data)))
 
     def remove_snapshot(self, domain: str, name: str):
         """Remove a snapshot; its children move to its parent, and current moves to its parent."""

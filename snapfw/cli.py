@@ -213,10 +213,12 @@ dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan (c
 @click.option("--quiesce", is_flag=False, flag_value="yes", default=None, type=click.Choice(["yes", "try"]),
               help="Freeze the running guest's filesystems (guest agent) around the snapshot; refuse if that "
                    "cannot be done, or with --quiesce=try take it crash-consistent and record why.")
+@click.option("--memory", type=click.Choice(["none", "live", "paused"]), default="none", show_default=True,
+              help="Also save a running DOMAIN's memory: copied while it runs (live) or while paused.")
 @json_option
 @dry_run_option
 @click.pass_context
-def create(ctx, domain, name, description, disks, mirror, lvm_size, quiesce, as_json, dry_run):
+def create(ctx, domain, name, description, disks, mirror, lvm_size, quiesce, memory, as_json, dry_run):
     """Snapshot every disk of DOMAIN as NAME."""
     from . import lifecycle
 
@@ -230,7 +232,7 @@ def create(ctx, domain, name, description, disks, mirror, lvm_size, quiesce, as_
         backends[target] = backend
     options = {"lvm-size": lvm_size} if lvm_size else {}
     session = _session(ctx, as_json)
-    plan = lifecycle.create(session, domain, name, description, backends, dry_run, mirror, options, quiesce)
+    plan = lifecycle.create(session, domain, name, description, backends, dry_run, mirror, options, quiesce, memory)
     _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "create"}, session)
     if not dry_run and not as_json:
         click.echo(f"Snapshot {name} of {domain} created.")
@@ -239,7 +241,8 @@ def create(ctx, domain, name, description, disks, mirror, lvm_size, quiesce, as_
 @main.command()
 @click.argument("domain")
 @click.argument("name")
-@click.option("--running", "state", flag_value="running", help="Leave DOMAIN running (default if it ran).")
+@click.option("--running", "state", flag_value="running",
+              help="Leave DOMAIN running (default if it ran, or if NAME holds its memory: it resumes at NAME).")
 @click.option("--paused", "state", flag_value="paused", help="Leave DOMAIN started but paused.")
 @click.option("--stopped", "state", flag_value="shut off", help="Leave DOMAIN shut off (default if it was).")
 @click.option("--keep-config", is_flag=True, help="Keep DOMAIN's configuration as it is now, not as stored with NAME.")
@@ -366,11 +369,11 @@ def list_(ctx, domain, tree, as_json):
         state = states.get(n, {}).get(target)
         return {"target": target, "backend": backend, **({"status": state} if state else {})}
 
-    listed = [(n, p, t, desc, cur, [disk(n, d) for d in (disks or "").split(",") if d])
-              for n, p, t, desc, cur, disks in rows]
+    listed = [(n, p, t, desc, cur, [disk(n, d) for d in (disks or "").split(",") if d], mem)
+              for n, p, t, desc, cur, disks, mem in rows]
     if as_json:
         _emit([{"name": n, "parent": p, "current": bool(cur), "created": _iso(t), "description": desc,
-                "disks": disks} for n, p, t, desc, cur, disks in listed])
+                "disks": disks, "memory": mem} for n, p, t, desc, cur, disks, mem in listed])
         return
     if tree:
         _print_tree(rows)
@@ -378,8 +381,9 @@ def list_(ctx, domain, tree, as_json):
     table = [("Name", "Creation Time", "Parent", "Current", "Disks")]
     table += [(n, _local(t), p or "-", "*" if cur else "",
                ",".join(f"{d['target']}={d['backend']}" + (f" ({d['status']})" if d.get("status", "valid") != "valid"
-                                                          else "") for d in disks))
-              for n, p, t, _, cur, disks in listed]
+                                                          else "") for d in disks)
+               + (f" +memory({mem})" if mem else ""))
+              for n, p, t, _, cur, disks, mem in listed]
     click.echo("\n".join(_table(table)))
 
 
@@ -448,8 +452,11 @@ def _snapshot_dict(tree, name, files, states=None) -> dict:
             path = files[path].backing if path in files else None
         state = {"status": states[r.target]} if r.target in states else {}
         disks.append({"target": r.target, "backend": r.backend, **r.data, **state, "files": chain})
+    m = s.memory
+    memory = {"kind": m.kind, "file": m.file, "size": m.size, "backend": m.backend} if m else None
     return {"name": s.name, "parent": s.parent, "children": s.children, "current": s.current,
-            "created": _iso(s.created), "description": s.description, "disks": disks, "config": s.config}
+            "created": _iso(s.created), "description": s.description, "disks": disks, "memory": memory,
+            "config": s.config}
 
 
 @main.command()
@@ -491,6 +498,8 @@ def show(ctx, domain, name, as_json):
         tag = f" tag {disk['tag']}" if "tag" in disk else ""
         state = f" ({disk['status']})" if "status" in disk else ""
         click.echo(f"Disk {disk['target']}:     {disk['backend']}{tag}: {' <- '.join(disk['files'])}{state}")
+    m = d["memory"]
+    click.echo(f"Memory:       {m['kind']}: {m['file']} ({m['size']} bytes)" if m else "Memory:       none (disks only)")
 
 
 @main.command()
@@ -546,6 +555,10 @@ def plugins_(as_json):
                      "version": plugins.version(plugin), "description": cls.description,
                      "capabilities": sorted(cls.capabilities),
                      "cost": {}})
+    for name, (cls, plugin) in sorted(plugins.memory_backends().items()):
+        rows.append({"kind": "memory backend", "name": name, "plugin": plugin, "version": plugins.version(plugin),
+                     "description": f"{cls.description} (drivers: {', '.join(sorted(cls.drivers))})",
+                     "capabilities": sorted(f"memory.{k}" for k in cls.kinds), "cost": {}})
     listed = {r["plugin"] for r in rows}
     for plugin, hooks in plugins.loaded():
         if plugin not in listed:  # a plugin acting around operations only

@@ -31,6 +31,16 @@ def snapfw_hypervisor_drivers():
     """
 
 
+@hookspec
+def snapfw_memory_backends():
+    """Return a list of :class:`snapfw.api.MemoryBackend` subclasses this plugin provides.
+
+    Called once per process when a snapshot with memory state is planned or reverted. Each says which
+    hypervisor drivers (URI schemes) it serves; all results are collected, and two backends with the same
+    ``name``, or anything but a MemoryBackend subclass, are a PluginError.
+    """
+
+
 # --- lifecycle: called around every changing operation --------------------------------------------
 @hookspec
 def snapfw_plan_built(operation, domain, plan):

@@ -13,15 +13,16 @@ import os
 import re
 import time
 
-from . import config, connection, freezehooks, plugins
-from .backend import LIVE_CREATE, LIVE_DELETE, MIRROR, OFFLINE_CREATE, DiskGraph, DiskOp, HypervisorDriver
+from . import config, connection, freezehooks, memory, plugins
+from .backend import (LIVE_CREATE, LIVE_DELETE, MEMORY_KINDS, MIRROR, OFFLINE_CREATE, DiskGraph, DiskOp,
+                      HypervisorDriver)
 from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
                      UnknownDomain)
-from .live import (AGENT_SECONDS, FREEZE_SECONDS, PAUSE_SECONDS, LiveSnapshot, StartDomain, StopDomain, held,
-                   window, window_seconds)
-from .model import Disk, DiskRecord, Domain, ImageFile, Snapshot, Tree, check_name, find_snapshot
+from .live import (AGENT_SECONDS, FREEZE_SECONDS, PAUSE_SECONDS, LiveSnapshot, Pause, StartDomain,
+                   StopDomain, held, window, window_seconds)
+from .model import Disk, DiskRecord, Domain, ImageFile, MemoryRecord, Snapshot, Tree, check_name, find_snapshot
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
 from .tools import procs, qemuimg
@@ -561,17 +562,19 @@ def _store_graph(domain: str, before: DiskGraph, after: DiskGraph, changes):
 
 
 QUIESCE, QUIESCE_TRY = "yes", "try"
+MEMORY_NONE = "none"
 
 
 def create(session: Session, domain: str, name: str, description: str = "",
            backends: dict[str, str] | None = None, dry_run: bool = False, mirror: bool | None = None,
-           options: dict | None = None, quiesce: str | None = None) -> Plan:
+           options: dict | None = None, quiesce: str | None = None, memory: str | None = None) -> Plan:
     """Snapshot every disk of ``domain`` as ``name``, a child of the current snapshot. ``mirror``: also
     record it in the driver's own snapshot records (None: as the config file's ``mirror`` says, for a
     driver that can). ``options``: backend options by name (``lvm-size``), each read by the backend it
     belongs to. ``quiesce`` (a running domain): freeze its filesystems through its guest agent around the
     snapshot; QUIESCE refuses before any change if that cannot be done, QUIESCE_TRY then takes it
-    crash-consistent."""
+    crash-consistent. ``memory``: MEMORY_LIVE or MEMORY_PAUSED also saves a running domain's memory
+    (default MEMORY_NONE: disks only)."""
     o = _Operation(session, domain, "create", options)
     check_name("snapshot", name)
     if quiesce not in (None, QUIESCE, QUIESCE_TRY):
@@ -580,10 +583,15 @@ def create(session: Session, domain: str, name: str, description: str = "",
     backends = dict(backends or {})
     for target, b in backends.items():
         check_name("disk target", target)
+    memory = memory or MEMORY_NONE
+    if memory not in (MEMORY_NONE, *MEMORY_KINDS):
+        raise BadInput(f"invalid --memory {memory!r}: expected {MEMORY_NONE}, {', '.join(MEMORY_KINDS)}")
     with session.lock(o.name):
         o.load()
         if name in o.tree:
             raise BadInput(f"domain {o.name} already has a snapshot named {name!r}")
+        if memory != MEMORY_NONE and not o.domain.running:
+            raise BadInput(f"--memory {memory}: domain {o.name} is {o.domain.state}, it has no memory to save")
         for target in backends:
             o.domain.disk(target)
         capability = LIVE_CREATE if o.domain.running else OFFLINE_CREATE
@@ -601,7 +609,11 @@ def create(session: Session, domain: str, name: str, description: str = "",
             snap.config[MIRRORED] = {"state": o.domain.state, "active": {op.disk.target: op.graph.active
                                                                           for op in ops}}
         disks = ", ".join(f"{r.target}: {r.backend}" for r in records)
-        plan = o.assemble(f"create snapshot {name} of {o.name} ({disks})")
+        plan = o.assemble(f"create snapshot {name} of {o.name} ({disks}"
+                          f"{'' if memory == MEMORY_NONE else f'; memory: {memory}'})")
+        if memory != MEMORY_NONE:
+            snap.memory = _save_memory(o, ops, records, plan, name, memory)
+            plan.changes.append(lambda ch: _measure(snap.memory))
         if o.domain.running:  # how the guest was held, measured while the plan runs (before this change)
             plan.changes.append(lambda ch: snap.config.update(window=held(plan.prepare, problem)))
             hooks = freezehooks.scripts(o.name)
@@ -685,6 +697,35 @@ def _quiesce_problem(session: Session, o: "_Operation", quiesce: str | None) -> 
     return problem
 
 
+def _save_memory(o: "_Operation", ops: list[DiskOp], records: list[DiskRecord], plan: Plan, name: str,
+                 kind: str) -> MemoryRecord:
+    """Put the memory save around the disks' live snapshot in ``plan`` (snapfw.memory); the record it
+    makes, bound to the disk records of snapshot ``name``."""
+    if any(isinstance(s, Pause) for s in plan.prepare):  # its own pause would end inside the window's
+        raise NotSupported(f"--memory: a disk of {o.name} is snapshotted by a host step, in a pause window; memory "
+                           "state beside such disks is not supported yet")
+    backend = memory.backend_for(None, type(o.s.driver).scheme)
+    if kind not in backend.kinds:
+        raise NotSupported(f"memory backend {backend.name} cannot take --memory {kind} snapshots")
+    folder = os.path.dirname(min(ops[0].graph.files, key=len)) if ops else os.path.dirname(o.domain.disks[0].path)
+    size = backend.image_size(o.s.driver, o.name)
+    memory.check_space(folder, size, o.name)
+    path = memory.image_path(o.name, name, folder)
+    live = [i for i, s in enumerate(plan.prepare) if isinstance(s, LiveSnapshot)]
+    at = live[0] if live else len(plan.prepare)
+    resume, settings = o.domain.state == RUNNING, backend.settings(o.s.driver, o.name)
+    plan.prepare[at:at + len(live)] = [memory.SaveMemory(o.name, backend.name, path, kind, settings, resume, size),
+                                       *plan.prepare[at:at + len(live)],
+                                       memory.CompleteMemory(o.name, backend.name, path, settings, resume)]
+    plan.notes.append(f"the memory image {path} holds the guest's secrets: it is made mode 0600")
+    return MemoryRecord(backend.name, kind, path, 0, {"disks": {r.target: r.backend for r in records}})
+
+
+def _measure(record: MemoryRecord):
+    """The size of the image as written, recorded so a revert can tell a truncated one."""
+    record.size = os.path.getsize(record.file)
+
+
 RUNNING, PAUSED, STOPPED = "running", "paused", "shut off"
 
 
@@ -702,7 +743,11 @@ def revert(session: Session, domain: str, name: str, dry_run: bool = False, stat
         o.load()
         snap = find_snapshot(o.tree, o.name, name)
         was = o.domain.state
-        state = state or (was if o.domain.running else STOPPED)
+        # a system checkpoint resumes its guest unless told otherwise; disk-only ones keep the state it had
+        state = state or (RUNNING if snap.memory else was if o.domain.running else STOPPED)
+        restore = snap.memory is not None and state != STOPPED
+        if restore:
+            memory.check_restorable(snap, o.domain, keep_config)
         if o.domain.running or state != STOPPED:
             problem = session.driver.restart_problem(o.domain)
             if problem:
@@ -720,8 +765,12 @@ def revert(session: Session, domain: str, name: str, dry_run: bool = False, stat
         plan = o.assemble(f"revert {o.name} to snapshot {name}", definition)
         if was != STOPPED:
             plan.prepare.insert(0, StopDomain(o.name, paused=was == PAUSED))
-        if state != STOPPED:
+        if restore:
+            plan.finish.append(memory.RestoreMemory(o.name, snap.memory.backend, snap.memory.file, state == PAUSED))
+        elif state != STOPPED:
             plan.finish.append(StartDomain(o.name, paused=state == PAUSED))
+        if snap.memory is not None and not restore:
+            plan.notes.append(f"snapshot {name}'s memory image is not loaded (--stopped): {o.name} will boot afresh")
         if definition is None and not keep_config and o.domain.definition:
             plan.notes.append(f"snapshot {name} was taken without a stored configuration; {o.name} keeps its own")
         for d in o.domain.disks:
@@ -762,6 +811,7 @@ def delete(session: Session, domain: str, name: str, children: bool = False, dry
                 del op.graph.records[n]
         what = f"snapshot {name}" + (f" and its {len(names) - 1} descendants" if children else "")
         plan = o.assemble(f"delete {what} of {o.name}")
+        plan.finish += [RemoveFile(o.tree.by_name[n].memory.file) for n in names if o.tree.by_name[n].memory]
         for n in reversed(names):
             plan.changes.append(functools.partial(lambda n, ch: ch.remove_snapshot(o.name, n), n))
         h = plugins.hook()
@@ -799,7 +849,7 @@ def domains(session: Session) -> list[dict]:
             row["problem"] = str(e)
         rows = catalog.list_rows(name) if catalog is not None else []
         row["snapshots"] = len(rows)
-        row["current"] = next((n for n, _p, _t, _d, current, _disks in rows if current), None)
+        row["current"] = next((n for n, _p, _t, _d, current, *_rest in rows if current), None)
         out.append(row)
     return out
 
@@ -926,11 +976,13 @@ def _disagreements(session: Session, name: str, users: ImageUsers) -> list[str]:
         if problem:
             out.append(problem)
     for snap in tree:
+        if snap.memory is not None and not os.path.isfile(snap.memory.file):
+            out.append(f"snapshot {snap.name}'s memory image {snap.memory.file} is missing")
         for r in snap.disks:
             f = files.get(r.data.get("file"))
             if f is None or f.target != r.target:
                 out.append(f"{r.target}: snapshot {snap.name}'s file {r.data.get('file')} is not in the catalog")
-    known = set(session.catalog.files()) | {d.path for d in dom.disks}
+    known = set(session.catalog.files()) | {d.path for d in dom.disks} | {s.memory.file for s in tree if s.memory}
     for path in _leftovers(dom, {f.target for f in files.values()} | {d.target for d in dom.disks},
                            {os.path.dirname(p) for p in files}, known):
         out.append(f"{path} is named like a file snapfw makes, but no catalog entry or disk uses it; snapfw "
@@ -955,14 +1007,16 @@ def _leftovers(dom: Domain, targets: set[str], folders: set[str], known: set[str
     """Files in the domain's directories, not in ``known``, named as snapfw names its own: an overlay
     ``<domain>-<target>.<label>[.N].qcow2`` (DiskOp.new_image_path), one still being written
     ``.<domain>-<target>.<label>[.N].qcow2.<random>.tmp`` (CreateOverlay), a domain definition being
-    rewritten ``.<domain>.<anything>.tmp`` (drivers).
+    rewritten ``.<domain>.<anything>.tmp`` (drivers), a memory image ``<domain>.<snapshot>[.N].memory``
+    (snapfw.memory).
 
     A name proves nothing (the user may have made the file), so these are only reported. The files
     snapfw provably made are those an interrupted plan's journal names; `check --repair` removes them
     when it rolls that plan back.
     """
     d, disks = re.escape(dom.name), "|".join(re.escape(t) for t in sorted(targets))
-    ours = re.compile(rf"{d}-(?:{disks})\..+\.qcow2|\.{d}-(?:{disks})\..+\.tmp|\.{d}\..+\.tmp", re.DOTALL)
+    ours = re.compile(rf"{d}-(?:{disks})\..+\.qcow2|\.{d}-(?:{disks})\..+\.tmp|\.{d}\..+\.tmp|{d}\..+\.memory",
+                      re.DOTALL)
     out = []
     for folder in sorted({os.path.normpath(f) for f in set(dom.allowed_roots) | folders}):
         try:

@@ -124,6 +124,20 @@ class DiskRecord:
 
 
 @dataclass
+class MemoryRecord:
+    """A snapshot's memory image: the guest's RAM and device state at the snapshot's instant, in ``file``
+    (mode 0600: it holds guest secrets), written by memory backend ``backend``. ``kind``: how it was
+    taken (MEMORY_LIVE or MEMORY_PAUSED). ``data``: what it is bound to, ``{"disks": {target: backend}}``
+    (the disk records it resumes against) plus what the backend keeps."""
+
+    backend: str
+    kind: str
+    file: str
+    size: int = 0
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
 class Snapshot:
     name: str
     parent: str | None
@@ -133,6 +147,7 @@ class Snapshot:
     disks: list[DiskRecord] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     children: list[str] = field(default_factory=list)
+    memory: MemoryRecord | None = None
 
     def record(self, target: str) -> DiskRecord | None:
         for r in self.disks:

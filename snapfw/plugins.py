@@ -114,7 +114,7 @@ def _load(value: str):
 
 def reset():
     """Forget the loaded plugins, so the next use loads them again (for tests that add or block plugins)."""
-    for cached in (get_plugin_manager, disk_backends, hypervisor_drivers):
+    for cached in (get_plugin_manager, disk_backends, hypervisor_drivers, memory_backends):
         cached.cache_clear()
     _versions.clear()
 
@@ -163,6 +163,14 @@ def hypervisor_drivers() -> dict[str, tuple[type, str]]:
     from .backend import HypervisorDriver
 
     return _collect("snapfw_hypervisor_drivers", HypervisorDriver, "scheme", "hypervisor driver")
+
+
+@functools.cache
+def memory_backends() -> dict[str, tuple[type, str]]:
+    """Memory backend name -> (class, plugin name)."""
+    from .backend import MemoryBackend
+
+    return _collect("snapfw_memory_backends", MemoryBackend, "name", "memory backend")
 
 
 def hook():

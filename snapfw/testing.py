@@ -622,3 +622,33 @@ class BackendConformance:
         for snapshot in list(rig.saved):
             rig.revert(snapshot)
             rig.verify()
+
+
+class MemoryBackendConformance:
+    """The memory-backend contract, as far as it holds without a running domain: subclass it as
+    ``Test...`` with a ``snapfw_memory_backend`` fixture returning the backend's name. Saving and restoring
+    need a running guest of a driver the backend serves (snapfw's own tests/test_memory.py runs them on a
+    booted guest for the built-in ``qemu`` backend)."""
+
+    def test_memory_backend_is_installed_and_declares_what_it_serves(self, snapfw_memory_backend):
+        from . import plugins
+        from .backend import MEMORY_KINDS, MemoryBackend
+
+        found = plugins.memory_backends()
+        assert snapfw_memory_backend in found, f"memory backend {snapfw_memory_backend!r} is not installed"
+        cls = found[snapfw_memory_backend][0]
+        assert cls.description, f"memory backend {cls.name} has no description for `snapfw plugins`"
+        assert cls.drivers and all(isinstance(s, str) for s in cls.drivers), "it must name the drivers it serves"
+        assert cls.kinds and set(cls.kinds) <= set(MEMORY_KINDS), f"unknown kinds {sorted(cls.kinds)}"
+        missing = [m for m in ("image_size", "save", "complete", "abort", "restore")
+                   if getattr(cls, m) is getattr(MemoryBackend, m)]
+        assert not missing, f"memory backend {cls.name} does not implement {', '.join(missing)}"
+
+    def test_its_steps_survive_the_journal(self, snapfw_memory_backend):
+        from .memory import CompleteMemory, RestoreMemory, SaveMemory
+        from .plan import Step
+
+        for step in (SaveMemory("vm", snapfw_memory_backend, "/m", "live", {"k": 1}, True, 5),
+                     CompleteMemory("vm", snapfw_memory_backend, "/m", {"k": 1}, False),
+                     RestoreMemory("vm", snapfw_memory_backend, "/m", True)):
+            assert Step.from_json(json.loads(json.dumps(step.to_json()))) == step

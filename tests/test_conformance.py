@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from snapfw.testing import BackendConformance, make_image
+from snapfw.testing import BackendConformance, MemoryBackendConformance, make_image
 
 
 class TestQcow2(BackendConformance):
@@ -22,3 +22,9 @@ class TestExternal(BackendConformance):
     def snapfw_disk(self):
         """vda qcow2, vdb raw: frozen files of both formats under the overlays."""
         return lambda folder, name, size: make_image(folder, name, size, "raw" if name.endswith("vdb") else "qcow2")
+
+
+class TestQemuMemory(MemoryBackendConformance):
+    @pytest.fixture
+    def snapfw_memory_backend(self):
+        return "qemu"

@@ -41,6 +41,7 @@ from snapfw.api import (
     LIVE_CREATE,
     LIVE_DELETE,
     LIVE_REVERT,
+    MEMORY_PAUSED,
     QMP,
     BadInput,
     Disk,
@@ -49,6 +50,7 @@ from snapfw.api import (
     GuestAgent,
     HypervisorDriver,
     Inconsistent,
+    MemoryBackend,
     NotSupported,
     QMPError,
     ToolError,
@@ -71,6 +73,12 @@ MERGE_JOB_SECONDS = 3600.0
 TRANSACTION_SECONDS = 30.0
 # how long starting QEMU from its launch spec may take, until it has daemonized
 START_SECONDS = 60.0
+# the name under which a memory image's descriptor is passed to QEMU, and how long loading one may take
+MEMORY_FD = "snapfw-memory"
+SAVE_SECONDS = 600.0
+UNCAPPED = 1 << 50  # bytes/s: no cap on a migration to a file
+SWITCHOVER = "pause-before-switchover"
+ACTIVE_MIGRATION = ("setup", "active", "pre-switchover", "device")
 # the launch spec of the QEMU at SOCKET (see the module docstring)
 SPEC_SUFFIX = ".launch.yaml"
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)(\.format)?\}")
@@ -339,20 +347,7 @@ class QMPDriver(HypervisorDriver):
         self._qmp = None
 
     def start(self, domain: str, paused: bool) -> None:
-        if self._qmp is None and not QMP.listening(self.socket):
-            spec = _load_spec(self.spec_path)
-            if spec is None or spec["name"] != domain:
-                raise NotSupported(f"cannot start {domain}: no launch spec for it at {self.spec_path}")
-            argv = _argv(spec)
-            run(argv + ([] if "-S" in argv else ["-S"]), timeout=START_SECONDS)
-            self._check(domain)
-            running = {t: b["inserted"]["image"]["filename"] for t, b in self._blocks().items()}
-            planned = {t: d["path"] for t, d in spec["disks"].items()}
-            if running != planned:
-                self.qmp.quit()
-                self._qmp = None
-                raise Inconsistent(f"QEMU started from {self.spec_path} ran on {running}, not on {planned}; "
-                                   "stopped it again")
+        self._launch(domain)
         self._check(domain)
         if not paused and self.qmp.execute("query-status").get("status") == "prelaunch":
             self.qmp.execute("cont")
@@ -408,6 +403,25 @@ class QMPDriver(HypervisorDriver):
         with self._guest_agent(domain, seconds) as agent:
             if agent.execute("guest-fsfreeze-status", timeout=seconds) != "thawed":
                 agent.execute("guest-fsfreeze-thaw", timeout=seconds)
+
+    def _launch(self, domain: str, extra: tuple[str, ...] = ()) -> None:
+        """Start QEMU from the launch spec, stopped (``-S``), with ``extra`` arguments, unless it runs;
+        check that it runs on the files the spec names."""
+        if self._qmp is not None or QMP.listening(self.socket):
+            return
+        spec = _load_spec(self.spec_path)
+        if spec is None or spec["name"] != domain:
+            raise NotSupported(f"cannot start {domain}: no launch spec for it at {self.spec_path}")
+        argv = _argv(spec)
+        run(argv + ([] if "-S" in argv else ["-S"]) + list(extra), timeout=START_SECONDS)
+        self._check(domain)
+        running = {t: b["inserted"]["image"]["filename"] for t, b in self._blocks().items()}
+        planned = {t: d["path"] for t, d in spec["disks"].items()}
+        if running != planned:
+            self.qmp.quit()
+            self._qmp = None
+            raise Inconsistent(f"QEMU started from {self.spec_path} ran on {running}, not on {planned}; "
+                               "stopped it again")
 
     # --- live snapshots --------------------------------------------------------------------------------
     def live_snapshot(self, domain: str, actions: list[dict]) -> None:
@@ -586,6 +600,108 @@ class QMPDriver(HypervisorDriver):
         raise Inconsistent(f"QEMU has no node for {path}")
 
 
+class QemuMemory(MemoryBackend):
+    """Memory state of a qmp domain: QEMU's migration stream, to a file descriptor snapfw opened itself
+    (``getfd`` + ``migrate fd:NAME``), so QEMU needs no access of its own to the image.
+
+    The migration runs with ``pause-before-switchover``: it stops at ``pre-switchover`` once the guest is
+    stopped and its disks flushed, before the last pass. The disks' transaction runs there; then
+    ``migrate-continue`` writes the rest. (Once a migration has completed, QEMU has handed the images
+    over, inactive, and QEMU 7.2 then refuses internal snapshots on them.) A revert starts QEMU from the
+    launch spec with ``-incoming defer`` and loads the image the same way.
+    """
+
+    name = "qemu"
+    description = "QEMU migration stream to a file, live or paused"
+    drivers = frozenset({"qmp"})
+
+    def image_size(self, driver, domain):
+        driver._check(domain)
+        sizes = driver.qmp.execute("query-memory-size-summary")
+        return sizes.get("base-memory", 0) + sizes.get("plugged-memory", 0)
+
+    def settings(self, driver, domain):
+        driver._check(domain)
+        caps = driver.qmp.execute("query-migrate-capabilities")
+        return {"max-bandwidth": driver.qmp.execute("query-migrate-parameters").get("max-bandwidth"),
+                SWITCHOVER: any(c["capability"] == SWITCHOVER and c["state"] for c in caps)}
+
+    def save(self, driver, domain, path, kind, settings, deadline):
+        driver._check(domain)
+        q = driver.qmp
+        if kind == MEMORY_PAUSED and q.execute("query-status").get("status") == "running":
+            q.execute("stop")
+        # to a file, the stream is bounded by the disk, not a network: no bandwidth cap (QEMU's default
+        # is 128 MiB/s); complete and abort put the settings back
+        q.execute("migrate-set-parameters", {"max-bandwidth": UNCAPPED})
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": SWITCHOVER, "state": True}]})
+        q.pass_file(MEMORY_FD, path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            q.execute("migrate", {"uri": f"fd:{MEMORY_FD}"})
+        finally:
+            with contextlib.suppress(QMPError):
+                q.execute("closefd", {"fdname": MEMORY_FD})  # only there if migrate did not take it
+        q.migration(deadline, until="pre-switchover")
+
+    def complete(self, driver, domain, path, settings, resume, deadline):
+        driver._check(domain)
+        q = driver.qmp
+        if q.execute("query-migrate").get("status") == "pre-switchover":
+            q.execute("migrate-continue", {"state": "pre-switchover"})
+        q.migration(deadline)
+        self._put_back(q, settings)
+        if resume:
+            self._cont(q)
+
+    def abort(self, driver, domain, settings, resume):
+        if driver._qmp is None and not QMP.listening(driver.socket):
+            return  # QEMU is gone: nothing writes the image, nothing is paused
+        driver._check(domain)
+        q = driver.qmp
+        if q.execute("query-migrate").get("status") in ACTIVE_MIGRATION:
+            q.execute("migrate_cancel")
+            deadline = time.monotonic() + START_SECONDS
+            while q.execute("query-migrate").get("status") in ACTIVE_MIGRATION + ("cancelling",):
+                if time.monotonic() > deadline:
+                    raise Inconsistent(f"the migration of the QEMU at {q.path} did not stop after migrate_cancel")
+                q.wait_events(0.02)
+        self._put_back(q, settings)
+        if resume:
+            self._cont(q)
+
+    @staticmethod
+    def _put_back(q: QMP, settings: dict):
+        if settings.get("max-bandwidth") is not None:
+            q.execute("migrate-set-parameters", {"max-bandwidth": settings["max-bandwidth"]})
+        q.execute("migrate-set-capabilities",
+                  {"capabilities": [{"capability": SWITCHOVER, "state": bool(settings.get(SWITCHOVER))}]})
+
+    @staticmethod
+    def _cont(q: QMP):
+        if q.execute("query-status").get("status") in ("paused", "postmigrate", "finish-migrate"):
+            q.execute("cont")
+
+    def restore(self, driver, domain, path, paused):
+        if driver._qmp is not None or QMP.listening(driver.socket):
+            driver._check(domain)
+            if driver.qmp.execute("query-status").get("status") in ("inmigrate", "prelaunch"):
+                driver.qmp.quit()  # a crash left it before or while loading the image: start over
+                driver._qmp = None
+        driver._launch(domain, ("-incoming", "defer"))
+        q = driver.qmp
+        if q.execute("query-status").get("status") == "inmigrate":
+            q.pass_file(MEMORY_FD, path, os.O_RDONLY)
+            q.execute("migrate-incoming", {"uri": f"fd:{MEMORY_FD}"})
+            q.migration(time.monotonic() + SAVE_SECONDS)
+        if not paused and q.execute("query-status").get("status") in ("paused", "prelaunch"):
+            q.execute("cont")
+
+
 @hookimpl
 def snapfw_hypervisor_drivers():
     return [QMPDriver]
+
+
+@hookimpl
+def snapfw_memory_backends():
+    return [QemuMemory]

@@ -8,6 +8,7 @@ never greets (another client holds it, or it is not QEMU's) is a timeout error, 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 
@@ -147,13 +148,19 @@ class QMP:
         if msg.get("event") in KEPT_EVENTS:
             self.events.append(msg)
 
-    def execute(self, command: str, args: dict | None = None, timeout: float = COMMAND_TIMEOUT):
-        """Run ``command`` and return its ``return`` value; a QMP error is a :class:`QMPError`."""
+    def execute(self, command: str, args: dict | None = None, timeout: float = COMMAND_TIMEOUT, fds=()):
+        """Run ``command`` and return its ``return`` value; a QMP error is a :class:`QMPError`.
+        ``fds``: file descriptors passed with it (SCM_RIGHTS), as ``getfd`` takes them."""
         if self._sock is None:
             raise ToolError(f"QMP {command}: not connected to {self.path}", ["qmp", command])
         msg = {"execute": command, **({"arguments": args} if args else {})}
+        data = json.dumps(msg).encode() + b"\n"
         try:
-            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+            if fds:
+                sent = socket.send_fds(self._sock, [data], list(fds))
+                self._sock.sendall(data[sent:])
+            else:
+                self._sock.sendall(data)
         except OSError as e:
             raise ToolError(f"QMP socket {self.path}: {e.strerror or e}", ["qmp", command]) from None
         deadline = time.monotonic() + timeout
@@ -166,6 +173,34 @@ class QMP:
                 raise QMPError(command, err.get("class", "GenericError"), err.get("desc", str(err)))
             elif "return" in reply:
                 return reply["return"]
+
+    def pass_file(self, name: str, path: str, flags: int) -> None:
+        """Open ``path`` with ``flags`` here and hand the descriptor to QEMU as ``name`` (``getfd``), for a
+        ``fd:NAME`` migration URI: QEMU then needs no access of its own to the file."""
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            raise ToolError(f"cannot open {path}: {e.strerror}", ["qmp", "getfd"]) from None
+        try:
+            self.execute("getfd", {"fdname": name}, fds=[fd])
+        finally:
+            os.close(fd)
+
+    def migration(self, deadline: float, until: str = "completed") -> dict:
+        """Wait until the migration QEMU runs (``migrate`` or ``migrate-incoming``) has reached status
+        ``until`` and return ``query-migrate``'s answer; QMPError if it failed, ToolError at ``deadline``
+        (monotonic), leaving it running for the caller to cancel."""
+        while True:
+            info = self.execute("query-migrate")
+            status = info.get("status")
+            if status == until:
+                return info
+            if status in ("failed", "cancelled"):
+                raise QMPError("migrate", "MigrationFailed", info.get("error-desc") or f"migration {status}")
+            if time.monotonic() >= deadline:
+                raise ToolError(f"the migration of the QEMU at {self.path} did not finish by its deadline "
+                                f"(status {status})", ["qmp", "query-migrate"])
+            self.wait_events(0.01)
 
     def quit(self, timeout: float = COMMAND_TIMEOUT) -> None:
         """Quit QEMU and wait until it has exited: it closes the monitor only after closing every image

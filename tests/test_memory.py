@@ -1,0 +1,188 @@
+"""Memory state (system checkpoints) on a real booted guest: the TCG Linux guest as a qmp domain with a
+launch spec (tests/live.py ``Qemu(system=...)``), one boot for the module.
+
+What a revert must bring back is read by the guest itself, through its agent: a marker in its RAM (a file
+in its /run tmpfs) and the bytes at the start of each disk, read after dropping its page cache so they
+come from the disks. vda is qcow2 (an internal snapshot while it runs), vdb raw (an external overlay).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from live import LiveEnv, Qemu
+
+from snapfw.tools.qmp import QMP
+
+TARGETS = ("vda", "vdb")
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory, guest_system):
+    folder = tmp_path_factory.mktemp("memwt")
+    qemu = Qemu(str(folder), disks=(("vda", "qcow2"), ("vdb", "raw")), size="16M", system=guest_system)
+    qemu.write_spec()
+    qemu.start()
+    yield qemu, LiveEnv(folder, qemu)
+    qemu.kill()
+
+
+def mark(qemu: Qemu, word: str):
+    """Put ``word`` in the guest's RAM (/run is a tmpfs) and at the start of each disk (fsynced)."""
+    disks = "; ".join(f"printf {word} | dd of=/dev/disk/by-serial/{t} conv=fsync 2>/dev/null" for t in TARGETS)
+    qemu.sh(f"echo {word} > /run/marker; {disks}")
+
+
+def marks(qemu: Qemu) -> dict:
+    """What the guest reads: its RAM marker, and each disk's first bytes past its page cache."""
+    out = qemu.sh("cat /run/marker; sync; echo 3 > /proc/sys/vm/drop_caches; " + "; ".join(
+        f"dd if=/dev/disk/by-serial/{t} bs=6 count=1 2>/dev/null; echo" for t in TARGETS))[1].split()
+    return dict(zip(("ram", *TARGETS), out))
+
+
+def status(qemu: Qemu) -> str:
+    return qemu.qmp("query-status")["status"]
+
+
+def revert(live: LiveEnv, qemu: Qemu, name: str, *flags: str):
+    live.run("revert", "web", name, *flags)
+    assert qemu.reattach()
+
+
+def memory_files(live: LiveEnv) -> list[str]:
+    return sorted(n for n in os.listdir(live.dir) if n.endswith(".memory"))
+
+
+def test_revert_brings_back_ram_and_disks_of_that_instant_on_either_branch(booted):
+    qemu, live = booted
+    mark(qemu, "AAAAAA")
+    live.run("create", "web", "s1", "--memory", "paused")
+    mark(qemu, "BBBBBB")
+    live.run("create", "web", "s2", "--memory", "live")
+    mark(qemu, "CCCCCC")
+    shown = live.json("show", "web", "s2")["memory"]
+    assert shown["kind"] == "live" and shown["backend"] == "qemu" and shown["size"] == os.path.getsize(shown["file"])
+    assert os.stat(shown["file"]).st_mode & 0o777 == 0o600
+    assert [s["memory"] for s in live.json("list", "web")] == ["paused", "live"]
+    assert "+memory(paused)" in live.run("list", "web").stdout
+
+    revert(live, qemu, "s1")
+    assert status(qemu) == "running"
+    assert marks(qemu) == {"ram": "AAAAAA", "vda": "AAAAAA", "vdb": "AAAAAA"}
+    mark(qemu, "DDDDDD")  # a second branch from s1
+    live.run("create", "web", "s3", "--memory", "live")
+    revert(live, qemu, "s2", "--paused")
+    assert status(qemu) == "paused"
+    qemu.qmp("cont")
+    assert marks(qemu) == {"ram": "BBBBBB", "vda": "BBBBBB", "vdb": "BBBBBB"}
+    revert(live, qemu, "s3")
+    assert marks(qemu) == {"ram": "DDDDDD", "vda": "DDDDDD", "vdb": "DDDDDD"}
+    revert(live, qemu, "s1")
+    assert marks(qemu) == {"ram": "AAAAAA", "vda": "AAAAAA", "vdb": "AAAAAA"}
+    assert memory_files(live) == ["web.s1.memory", "web.s2.memory", "web.s3.memory"]
+
+
+@pytest.mark.parametrize("fault", ["prepare:1:kill", "prepare:2:kill", "prepare:1:raise"])
+def test_killed_inside_a_memory_snapshot_then_repair_leaves_the_guest_running(booted, fault):
+    """prepare: [save memory (guest paused at pre-switchover), the disks' transaction, complete + resume,
+    define]: killed with the guest paused and the migration open; repair resumes it, removes the image."""
+    qemu, live = booted
+    before = memory_files(live)
+    listed = live.json("list", "web")
+    r = live.run("create", "web", "k", "--memory", "live", env={"SNAPFW_FAULT": fault}, check=False)
+    assert r.returncode != 0
+    if fault.endswith("kill"):
+        assert status(qemu) in ("paused", "finish-migrate")
+        assert "rolled back create" in live.run("check", "web", "--repair").stdout
+    assert status(qemu) == "running"
+    assert memory_files(live) == before and live.json("list", "web") == listed
+    with QMP(qemu.sock) as q:
+        caps = {c["capability"]: c["state"] for c in q.execute("query-migrate-capabilities")}
+        assert not caps["pause-before-switchover"]  # put back: a later migration must not hang there
+    qemu.sh("true")  # the guest answers
+    assert "No problems found" in live.run("check", "web").stdout
+
+
+def test_a_shut_off_domain_resumes_at_a_memory_snapshot_and_delete_removes_the_image(booted):
+    """Runs last: QEMU is shut down, so qcow2 internal snapshots can be deleted (offline)."""
+    qemu, live = booted
+    qemu.quit()
+    live.run("delete", "web", "s3")
+    assert memory_files(live) == ["web.s1.memory", "web.s2.memory"]
+    live.assert_consistent()
+    listed = live.json("list", "web")
+    r = live.run("revert", "web", "s2", "--keep-config", check=False)
+    assert r.returncode == 1 and "--keep-config would start it with today's configuration" in r.stderr
+    image = live.json("show", "web", "s1")["memory"]["file"]
+    os.rename(image, image + ".whole")
+    with open(image + ".whole", "rb") as whole, open(image, "wb") as cut:
+        cut.write(whole.read(4096))
+    r = live.run("revert", "web", "s1", check=False)
+    assert r.returncode == 1 and "has 4096 bytes" in r.stderr and "--stopped" in r.stderr
+    os.replace(image + ".whole", image)
+    assert live.json("list", "web") == listed and not qemu.reattach()  # nothing changed, nothing started
+    # a system checkpoint resumes its guest by default; killed just before loading the image, the
+    # revert is committed and `check --repair` finishes it
+    steps = live.json("revert", "web", "s2", "--dry-run")["plan"]["steps"]
+    finish = [s["describe"] for s in steps if s["phase"] == "finish"]
+    at = next(i for i, d in enumerate(finish) if d.startswith("start web from its memory image"))
+    r = live.run("revert", "web", "s2", env={"SNAPFW_FAULT": f"finish:{at}:kill"}, check=False)
+    assert r.returncode == -9 and not qemu.reattach()
+    assert "finished revert" in live.run("check", "web", "--repair").stdout
+    assert qemu.reattach() and status(qemu) == "running"
+    assert marks(qemu) == {"ram": "BBBBBB", "vda": "BBBBBB", "vdb": "BBBBBB"}
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 200 MiB tmpfs of its own, to run out of space on."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield str(folder)
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_no_room_for_the_memory_image_is_refused_first_and_enospc_while_writing_changes_nothing(small_fs, tmp_path):
+    """A firmware-only guest (64 MiB) whose disks are on a small filesystem: too little room is refused
+    before any change; a filesystem that fills up while the image is written (after the check) resumes
+    the guest, removes the partial image and leaves disks and catalog as they were."""
+    from snapfw import lifecycle, plugins
+    from snapfw.api import SnapfwError, hookimpl
+
+    qemu = Qemu(small_fs, disks=(("vda", "qcow2"), ("vdb", "raw"))).start()
+    try:
+        live = LiveEnv(small_fs, qemu)
+        live.state_dir = str(tmp_path / "state")
+        filler = os.path.join(small_fs, "filler")
+        subprocess.run(["fallocate", "-l", "100m", filler], check=True)
+        before = sorted(os.listdir(small_fs))
+        disks = [n for n in before if n != "filler"]
+        r = live.run("create", "web", "s1", "--memory", "paused", check=False)
+        assert r.returncode == 1 and "not enough free space" in r.stderr and "memory image of web" in r.stderr
+        assert sorted(os.listdir(small_fs)) == before and status(qemu) == "running"
+        os.unlink(filler)
+
+        class FillUp:  # after the free-space check, just before the plan runs
+            @hookimpl
+            def snapfw_pre_snapshot(self, domain, name):
+                free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+                subprocess.run(["fallocate", "-l", str(free - 64 * 1024), filler], check=True)
+
+        plugins.get_plugin_manager().register(FillUp(), "fill-up")
+        try:
+            session = lifecycle.Session(live.uri, live.state_dir)
+            with pytest.raises(SnapfwError, match="QMP migrate failed: .*No space left"):
+                lifecycle.create(session, "web", "s1", memory="paused")
+            session.driver.qmp.close()
+        finally:
+            plugins.reset()
+        os.unlink(filler)
+        assert sorted(os.listdir(small_fs)) == disks and status(qemu) == "running"
+        assert live.json("list", "web") == []
+    finally:
+        qemu.kill()
