@@ -264,8 +264,8 @@ class QMPDriver(HypervisorDriver):
             if spec["name"] != name:
                 raise UnknownDomain(f"no domain {name!r}: the launch spec {self.spec_path} is of {spec['name']!r}")
             disks = [Disk(t, d["path"], d["format"]) for t, d in spec["disks"].items()]
-            return Domain(name, disks, allowed_roots=tuple(dict.fromkeys(os.path.dirname(d.path) for d in disks)),
-                          definition={"argv": spec["argv"]})
+            roots = [os.path.dirname(self.spec_path), *(os.path.dirname(d.path) for d in disks)]
+            return Domain(name, disks, allowed_roots=tuple(dict.fromkeys(roots)), definition={"argv": spec["argv"]})
         self._check(name)
         state = self._state()
         disks, chains, roots = [], {}, []
@@ -287,6 +287,8 @@ class QMPDriver(HypervisorDriver):
         if spec is not None and spec["name"] != name:
             raise BadInput(f"launch spec {self.spec_path} is of {spec['name']!r}, but the QEMU at {self.socket} is "
                            f"named {name!r}")
+        if spec is not None:  # as a domain file's folder: where a backend's snapshots of it may go (subvolumes)
+            roots.insert(0, os.path.dirname(self.spec_path))
         return Domain(name, disks, running=True, allowed_roots=tuple(dict.fromkeys(roots)),
                       state=state, live_chains=chains, pid=self.qmp.peer_pid(),
                       definition={"argv": spec["argv"]} if spec else {})
