@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 import json
+import math
 import os
 import time
 import xml.etree.ElementTree as ET
@@ -60,6 +61,8 @@ PULL_JOB, COMMIT_JOB, ACTIVE_COMMIT_JOB = 1, 3, 4
 # the namespace of the mark snapfw puts into the <domain><metadata> of every libvirt snapshot record it
 # mirrors: what proves a record is snapfw's, so that only those are ever redefined or removed
 MIRROR_NS = "https://snapfw.org/xmlns/libvirt-mirror/1"
+# the virtio-serial port name the QEMU guest agent listens on (libvirt's channel target name)
+AGENT_PORT = "org.qemu.guest_agent.0"
 # namespaces of the domain XML that keep their prefixes when snapfw writes the XML back
 NAMESPACES = {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0", "snapfw": MIRROR_NS}
 
@@ -440,6 +443,47 @@ class LibvirtDriver(HypervisorDriver):
             if dom.state()[0] == _libvirt().VIR_DOMAIN_PAUSED:
                 dom.resume()
 
+    # --- the guest agent (create --quiesce) --------------------------------------------------------------
+    # libvirt holds the agent's channel (the virtio port org.qemu.guest_agent.0) itself: snapfw reaches
+    # the agent only through libvirt. The probe is a raw agent command with snapfw's own deadline
+    # (libvirt has no API that says whether the guest is frozen); freeze and thaw are libvirt's fsFreeze
+    # and fsThaw, bounded by libvirt's agent timeout for the domain (5 s unless `virsh guest-agent-timeout`
+    # changed it): libvirt's API takes no per-call deadline.
+    def _agent(self, dom, command: str, seconds: float):
+        """Agent command ``command`` through libvirt (``virDomainQemuAgentCommand``) within ``seconds``."""
+        import libvirt_qemu
+
+        libvirt = _libvirt()
+        request = json.dumps({"execute": command})
+        try:
+            reply = json.loads(libvirt_qemu.qemuAgentCommand(dom, request, max(1, math.ceil(seconds)), 0))
+        except libvirt.libvirtError as e:
+            raise _agent_error(e, command, seconds) from None
+        return reply["return"]
+
+    def agent_problem(self, domain: str, seconds: float) -> str | None:
+        try:
+            if self._agent(self._lookup(domain), "guest-fsfreeze-status", seconds) != "thawed":
+                return "its filesystems are frozen already (by someone else: snapfw would thaw them)"
+        except (NotSupported, ToolError) as e:
+            return str(e)
+        return None
+
+    def freeze(self, domain: str, seconds: float) -> int:
+        libvirt, dom = _libvirt(), self._lookup(domain)
+        try:
+            return dom.fsFreeze()
+        except libvirt.libvirtError as e:
+            raise _agent_error(e, "fsFreeze", seconds) from None
+
+    def thaw(self, domain: str, seconds: float) -> None:
+        """``fsThaw``: the agent thaws nothing on a guest that is not frozen, so no status call first."""
+        libvirt, dom = _libvirt(), self._lookup(domain)
+        try:
+            dom.fsThaw()
+        except libvirt.libvirtError as e:
+            raise _agent_error(e, "fsThaw", seconds) from None
+
     # --- live snapshots --------------------------------------------------------------------------------
     def _live_sources(self, dom) -> dict[str, str]:
         """target -> the file the running domain writes to, from libvirt's live XML."""
@@ -732,6 +776,20 @@ def _summary(record: ET.Element) -> tuple:
                     else None) for d in record.findall("disks/disk") if d.get("snapshot") != "no")
     return (parent.text if parent is not None else None, record.findtext("description") or "",
             record.findtext("creationTime"), record.findtext("state"), disks)
+
+
+def _agent_error(e, call: str, seconds: float) -> Exception:
+    """libvirt's error from guest agent call ``call`` as snapfw's: no agent channel in the domain
+    (NotSupported), an agent that did not answer in time or is not connected, or another failure."""
+    libvirt = _libvirt()
+    code, message = e.get_error_code(), e.get_error_message()
+    if code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED:
+        return NotSupported(f"the domain has no guest agent channel (a <channel> with target name "
+                            f"{AGENT_PORT}): {message}")
+    if code == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
+        return ToolError(f"the guest agent did not answer within {seconds:g} s ({call}: {message})",
+                         ["libvirt", call], code, message)
+    return ToolError(f"libvirt {call} failed: {message}", ["libvirt", call], code, message)
 
 
 def _state(dom) -> str:

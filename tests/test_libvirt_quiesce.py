@@ -1,0 +1,167 @@
+"""`create --quiesce` through the libvirt driver on a booted Linux guest: the TCG guest (tests/guest.py)
+defined in the real libvirtd as a ``type='qemu'`` domain with direct kernel boot and a guest agent
+channel. Its mounted ext2 filesystem is frozen with libvirt's fsFreeze around the disk snapshot and
+thawed afterwards; a silent agent is a deadline, not a hang.
+
+libvirt holds the agent's channel itself (one client at a time), so the test reaches the agent only
+through libvirt too (``virDomainQemuAgentCommand``: ``guest-exec``, ``guest-fsfreeze-status``). One guest
+boots per module (TCG is slow here); the silent-agent test stops its agent, so it runs last.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import pytest
+from guest import BOOT_SECONDS, MEMORY_MB, READY
+from test_libvirt import Guest, LibvirtEnv, conn  # noqa: F401 (conn: the session's libvirtd fixture)
+from test_quiesce import MOUNT, guest_file
+
+from snapfw.live import AGENT_SECONDS
+
+
+class BootedGuest(Guest):
+    """The TCG guest as a libvirt domain: ``vda`` qcow2 (serial vda), 256 MiB, its serial console in a
+    file (for the boot's READY marker) and libvirt's guest agent channel."""
+
+    def __init__(self, conn, folder: str, system: tuple[str, str]):  # noqa: F811
+        import subprocess
+
+        Guest.count += 1
+        self.conn, self.dir = conn, folder
+        self.name = f"snapfw-lvmem-{os.getpid()}-{Guest.count}"
+        path = os.path.join(folder, f"{self.name}-vda.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"], check=True)
+        self.images = {"vda": (path, "qcow2")}
+        self.console = os.path.join(folder, "console", "serial.log")  # apart: Env.files() lists the folder
+        os.makedirs(os.path.dirname(self.console))
+        kernel, initrd = system
+        xml = (f"<domain type='qemu'><name>{self.name}</name><memory unit='MiB'>{MEMORY_MB}</memory>"
+               "<os><type arch='x86_64' machine='q35'>hvm</type>"
+               f"<kernel>{kernel}</kernel><initrd>{initrd}</initrd>"
+               "<cmdline>console=ttyS0 quiet panic=-1</cmdline></os><cpu mode='maximum'/>"
+               "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel><devices>"
+               f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{path}'/>"
+               "<target dev='vda' bus='virtio'/><serial>vda</serial></disk>"
+               f"<serial type='file'><source path='{self.console}'/><target port='0'/></serial>"
+               "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+               "</devices></domain>")
+        self.dom = conn.defineXML(xml)
+
+    def boot(self):
+        import libvirt
+
+        self.dom.create()
+        deadline = time.monotonic() + BOOT_SECONDS
+        while READY.encode() not in _read(self.console):
+            assert time.monotonic() < deadline, f"the guest did not boot: {_read(self.console)[-600:]!r}"
+            time.sleep(0.2)
+        while True:  # qemu-ga starts just after the marker; libvirt connects to it on its own
+            try:
+                self.agent("guest-ping")
+                return
+            except libvirt.libvirtError:
+                assert time.monotonic() < deadline, "the guest agent does not answer through libvirt"
+                time.sleep(0.5)
+
+    def agent(self, command: str, args: dict | None = None, seconds: int = 10):
+        import libvirt_qemu
+
+        request = {"execute": command, **({"arguments": args} if args else {})}
+        return json.loads(libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(request), seconds, 0))["return"]
+
+    def sh(self, script: str) -> str:
+        """Run ``script`` with the guest's busybox sh (``guest-exec``); its stdout; asserts it exited 0."""
+        pid = self.agent("guest-exec", {"path": "sh", "arg": ["-c", script], "capture-output": True})["pid"]
+        deadline = time.monotonic() + 60
+        while not (status := self.agent("guest-exec-status", {"pid": pid}))["exited"]:
+            assert time.monotonic() < deadline, f"guest: {script!r} still runs"
+            time.sleep(0.05)
+        out = base64.b64decode(status.get("out-data", "")).decode()
+        err = base64.b64decode(status.get("err-data", "")).decode()
+        assert status.get("exitcode") == 0, f"guest: {script!r} exited {status.get('exitcode')}: {err}{out}"
+        return out
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+@pytest.fixture(scope="module")
+def booted(conn, tmp_path_factory, guest_system):  # noqa: F811
+    folder = tmp_path_factory.mktemp("libvirt-quiesce")
+    g = BootedGuest(conn, str(folder), guest_system)
+    try:
+        g.boot()
+        g.sh(f"mke2fs -q /dev/disk/by-serial/vda && mkdir -p {MOUNT} && mount /dev/disk/by-serial/vda {MOUNT}")
+        yield LibvirtEnv(folder, g)
+    finally:
+        g.remove()
+
+
+def test_quiesce_freezes_the_guest_filesystems_through_libvirt(booted, tmp_path):
+    lv, g = booted, booted.guest
+    g.sh(f"echo one > {MOUNT}/file")  # no sync: only in the guest's page cache until the freeze
+    plan = lv.json("create", g.name, "q1", "--quiesce", "--disk", "vda=external")["plan"]
+    steps = [s["describe"] for s in plan["steps"]]
+    assert steps[0].startswith(f"freeze the filesystems of {g.name}") and steps[2] == f"thaw the filesystems of {g.name}"
+    assert g.agent("guest-fsfreeze-status") == "thawed" and g.dom.state()[0] == 1  # VIR_DOMAIN_RUNNING
+    held = lv.json("show", g.name, "q1")["config"]["window"]
+    assert held["quiesced"] and held["frozen_filesystems"] == 1 and 0 < held["frozen_seconds"] < 10, held
+    assert held["paused_seconds"] is None
+    frozen = lv.json("show", g.name, "q1")["disks"][0]["file"]
+    assert guest_file(frozen, str(tmp_path)) == "one\n"  # the snapshot holds what the guest had written
+    g.sh(f"echo two > {MOUNT}/file")  # the guest writes again
+    lv.run("create", g.name, "q2")
+    assert "Quiesced:     no, crash-consistent" in lv.run("show", g.name, "q2").stdout
+    assert "No problems found" in lv.run("check", g.name).stdout
+
+
+def test_kill_inside_the_freeze_then_repair_thaws_the_guest(booted):
+    lv, g = booted, booted.guest
+    names = lv.snapshot_names(g.name)
+    r = lv.run("create", g.name, "q3", "--quiesce", env={"SNAPFW_FAULT": "prepare:1:kill"}, check=False)
+    assert r.returncode == -9 and g.agent("guest-fsfreeze-status") == "frozen"
+    assert "rolled back create" in lv.run("check", g.name, "--repair").stdout
+    assert g.agent("guest-fsfreeze-status") == "thawed" and lv.snapshot_names(g.name) == names
+
+
+def test_a_silent_agent_is_a_deadline_and_leaves_nothing_frozen_or_paused(booted):
+    lv, g = booted, booted.guest
+    g.sh("(sleep 1; kill -STOP $(pidof qemu-ga)) >/dev/null 2>&1 &")
+    time.sleep(3)
+    names, before = lv.snapshot_names(g.name), lv.files()
+    started = time.monotonic()
+    r = lv.run("create", g.name, "q4", "--quiesce", check=False)
+    took = time.monotonic() - started
+    assert r.returncode == 1 and "cannot quiesce" in r.stderr and "did not answer within" in r.stderr, r.stderr
+    assert took < AGENT_SECONDS + 15, took  # the deadline, plus starting snapfw on a loaded machine
+    assert lv.snapshot_names(g.name) == names and lv.files() == before
+    lv.run("create", g.name, "q4", "--quiesce=try")
+    held = lv.json("show", g.name, "q4")["config"]["window"]
+    assert not held["quiesced"] and "did not answer" in held["quiesce_problem"]
+    assert g.dom.state()[0] == 1  # VIR_DOMAIN_RUNNING
+    assert "No problems found" in lv.run("check", g.name).stdout
+
+
+def test_no_agent_channel_is_refused_before_any_change(conn, tmp_path):  # noqa: F811
+    g = Guest(conn, str(tmp_path))  # firmware only, no <channel>
+    try:
+        g.start()
+        lv = LibvirtEnv(tmp_path, g)
+        before = lv.files()
+        r = lv.run("create", g.name, "s1", "--quiesce", check=False)
+        assert r.returncode == 1 and f"cannot quiesce {g.name}: the domain has no guest agent channel" in r.stderr
+        assert lv.files() == before and lv.json("list", g.name) == []
+        lv.run("create", g.name, "s1", "--quiesce=try")
+        held = lv.json("show", g.name, "s1")["config"]["window"]
+        assert not held["quiesced"] and "no guest agent channel" in held["quiesce_problem"]
+    finally:
+        g.remove()
