@@ -34,11 +34,13 @@ from snapfw.api import (
     LIVE_CREATE,
     LIVE_DELETE,
     LIVE_REVERT,
+    MEMORY_PAUSED,
     MIRROR,
     Disk,
     Domain,
     HypervisorDriver,
     Inconsistent,
+    MemoryBackend,
     NotSupported,
     QMPError,
     Refused,
@@ -725,6 +727,77 @@ class LibvirtDriver(HypervisorDriver):
         self._merge(dom, target, (PULL_JOB,), old_backing, done, start, progress)
 
 
+class LibvirtMemory(MemoryBackend):
+    """Memory state of a libvirt domain: libvirt's external memory snapshot, memory only
+    (``snapshotCreateXML`` with ``<memory snapshot='external' file=...>``, every disk ``snapshot='no'``,
+    NO_METADATA), which writes libvirt's save image (its header with the domain XML, then QEMU's
+    migration stream) into the file snapfw made; a revert loads it with ``restoreFlags(file, xml)``, the
+    XML being the persistent one the revert defined (the snapshot's, on the reverted disks).
+
+    libvirt cannot pass snapfw's own file descriptor to QEMU's ``migrate`` (the qemu backend's way), and
+    its managed save and ``saveFlags`` stop the domain, while the disks' live snapshot needs QEMU running.
+    Paused only: ``save`` pauses the guest, the disks' snapshot runs, and ``complete`` writes the image
+    while the guest is still paused (the same instant), then resumes it. The image comes after the disks
+    because once QEMU's migration has completed its images are inactive: a failed disk snapshot could not
+    be undone (``block-commit``: "Block node is read-only") before the guest runs again. libvirt's LIVE
+    memory snapshot resumes the guest itself as soon as the memory is written, before snapfw's disks."""
+
+    name = "libvirt"
+    description = "libvirt external memory snapshot (a save image), paused; restored with restoreFlags"
+    drivers = frozenset(SCHEMES)
+    kinds = frozenset({MEMORY_PAUSED})
+
+    def image_size(self, driver, domain):
+        with _calls("info"):
+            return driver._lookup(domain).info()[2] * 1024  # the guest's current memory, KiB
+
+    def save(self, driver, domain, path, kind, settings, deadline):
+        """Only the pause: the image is written by :meth:`complete`, after the disks' snapshot."""
+        if _state(driver._lookup(domain)) != "paused":
+            driver.pause(domain)
+
+    def complete(self, driver, domain, path, settings, resume, deadline):
+        """The memory-only snapshot of the still paused guest, then resume. libvirt's call runs until the
+        image is written and takes no deadline (``deadline`` is not kept): once it returned, the image
+        is whole, and failing then would only leave a rollback on inactive images."""
+        libvirt, dom = _libvirt(), driver._lookup(domain)
+        disks = "".join(f"<disk name='{el.find('target').get('dev')}' snapshot='no'/>"
+                        for el in driver._xml(dom, live=True).findall("devices/disk"))
+        spec = f"<domainsnapshot><memory snapshot='external' file={_attr(path)}/><disks>{disks}</disks></domainsnapshot>"
+        with _calls("snapshotCreateXML (memory only)"):
+            dom.snapshotCreateXML(spec, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+        if resume:
+            driver.resume(domain)
+
+    def abort(self, driver, domain, settings, resume):
+        """Abort libvirt's memory job if it still runs (a crash left it), then resume."""
+        libvirt, dom = _libvirt(), driver._lookup(domain)
+        with _calls("abortJob"):
+            if not dom.isActive():
+                return
+            if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                dom.abortJob()
+            deadline = time.monotonic() + UNDO_JOB_SECONDS
+            while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                if time.monotonic() > deadline:
+                    raise Inconsistent(f"libvirt's job on {domain} did not end after abortJob")
+                time.sleep(0.02)
+        if resume:
+            driver.resume(domain)
+
+    def restore(self, driver, domain, path, paused):
+        """``restoreFlags`` with the persistent XML; once the domain runs (a restore a crash interrupted
+        finished in libvirtd), only ``resume`` is left."""
+        libvirt, dom = _libvirt(), driver._lookup(domain)
+        with _calls("restoreFlags"):
+            if not dom.isActive():
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+                driver.conn.restoreFlags(path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED if paused
+                                         else libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        if not paused:
+            driver.resume(domain)
+
+
 def _ours(record: ET.Element) -> bool:
     """Whether libvirt snapshot record ``record`` carries snapfw's mark (snapfw mirrored it)."""
     return record.find(f"domain/metadata/{{{MIRROR_NS}}}snapshot") is not None
@@ -837,3 +910,8 @@ DRIVERS = [type(f"LibvirtDriver_{s.replace('+', '_')}", (LibvirtDriver,), {"sche
 @hookimpl
 def snapfw_hypervisor_drivers():
     return DRIVERS
+
+
+@hookimpl
+def snapfw_memory_backends():
+    return [LibvirtMemory]

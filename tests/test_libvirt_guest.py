@@ -1,7 +1,8 @@
-"""`create --quiesce` through the libvirt driver on a booted Linux guest: the TCG guest (tests/guest.py)
-defined in the real libvirtd as a ``type='qemu'`` domain with direct kernel boot and a guest agent
-channel. Its mounted ext2 filesystem is frozen with libvirt's fsFreeze around the disk snapshot and
-thawed afterwards; a silent agent is a deadline, not a hang.
+"""`create --quiesce` and `--memory` through the libvirt driver on a booted Linux guest: the TCG guest
+(tests/guest.py) defined in the real libvirtd as a ``type='qemu'`` domain with direct kernel boot and a
+guest agent channel. Its mounted ext2 filesystem is frozen with libvirt's fsFreeze around the disk
+snapshot and thawed afterwards; a silent agent is a deadline, not a hang. A memory snapshot brings back
+a marker in the guest's RAM (a tmpfs file) and its disk of that instant.
 
 libvirt holds the agent's channel itself (one client at a time), so the test reaches the agent only
 through libvirt too (``virDomainQemuAgentCommand``: ``guest-exec``, ``guest-fsfreeze-status``). One guest
@@ -52,14 +53,19 @@ class BootedGuest(Guest):
         self.dom = conn.defineXML(xml)
 
     def boot(self):
-        import libvirt
-
         self.dom.create()
         deadline = time.monotonic() + BOOT_SECONDS
         while READY.encode() not in _read(self.console):
             assert time.monotonic() < deadline, f"the guest did not boot: {_read(self.console)[-600:]!r}"
             time.sleep(0.2)
-        while True:  # qemu-ga starts just after the marker; libvirt connects to it on its own
+        self.wait_agent(deadline)
+
+    def wait_agent(self, deadline: float):
+        """Until the agent answers through libvirt (after a boot, qemu-ga starts just after the marker;
+        after a restore, libvirt connects to it again)."""
+        import libvirt
+
+        while True:
             try:
                 self.agent("guest-ping")
                 return
@@ -131,6 +137,51 @@ def test_kill_inside_the_freeze_then_repair_thaws_the_guest(booted):
     assert r.returncode == -9 and g.agent("guest-fsfreeze-status") == "frozen"
     assert "rolled back create" in lv.run("check", g.name, "--repair").stdout
     assert g.agent("guest-fsfreeze-status") == "thawed" and lv.snapshot_names(g.name) == names
+
+
+def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(booted):
+    lv, g = booted, booted.guest
+    g.sh(f"echo first > /run/marker && echo d1 > {MOUNT}/file && sync")
+    r = lv.run("create", g.name, "m1", "--memory", "live", check=False)
+    assert r.returncode == 1 and "memory backend libvirt cannot take --memory live snapshots" in r.stderr, r.stderr
+    lv.run("create", g.name, "m1", "--memory", "paused", "--disk", "vda=external")
+    m = lv.json("show", g.name, "m1")["memory"]
+    assert m["kind"] == "paused" and m["backend"] == "libvirt" and m["size"] > 0, m
+    assert os.stat(m["file"]).st_mode & 0o777 == 0o600 and g.dom.state()[0] == 1  # running again
+    g.sh(f"echo second > /run/marker && echo d2 > {MOUNT}/file && sync")
+    lv.run("create", g.name, "m2", "--memory", "paused")
+    g.sh(f"echo third > /run/marker && echo d3 > {MOUNT}/file && sync")
+    for name, marker, data in (("m1", "first", "d1"), ("m2", "second", "d2"), ("m1", "first", "d1")):
+        lv.run("revert", g.name, name)
+        g.wait_agent(time.monotonic() + 60)
+        assert g.dom.state()[0] == 1
+        assert g.sh(f"cat /run/marker {MOUNT}/file").split() == [marker, data], name
+        assert "No problems found" in lv.run("check", g.name).stdout
+    lv.run("revert", g.name, "m2", "--paused")
+    assert g.dom.state()[0] == 3  # VIR_DOMAIN_PAUSED: restored, not resumed
+    g.dom.resume()
+    g.wait_agent(time.monotonic() + 60)
+    assert g.sh("cat /run/marker").strip() == "second"
+
+
+@pytest.mark.parametrize("fault", ["prepare:1:kill", "prepare:2:kill", "prepare:3:kill", "prepare:2:raise"])
+def test_killed_inside_a_memory_snapshot_then_repair_leaves_the_guest_running(booted, fault):
+    """prepare: [pause, the disks' snapshot, write the memory image and resume, define]: killed with the
+    guest paused (or, at 3, the image written and the guest running); repair undoes the disks' snapshot,
+    resumes the guest and removes the image."""
+    lv, g = booted, booted.guest
+    images = sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory"))
+    listed = lv.json("list", g.name)
+    r = lv.run("create", g.name, "k", "--memory", "paused", env={"SNAPFW_FAULT": fault}, check=False)
+    assert r.returncode != 0
+    if fault.endswith("kill"):
+        assert g.dom.state()[0] == (1 if fault == "prepare:3:kill" else 3)  # running / VIR_DOMAIN_PAUSED
+        assert "rolled back create" in lv.run("check", g.name, "--repair").stdout
+    assert g.dom.state()[0] == 1
+    assert sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory")) == images
+    assert lv.json("list", g.name) == listed
+    g.sh("true")  # the guest answers
+    assert "No problems found" in lv.run("check", g.name).stdout
 
 
 def test_a_silent_agent_is_a_deadline_and_leaves_nothing_frozen_or_paused(booted):
