@@ -157,6 +157,15 @@ def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(bo
         assert g.dom.state()[0] == 1
         assert g.sh(f"cat /run/marker {MOUNT}/file").split() == [marker, data], name
         assert "No problems found" in lv.run("check", g.name).stdout
+    # killed just before loading the image: the revert is committed, `check --repair` restores it
+    steps = lv.json("revert", g.name, "m2", "--dry-run")["plan"]["steps"]
+    finish = [st["describe"] for st in steps if st["phase"] == "finish"]
+    at = next(i for i, d in enumerate(finish) if d.startswith(f"start {g.name} from its memory image"))
+    r = lv.run("revert", g.name, "m2", env={"SNAPFW_FAULT": f"finish:{at}:kill"}, check=False)
+    assert r.returncode == -9 and not g.dom.isActive()
+    assert "finished revert" in lv.run("check", g.name, "--repair").stdout
+    g.wait_agent(time.monotonic() + 60)
+    assert g.sh(f"cat /run/marker {MOUNT}/file").split() == ["second", "d2"]
     lv.run("revert", g.name, "m2", "--paused")
     assert g.dom.state()[0] == 3  # VIR_DOMAIN_PAUSED: restored, not resumed
     g.dom.resume()
