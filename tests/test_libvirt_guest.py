@@ -102,7 +102,7 @@ def _read(path: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def booted(conn, tmp_path_factory, guest_system):  # noqa: F811
-    folder = tmp_path_factory.mktemp("libvirt-quiesce")
+    folder = tmp_path_factory.mktemp("libvirt-guest")
     g = BootedGuest(conn, str(folder), guest_system)
     try:
         g.boot()
@@ -190,6 +190,27 @@ def test_killed_inside_a_memory_snapshot_then_repair_leaves_the_guest_running(bo
     assert sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory")) == images
     assert lv.json("list", g.name) == listed
     g.sh("true")  # the guest answers
+    assert "No problems found" in lv.run("check", g.name).stdout
+
+
+def test_killed_while_libvirt_writes_the_memory_image_then_repair_undoes_the_disks(booted):
+    """snapfw dies inside CompleteMemory and libvirtd finishes writing the image: QEMU is left
+    postmigrate, its images inactive (a block-commit on them fails: "Block node is read-only"); repair
+    still undoes the disks' snapshot, resumes the guest and removes the image."""
+    import libvirt
+
+    lv, g = booted, booted.guest
+    listed = lv.json("list", g.name)
+    r = lv.run("create", g.name, "k", "--memory", "paused", "--disk", "vda=external",
+               env={"SNAPFW_FAULT": "prepare:2:kill"}, check=False)
+    assert r.returncode == -9 and g.dom.state()[0] == 3
+    image = next(os.path.join(lv.dir, n) for n in os.listdir(lv.dir) if n.endswith(".k.memory"))
+    g.dom.snapshotCreateXML(f"<domainsnapshot><memory snapshot='external' file='{image}'/><disks><disk "
+                            "name='vda' snapshot='no'/></disks></domainsnapshot>",
+                            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)  # what CompleteMemory began
+    assert "rolled back create" in lv.run("check", g.name, "--repair").stdout
+    assert g.dom.state()[0] == 1 and not os.path.exists(image) and lv.json("list", g.name) == listed
+    g.sh("true")
     assert "No problems found" in lv.run("check", g.name).stdout
 
 

@@ -584,13 +584,21 @@ class LibvirtDriver(HypervisorDriver):
         return [f"createWithFlags({'START_PAUSED' if paused else 0})"], None
 
     def undo_live_snapshot(self, domain: str, actions: list[dict], progress=None) -> None:
+        """Also after a memory image was written behind the snapshot (snapfw died while libvirt wrote it,
+        see LibvirtMemory): QEMU is then ``postmigrate``, its images inactive, and no block job runs on
+        them; the guest runs while they are undone (``cont`` makes them active) and is paused again."""
         dom = self._lookup(domain)
+        inactive = dom.isActive() and self._monitor(dom, "query-status")["status"] == "postmigrate"
+        if inactive:
+            self.resume(domain)
         for a in reversed(actions):
             if a["kind"] == INTERNAL:
                 self._undo_internal(dom, a)
             else:
                 self._undo_external(dom, a, progress)
         self._set_sources(dom, {a["target"]: (a["file"], a["format"]) for a in actions if a["kind"] == EXTERNAL})
+        if inactive:
+            self.pause(domain)
 
     def _undo_internal(self, dom, a: dict):
         inserted = self._node(dom, a["target"])
