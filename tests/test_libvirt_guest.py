@@ -181,7 +181,8 @@ def test_killed_inside_a_memory_snapshot_then_repair_leaves_the_guest_running(bo
     lv, g = booted, booted.guest
     images = sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory"))
     listed = lv.json("list", g.name)
-    r = lv.run("create", g.name, "k", "--memory", "paused", env={"SNAPFW_FAULT": fault}, check=False)
+    r = lv.run("create", g.name, "k", "--memory", "paused", "--disk", "vda=external", env={"SNAPFW_FAULT": fault},
+               check=False)
     assert r.returncode != 0
     if fault.endswith("kill"):
         assert g.dom.state()[0] == (1 if fault == "prepare:3:kill" else 3)  # running / VIR_DOMAIN_PAUSED

@@ -757,7 +757,7 @@ class LibvirtMemory(MemoryBackend):
 
     def image_size(self, driver, domain):
         with _calls("info"):
-            return driver._lookup(domain).info()[2] * 1024  # the guest's current memory, KiB
+            return driver._lookup(domain).info()[1] * 1024  # the guest's maximum memory, KiB (not a balloon's)
 
     def save(self, driver, domain, path, kind, settings, deadline):
         """Only the pause: the image is written by :meth:`complete`, after the disks' snapshot."""
