@@ -28,3 +28,9 @@ class TestQemuMemory(MemoryBackendConformance):
     @pytest.fixture
     def snapfw_memory_backend(self):
         return "qemu"
+
+
+class TestLibvirtMemory(MemoryBackendConformance):
+    @pytest.fixture
+    def snapfw_memory_backend(self):
+        return "libvirt"

@@ -160,7 +160,7 @@ def test_a_plugin_that_fails_to_import_is_skipped_with_a_warning_naming_it(env, 
 
 def test_disable_plugins_blocks_third_party_and_builtin_ones_by_name(env, site):
     r = env.run("plugins", "--json", env=plugin_env(site, "demo", "broken", disable="broken,demo,snapfw_qcow2"))
-    assert {row["name"] for row in json.loads(r.stdout)} == {"external", "lvm", "images", "qmp", "qemu", "qemu+unix"}
+    assert {row["name"] for row in json.loads(r.stdout)} == {"external", "lvm", "images", "qmp", "qemu", "qemu+unix", "libvirt"}
     assert r.stderr == ""
 
 

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 import json
+import math
 import os
 import time
 import xml.etree.ElementTree as ET
@@ -33,11 +34,13 @@ from snapfw.api import (
     LIVE_CREATE,
     LIVE_DELETE,
     LIVE_REVERT,
+    MEMORY_PAUSED,
     MIRROR,
     Disk,
     Domain,
     HypervisorDriver,
     Inconsistent,
+    MemoryBackend,
     NotSupported,
     QMPError,
     Refused,
@@ -60,6 +63,8 @@ PULL_JOB, COMMIT_JOB, ACTIVE_COMMIT_JOB = 1, 3, 4
 # the namespace of the mark snapfw puts into the <domain><metadata> of every libvirt snapshot record it
 # mirrors: what proves a record is snapfw's, so that only those are ever redefined or removed
 MIRROR_NS = "https://snapfw.org/xmlns/libvirt-mirror/1"
+# the virtio-serial port name the QEMU guest agent listens on (libvirt's channel target name)
+AGENT_PORT = "org.qemu.guest_agent.0"
 # namespaces of the domain XML that keep their prefixes when snapfw writes the XML back
 NAMESPACES = {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0", "snapfw": MIRROR_NS}
 
@@ -440,6 +445,47 @@ class LibvirtDriver(HypervisorDriver):
             if dom.state()[0] == _libvirt().VIR_DOMAIN_PAUSED:
                 dom.resume()
 
+    # --- the guest agent (create --quiesce) --------------------------------------------------------------
+    # libvirt holds the agent's channel (the virtio port org.qemu.guest_agent.0) itself: snapfw reaches
+    # the agent only through libvirt. The probe is a raw agent command with snapfw's own deadline
+    # (libvirt has no API that says whether the guest is frozen); freeze and thaw are libvirt's fsFreeze
+    # and fsThaw, bounded by libvirt's agent timeout for the domain (5 s unless `virsh guest-agent-timeout`
+    # changed it): libvirt's API takes no per-call deadline.
+    def _agent(self, dom, command: str, seconds: float):
+        """Agent command ``command`` through libvirt (``virDomainQemuAgentCommand``) within ``seconds``."""
+        import libvirt_qemu
+
+        libvirt = _libvirt()
+        request = json.dumps({"execute": command})
+        try:
+            reply = json.loads(libvirt_qemu.qemuAgentCommand(dom, request, max(1, math.ceil(seconds)), 0))
+        except libvirt.libvirtError as e:
+            raise _agent_error(e, command, seconds) from None
+        return reply["return"]
+
+    def agent_problem(self, domain: str, seconds: float) -> str | None:
+        try:
+            if self._agent(self._lookup(domain), "guest-fsfreeze-status", seconds) != "thawed":
+                return "its filesystems are frozen already (by someone else: snapfw would thaw them)"
+        except (NotSupported, ToolError) as e:
+            return str(e)
+        return None
+
+    def freeze(self, domain: str, seconds: float) -> int:
+        libvirt, dom = _libvirt(), self._lookup(domain)
+        try:
+            return dom.fsFreeze()
+        except libvirt.libvirtError as e:
+            raise _agent_error(e, "fsFreeze", seconds) from None
+
+    def thaw(self, domain: str, seconds: float) -> None:
+        """``fsThaw``: the agent thaws nothing on a guest that is not frozen, so no status call first."""
+        libvirt, dom = _libvirt(), self._lookup(domain)
+        try:
+            dom.fsThaw()
+        except libvirt.libvirtError as e:
+            raise _agent_error(e, "fsThaw", seconds) from None
+
     # --- live snapshots --------------------------------------------------------------------------------
     def _live_sources(self, dom) -> dict[str, str]:
         """target -> the file the running domain writes to, from libvirt's live XML."""
@@ -538,13 +584,21 @@ class LibvirtDriver(HypervisorDriver):
         return [f"createWithFlags({'START_PAUSED' if paused else 0})"], None
 
     def undo_live_snapshot(self, domain: str, actions: list[dict], progress=None) -> None:
+        """Also after a memory image was written behind the snapshot (snapfw died while libvirt wrote it,
+        see LibvirtMemory): QEMU is then ``postmigrate``, its images inactive, and no block job runs on
+        them; the guest runs while they are undone (``cont`` makes them active) and is paused again."""
         dom = self._lookup(domain)
+        inactive = dom.isActive() and self._monitor(dom, "query-status")["status"] == "postmigrate"
+        if inactive:
+            self.resume(domain)
         for a in reversed(actions):
             if a["kind"] == INTERNAL:
                 self._undo_internal(dom, a)
             else:
                 self._undo_external(dom, a, progress)
         self._set_sources(dom, {a["target"]: (a["file"], a["format"]) for a in actions if a["kind"] == EXTERNAL})
+        if inactive:
+            self.pause(domain)
 
     def _undo_internal(self, dom, a: dict):
         inserted = self._node(dom, a["target"])
@@ -681,6 +735,77 @@ class LibvirtDriver(HypervisorDriver):
         self._merge(dom, target, (PULL_JOB,), old_backing, done, start, progress)
 
 
+class LibvirtMemory(MemoryBackend):
+    """Memory state of a libvirt domain: libvirt's external memory snapshot, memory only
+    (``snapshotCreateXML`` with ``<memory snapshot='external' file=...>``, every disk ``snapshot='no'``,
+    NO_METADATA), which writes libvirt's save image (its header with the domain XML, then QEMU's
+    migration stream) into the file snapfw made; a revert loads it with ``restoreFlags(file, xml)``, the
+    XML being the persistent one the revert defined (the snapshot's, on the reverted disks).
+
+    libvirt cannot pass snapfw's own file descriptor to QEMU's ``migrate`` (the qemu backend's way), and
+    its managed save and ``saveFlags`` stop the domain, while the disks' live snapshot needs QEMU running.
+    Paused only: ``save`` pauses the guest, the disks' snapshot runs, and ``complete`` writes the image
+    while the guest is still paused (the same instant), then resumes it. The image comes after the disks
+    because once QEMU's migration has completed its images are inactive: a failed disk snapshot could not
+    be undone (``block-commit``: "Block node is read-only") before the guest runs again. libvirt's LIVE
+    memory snapshot resumes the guest itself as soon as the memory is written, before snapfw's disks."""
+
+    name = "libvirt"
+    description = "libvirt external memory snapshot (a save image), paused; restored with restoreFlags"
+    drivers = frozenset(SCHEMES)
+    kinds = frozenset({MEMORY_PAUSED})
+
+    def image_size(self, driver, domain):
+        with _calls("info"):
+            return driver._lookup(domain).info()[1] * 1024  # the guest's maximum memory, KiB (not a balloon's)
+
+    def save(self, driver, domain, path, kind, settings, deadline):
+        """Only the pause: the image is written by :meth:`complete`, after the disks' snapshot."""
+        if _state(driver._lookup(domain)) != "paused":
+            driver.pause(domain)
+
+    def complete(self, driver, domain, path, settings, resume, deadline):
+        """The memory-only snapshot of the still paused guest, then resume. libvirt's call runs until the
+        image is written and takes no deadline (``deadline`` is not kept): once it returned, the image
+        is whole, and failing then would only leave a rollback on inactive images."""
+        libvirt, dom = _libvirt(), driver._lookup(domain)
+        disks = "".join(f"<disk name='{el.find('target').get('dev')}' snapshot='no'/>"
+                        for el in driver._xml(dom, live=True).findall("devices/disk"))
+        spec = f"<domainsnapshot><memory snapshot='external' file={_attr(path)}/><disks>{disks}</disks></domainsnapshot>"
+        with _calls("snapshotCreateXML (memory only)"):
+            dom.snapshotCreateXML(spec, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+        if resume:
+            driver.resume(domain)
+
+    def abort(self, driver, domain, settings, resume):
+        """Abort libvirt's memory job if it still runs (a crash left it), then resume."""
+        libvirt, dom = _libvirt(), driver._lookup(domain)
+        with _calls("abortJob"):
+            if not dom.isActive():
+                return
+            if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                dom.abortJob()
+            deadline = time.monotonic() + UNDO_JOB_SECONDS
+            while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                if time.monotonic() > deadline:
+                    raise Inconsistent(f"libvirt's job on {domain} did not end after abortJob")
+                time.sleep(0.02)
+        if resume:
+            driver.resume(domain)
+
+    def restore(self, driver, domain, path, paused):
+        """``restoreFlags`` with the persistent XML; once the domain runs (a restore a crash interrupted
+        finished in libvirtd), only ``resume`` is left."""
+        libvirt, dom = _libvirt(), driver._lookup(domain)
+        with _calls("restoreFlags"):
+            if not dom.isActive():
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+                driver.conn.restoreFlags(path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED if paused
+                                         else libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        if not paused:
+            driver.resume(domain)
+
+
 def _ours(record: ET.Element) -> bool:
     """Whether libvirt snapshot record ``record`` carries snapfw's mark (snapfw mirrored it)."""
     return record.find(f"domain/metadata/{{{MIRROR_NS}}}snapshot") is not None
@@ -734,6 +859,20 @@ def _summary(record: ET.Element) -> tuple:
             record.findtext("creationTime"), record.findtext("state"), disks)
 
 
+def _agent_error(e, call: str, seconds: float) -> Exception:
+    """libvirt's error from guest agent call ``call`` as snapfw's: no agent channel in the domain
+    (NotSupported), an agent that did not answer in time or is not connected, or another failure."""
+    libvirt = _libvirt()
+    code, message = e.get_error_code(), e.get_error_message()
+    if code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED:
+        return NotSupported(f"the domain has no guest agent channel (a <channel> with target name "
+                            f"{AGENT_PORT}): {message}")
+    if code == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
+        return ToolError(f"the guest agent did not answer within {seconds:g} s ({call}: {message})",
+                         ["libvirt", call], code, message)
+    return ToolError(f"libvirt {call} failed: {message}", ["libvirt", call], code, message)
+
+
 def _state(dom) -> str:
     """libvirt's state of ``dom`` as snapfw's: paused; running for any other state while QEMU runs (blocked,
     being shut down, suspended by the guest: QEMU holds the images); else shut off (also crashed)."""
@@ -779,3 +918,8 @@ DRIVERS = [type(f"LibvirtDriver_{s.replace('+', '_')}", (LibvirtDriver,), {"sche
 @hookimpl
 def snapfw_hypervisor_drivers():
     return DRIVERS
+
+
+@hookimpl
+def snapfw_memory_backends():
+    return [LibvirtMemory]
