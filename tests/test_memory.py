@@ -12,7 +12,7 @@ import os
 import subprocess
 
 import pytest
-from live import LiveEnv, Qemu
+from live import LiveEnv, Qemu, boundaries, gen, kill_then_repair, live_chains, qemu_chains, quit_then_read, spec_disks
 
 from snapfw.tools.qmp import QMP
 
@@ -186,3 +186,78 @@ def test_no_room_for_the_memory_image_is_refused_first_and_enospc_while_writing_
         assert live.json("list", "web") == []
     finally:
         qemu.kill()
+
+
+# --- SIGKILL at every step boundary (firmware-only guest: 64 MiB, migrates in well under a second) --------
+@pytest.fixture
+def firmware(tmp_path):
+    """A firmware-only guest as a qmp domain with a launch spec, and snapfw on it."""
+    qemu = Qemu(str(tmp_path))
+    qemu.write_spec()
+    qemu.start()
+    yield qemu, LiveEnv(tmp_path, qemu)
+    qemu.kill()
+
+
+def migration_settings(qemu: Qemu) -> tuple:
+    """What a memory save changes for its migration and must put back: the bandwidth cap, the switchover pause."""
+    with QMP(qemu.sock) as q:
+        caps = {c["capability"]: c["state"] for c in q.execute("query-migrate-capabilities")}
+        return q.execute("query-migrate-parameters")["max-bandwidth"], caps["pause-before-switchover"]
+
+
+def after_repair(live: LiveEnv, qemu: Qemu, fault: str, settings: tuple):
+    """What must hold after any kill and `check --repair`: QEMU runs (not paused) on the chain the catalog
+    records, as its launch spec says; the only memory images are those the catalog records; the migration
+    settings are QEMU's own again, and no migration is left open."""
+    assert qemu.reattach() and status(qemu) == "running", fault
+    assert qemu_chains(qemu) == live_chains(live) and qemu.spec()["disks"] == spec_disks(live), fault
+    recorded = {s["memory"]["file"] for s in (live.json("show", "web", n) for n in live.snapshot_names())
+                if s.get("memory")}
+    assert {os.path.join(live.dir, n) for n in memory_files(live)} == recorded, fault
+    assert migration_settings(qemu) == settings, fault
+    assert qemu.qmp("query-migrate").get("status") in (None, "completed", "cancelled"), fault
+
+
+@pytest.mark.parametrize("kind", ["paused", "live"])
+def test_kill_at_every_step_boundary_of_a_memory_snapshot_then_repair(firmware, kind):
+    """create --memory: [save memory (the guest stays paused), the disks' transaction, complete + resume,
+    define], killed before each step and at the commit: repair rolls it all back with the guest running."""
+    qemu, live = firmware
+    settings = migration_settings(qemu)
+    gen(live, 1)
+    faults = boundaries(live, "create", "web", "c", "--memory", kind)
+    assert len(faults) == 5, faults
+    for k, fault in enumerate(faults):
+        kill_then_repair(live, fault, "create", "web", f"c{k}", "--memory", kind)
+        after_repair(live, qemu, fault, settings)
+        assert live.snapshot_names() == [], fault
+        gen(live, k + 2)
+    live.run("create", "web", "whole", "--memory", kind)  # and a whole one still works after all that
+    after_repair(live, qemu, "none", settings)
+    quit_then_read(live, range(1, len(faults) + 2))
+    live.assert_consistent()
+
+
+def test_kill_at_every_step_boundary_of_a_memory_revert_then_repair(firmware):
+    """revert to a memory snapshot: [stop, revert the tag, new overlay, define] then [drop the kept tag,
+    remove the old overlay, start QEMU from the image]; reverting to the snapshot just taken, so nothing
+    written is discarded. Rolled back: QEMU runs again from its definition; finished: from the image."""
+    qemu, live = firmware
+    settings = migration_settings(qemu)
+    gen(live, 1)
+    live.run("create", "web", "r0", "--memory", "paused")
+    faults = boundaries(live, "revert", "web", "r0")  # the same plan's shape every round
+    assert len(faults) == 8 and sum(f.startswith("finish") for f in faults) == 3, faults
+    for k, fault in enumerate(faults):
+        if k:
+            gen(live, k + 1)
+            live.run("create", "web", f"r{k}", "--memory", "live" if k % 2 else "paused")
+        was = qemu.pid
+        kill_then_repair(live, fault, "revert", "web", f"r{k}")
+        after_repair(live, qemu, fault, settings)
+        assert (qemu.pid == was) == (fault == "prepare:0:kill"), fault  # killed before the stop: untouched
+        loaded = qemu.qmp("query-migrate").get("status") == "completed"  # its incoming migration, done
+        assert loaded == (fault.startswith("finish") or fault == "prepare:0:kill"), fault
+    quit_then_read(live, range(1, len(faults) + 1))
+    live.assert_consistent()
