@@ -714,8 +714,8 @@ def _save_memory(o: "_Operation", ops: list[DiskOp], records: list[DiskRecord], 
     live = [i for i, s in enumerate(plan.prepare) if isinstance(s, LiveSnapshot)]
     at = live[0] if live else len(plan.prepare)
     resume, settings = o.domain.state == RUNNING, backend.settings(o.s.driver, o.name)
-    plan.prepare[at:at + len(live)] = [memory.SaveMemory(o.name, backend.name, path, kind, settings, resume, size),
-                                       *plan.prepare[at:at + len(live)],
+    save = memory.SaveMemory(o.name, backend.name, path, kind, settings, resume, size, o.window_seconds[0])
+    plan.prepare[at:at + len(live)] = [save, *plan.prepare[at:at + len(live)],
                                        memory.CompleteMemory(o.name, backend.name, path, settings, resume)]
     plan.notes.append(f"the memory image {path} holds the guest's secrets: it is made mode 0600")
     return MemoryRecord(backend.name, kind, path, 0, {"disks": {r.target: r.backend for r in records}})

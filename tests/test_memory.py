@@ -10,9 +10,20 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
-from live import LiveEnv, Qemu, boundaries, gen, kill_then_repair, live_chains, qemu_chains, quit_then_read, spec_disks
+from live import (
+    LiveEnv,
+    Qemu,
+    boundaries,
+    gen,
+    kill_then_repair,
+    live_chains,
+    qemu_chains,
+    quit_then_read,
+    spec_disks,
+)
 
 from snapfw.tools.qmp import QMP
 
@@ -260,4 +271,26 @@ def test_kill_at_every_step_boundary_of_a_memory_revert_then_repair(firmware):
         loaded = qemu.qmp("query-migrate").get("status") == "completed"  # its incoming migration, done
         assert loaded == (fault.startswith("finish") or fault == "prepare:0:kill"), fault
     quit_then_read(live, range(1, len(faults) + 1))
+    live.assert_consistent()
+
+
+def test_killed_once_the_memory_image_is_whole_then_repair_resumes_the_guest_first(firmware):
+    """Killed inside 'complete the memory image', after QEMU finished the migration and before it let
+    the guest run: QEMU is then in postmigrate, its images handed over (inactive, read-only), so the
+    disks' transaction can only be undone once the guest runs again. Made exact here by killing before
+    that step and finishing the migration as the step would."""
+    qemu, live = firmware
+    settings = migration_settings(qemu)
+    gen(live, 1)
+    r = live.run("create", "web", "c", "--memory", "paused", env={"SNAPFW_FAULT": "prepare:2:kill"}, check=False)
+    assert r.returncode == -9
+    with QMP(qemu.sock) as q:
+        q.execute("migrate-continue", {"state": "pre-switchover"})
+        q.migration(time.monotonic() + 60)
+        assert q.execute("query-status")["status"] == "postmigrate"
+    assert live.run("check", "web", "--repair").stdout.splitlines() == ["web: rolled back create of web"]
+    after_repair(live, qemu, "postmigrate", settings)
+    assert live.snapshot_names() == []
+    gen(live, 2)
+    quit_then_read(live, (1, 2))
     live.assert_consistent()
