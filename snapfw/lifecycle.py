@@ -586,6 +586,10 @@ def create(session: Session, domain: str, name: str, description: str = "",
     memory = memory or MEMORY_NONE
     if memory not in (MEMORY_NONE, *MEMORY_KINDS):
         raise BadInput(f"invalid --memory {memory!r}: expected {MEMORY_NONE}, {', '.join(MEMORY_KINDS)}")
+    if quiesce is not None and memory != MEMORY_NONE:  # as libvirt: --quiesce only with --disk-only
+        raise BadInput(f"--quiesce with --memory {memory}: the memory image would hold the guest with its "
+                       "filesystems frozen, and a revert would resume it so; a snapshot with memory needs no "
+                       "quiesce (what the disks lack is in its RAM)")
     with session.lock(o.name):
         o.load()
         if name in o.tree:

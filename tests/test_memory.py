@@ -116,6 +116,29 @@ def test_killed_inside_a_memory_snapshot_then_repair_leaves_the_guest_running(bo
     assert "No problems found" in live.run("check", "web").stdout
 
 
+def test_memory_with_quiesce_is_refused_before_any_change(booted):
+    """The image would hold the guest with its filesystems frozen: a revert resumed it frozen."""
+    qemu, live = booted
+    listed = live.json("list", "web")
+    for quiesce in ("--quiesce", "--quiesce=try"):
+        r = live.run("create", "web", "q", "--memory", "live", quiesce, check=False)
+        assert r.returncode == 2 and "--quiesce with --memory live" in r.stderr, r.stderr
+    assert live.json("list", "web") == listed and "q" not in memory_files(live) and status(qemu) == "running"
+
+
+def test_kill_at_the_commit_of_a_memory_snapshot_leaves_the_guest_where_it_was(booted):
+    """The booted guest's own view: after the kill and repair it still has its RAM (never restarted) and
+    what it wrote; no image is left."""
+    qemu, live = booted
+    mark(qemu, "KKKKKK")
+    before, listed = memory_files(live), live.json("list", "web")
+    r = live.run("create", "web", "k", "--memory", "live", env={"SNAPFW_FAULT": "commit:0:kill"}, check=False)
+    assert r.returncode == -9
+    assert "rolled back create" in live.run("check", "web", "--repair").stdout
+    assert status(qemu) == "running" and memory_files(live) == before and live.json("list", "web") == listed
+    assert marks(qemu) == {"ram": "KKKKKK", "vda": "KKKKKK", "vdb": "KKKKKK"}
+
+
 def test_a_shut_off_domain_resumes_at_a_memory_snapshot_and_delete_removes_the_image(booted):
     """Runs last: QEMU is shut down, so qcow2 internal snapshots can be deleted (offline)."""
     qemu, live = booted
