@@ -234,10 +234,11 @@ def firmware(tmp_path):
 
 
 def migration_settings(qemu: Qemu) -> tuple:
-    """What a memory save changes for its migration and must put back: the bandwidth cap, the switchover pause."""
+    """What a memory save changes for its migration and must put back: the bandwidth cap and the
+    capabilities (the switchover pause, events)."""
     with QMP(qemu.sock) as q:
         caps = {c["capability"]: c["state"] for c in q.execute("query-migrate-capabilities")}
-        return q.execute("query-migrate-parameters")["max-bandwidth"], caps["pause-before-switchover"]
+        return q.execute("query-migrate-parameters")["max-bandwidth"], caps
 
 
 def after_repair(live: LiveEnv, qemu: Qemu, fault: str, settings: tuple):
