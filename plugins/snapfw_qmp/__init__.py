@@ -608,9 +608,10 @@ class QemuMemory(MemoryBackend):
     The migration runs with ``pause-before-switchover``: it stops at ``pre-switchover`` once the guest is
     stopped and its disks flushed, before the last pass. The disks' transaction runs there; then
     ``migrate-continue`` writes the rest. With the ``events`` capability on, each status change wakes the
-    wait for it at once (the guest's pause then holds no polling interval). Both are put back. (Once a migration has completed, QEMU has handed the images
-    over, inactive, and QEMU 7.2 then refuses internal snapshots on them.) A revert starts QEMU from the
-    launch spec with ``-incoming defer`` and loads the image the same way.
+    wait for it at once (the guest's pause then holds no polling interval). Both are put back. (Once a
+    migration has completed, QEMU has handed the images over, inactive, and QEMU 7.2 then refuses internal
+    snapshots on them.) A revert starts QEMU from the launch spec with ``-incoming defer`` and loads the
+    image the same way.
     """
 
     name = "qemu"
