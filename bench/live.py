@@ -271,8 +271,8 @@ def measure_memory(conn, root: str, snapfw: list[str], virsh: list[str], env: di
                                       "--memory", "live", *_disk_flags()], q.events, env)}
             if lv is not None:
                 lv.write(rnd + 1, rnd * MIB % (15 * MIB))
-                specs = [a for t in DISKS for a in ("--diskspec", f"{t},snapshot=external,"
-                                                                 f"file={lv.dir}/{t}.{name}.qcow2")]
+                files = {t: os.path.join(lv.dir, f"{t}.{name}.qcow2") for t in DISKS}
+                specs = [a for t in DISKS for a in ("--diskspec", f"{t},snapshot=external,file={files[t]}")]
                 runs["virsh"] = (virsh + ["snapshot-create-as", "--domain", lv.name, "--name", name, "--live",
                                           "--memspec", f"file={lv.dir}/{name}.memory,snapshot=external", *specs,
                                           "--atomic", "--no-metadata"], lv.events, None)

@@ -391,8 +391,8 @@ def render(result) -> str:
                              _fmt(d["peak_rss_mib"], ".1f")])
         out += ["", _table(["live delete", "s", "(min)", "MiB copied", "MiB"], rows)]
         if result["live"].get("memory"):
-            out += ["", "live memory+disk snapshot of such a guest (memory image and external overlays); the pause "
-                        "from its QEMU's STOP and RESUME events"]
+            out += ["", ("live memory+disk snapshot of such a guest (memory image and external overlays); the pause "
+                         "from its QEMU's STOP and RESUME events")]
             rows = [[r["operation"], _fmt(r["series"]["median_s"], ".3f"), _fmt(r["series"]["min_s"], ".3f"),
                      _fmt(r["ratio"], ".2f"), f"<= {r['max_ratio']}" if r["max_ratio"] else "",
                      _fmt(r["paused_median_s"] * 1000, ".1f"), _fmt(max(r["series"]["paused_s"]) * 1000, ".1f"),
