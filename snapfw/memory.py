@@ -13,8 +13,8 @@ The guest's pause is in this one place: SaveMemory holds it (a plan window, snap
 resumes it (and removes the partial image), so a failure, Ctrl-C or a crash followed by ``check --repair``
 never leaves it paused. As a window's hold, that undo runs before the others: once QEMU has finished the
 migration, its images are inactive (read-only) until the guest runs again, and the disks' transaction
-cannot be undone before. Reverting to such a
-snapshot ends with :class:`RestoreMemory` instead of starting the domain afresh.
+cannot be undone before. Reverting to such a snapshot ends with :class:`RestoreMemory` instead of
+starting the domain afresh.
 
 The image is a file ``<domain>.<snapshot>.memory`` next to the domain's first disk: it stays with the
 disks it resumes against, on storage sized for them.
