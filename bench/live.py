@@ -1,4 +1,5 @@
-"""Live rows: a running 4-disk guest, snapshotted disk-only and atomically, then a middle snapshot merged away.
+"""Live rows: a running 4-disk guest, snapshotted disk-only and atomically, then a middle snapshot merged away;
+and a live memory+disk snapshot of such a guest, with how long the guest was paused.
 
 Four guests, each with four 16 MiB qcow2 disks and no OS (firmware only, as the tests run them), so that no
 tool ever finds a chain another tool changed: a bare QEMU for ``snapfw --connect qmp://``, a bare QEMU for
@@ -6,6 +7,10 @@ the floor (``qmp_floor.py``: one QMP ``transaction`` from a tiny stdlib client),
 ``snapfw --connect qemu:///system`` and one for ``virsh snapshot-create-as --disk-only --atomic
 --no-metadata``. Before each round 1 MiB of a new pattern goes into every disk of the snapfw-qmp and the
 virsh guests (HMP ``qemu-io``, as a guest would write), so each layer holds data a merge must copy.
+
+The memory rows use two more guests of the same shape, each with a second QMP monitor that only listens:
+QEMU's own STOP and RESUME events there time the guest's pause, whoever drives it (snapfw on the first
+monitor, libvirtd on its own).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -28,17 +34,21 @@ def _disk_flags() -> list[str]:
 
 
 class Qemu:
-    """``qemu-system-x86_64 -name NAME -daemonize`` with the four disks as -blockdev, a QMP socket."""
+    """``qemu-system-x86_64 -name NAME -daemonize`` with the four disks as -blockdev, a QMP socket; with
+    ``events``, a second one (``self.events``) for :class:`Events`."""
 
-    def __init__(self, root: str, name: str):
+    def __init__(self, root: str, name: str, events: bool = False):
         self.dir = os.path.join(root, name)
         os.makedirs(self.dir)
         self.name = name
         self.sock = os.path.join(self.dir, "qmp.sock")
+        self.events = os.path.join(self.dir, "events.sock") if events else None
         self.pidfile = os.path.join(self.dir, "qemu.pid")
         argv = ["qemu-system-x86_64", "-machine", "q35,accel=kvm:tcg", "-m", "64", "-nodefaults", "-display",
                 "none", "-qmp", f"unix:{self.sock},server=on,wait=off", "-name", name, "-daemonize",
                 "-pidfile", self.pidfile]
+        if events:
+            argv += ["-qmp", f"unix:{self.events},server=on,wait=off"]
         for i, target in enumerate(DISKS):
             path = os.path.join(self.dir, f"{target}.qcow2")
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"], check=True)
@@ -68,12 +78,17 @@ class Qemu:
 
 
 class LibvirtGuest:
-    """A persistent libvirt domain with the four disks, running (QEMU runs as root, no relabelling)."""
+    """A persistent libvirt domain with the four disks, running (QEMU runs as root, no relabelling); with
+    ``events``, a second QMP monitor of its QEMU (``self.events``, a ``qemu:commandline`` argument) for
+    :class:`Events`."""
 
-    def __init__(self, conn, root: str, suffix: str):
+    def __init__(self, conn, root: str, suffix: str, events: bool = False):
         self.name = f"{domains.NAME_PREFIX}{os.getpid()}-{suffix}"
         self.dir = os.path.join(root, suffix)
         os.makedirs(self.dir)
+        self.events = os.path.join(self.dir, "events.sock") if events else None
+        monitor = (f"<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:{self.events},server=on,"
+                   "wait=off'/></qemu:commandline>") if events else ""
         disks = ""
         for target in DISKS:
             path = os.path.join(self.dir, f"{target}.qcow2")
@@ -82,10 +97,10 @@ class LibvirtGuest:
                       f"<target dev='{target}' bus='virtio'/></disk>")
         kind = "kvm" if os.path.exists("/dev/kvm") else "qemu"
         self.dom = conn.defineXML(
-            f"<domain type='{kind}'><name>{self.name}</name><memory unit='MiB'>64</memory>"
-            "<os><type arch='x86_64' machine='q35'>hvm</type></os>"
+            f"<domain type='{kind}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>{self.name}</name>"
+            "<memory unit='MiB'>64</memory><os><type arch='x86_64' machine='q35'>hvm</type></os>"
             "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>"
-            f"<devices>{disks}</devices></domain>")
+            f"<devices>{disks}</devices>{monitor}</domain>")
         self.dom.create()
 
     def write(self, byte: int, offset: int):
@@ -193,3 +208,91 @@ def _measure_deletes(q, lv, snapfw, virsh, state, env, repeat) -> dict:
     if vs.samples:
         out["virsh"] = {**vs.as_dict(), "bytes": vs_bytes}
     return out
+
+
+class Events:
+    """QEMU's STOP and RESUME events on a monitor of their own, by QEMU's clock: how long the guest was
+    paused while a command ran. Connect before the command, read after it (QEMU keeps the events)."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rwb")
+        json.loads(self.file.readline())  # the greeting
+        self.file.write(b'{"execute": "qmp_capabilities"}\n')
+        self.file.flush()
+        while "return" not in json.loads(self.file.readline()):
+            pass
+
+    def paused_seconds(self) -> float:
+        """The seconds from each STOP to the next RESUME since connecting, summed; RuntimeError if the guest
+        did not run again within 10 s."""
+        paused, stopped = 0.0, None
+        self.sock.settimeout(10)
+        while True:
+            try:
+                line = self.file.readline()
+            except TimeoutError:
+                line = b""
+            if not line:
+                if stopped is None and paused:
+                    return paused
+                raise RuntimeError("the guest did not pause and run again (no STOP and RESUME events)")
+            event = json.loads(line)
+            at = event.get("timestamp", {}).get("seconds", 0) + event.get("timestamp", {}).get("microseconds", 0) / 1e6
+            if event.get("event") == "STOP":
+                stopped = at
+            elif event.get("event") == "RESUME" and stopped is not None:
+                paused, stopped = paused + at - stopped, None
+                self.sock.settimeout(0.05)  # any later pause follows at once; then the command is done
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+def measure_memory(conn, root: str, snapfw: list[str], virsh: list[str], env: dict, repeat: int, log) -> dict:
+    """Live memory+disk snapshots of a running 4-disk guest (external overlays, the memory image beside
+    them): ``snapfw create --memory live`` (qmp driver) against ``virsh snapshot-create-as --live --memspec``,
+    interleaved, the first round untimed; each with the guest's pause from its QEMU's events."""
+    state = os.path.join(root, "memory-state")
+    series = {k: measure.Series([]) for k in ("qmp", "virsh")}
+    paused = {k: [] for k in series}
+    q = lv = None
+    try:
+        q = Qemu(root, f"{domains.NAME_PREFIX}{os.getpid()}-m", events=True)
+        if conn is not None:
+            lv = LibvirtGuest(conn, root, "lvm", events=True)
+        for rnd in range(repeat + 1):
+            name = f"m{rnd}"
+            q.write(rnd + 1, rnd * MIB % (15 * MIB))
+            runs = {"qmp": (snapfw + ["--connect", f"qmp://{q.sock}", "--state-dir", state, "create", q.name, name,
+                                      "--memory", "live", *_disk_flags()], q.events, env)}
+            if lv is not None:
+                lv.write(rnd + 1, rnd * MIB % (15 * MIB))
+                files = {t: os.path.join(lv.dir, f"{t}.{name}.qcow2") for t in DISKS}
+                specs = [a for t in DISKS for a in ("--diskspec", f"{t},snapshot=external,file={files[t]}")]
+                runs["virsh"] = (virsh + ["snapshot-create-as", "--domain", lv.name, "--name", name, "--live",
+                                          "--memspec", f"file={lv.dir}/{name}.memory,snapshot=external", *specs,
+                                          "--atomic", "--no-metadata"], lv.events, None)
+            for key, (argv, monitor, run_env) in runs.items():
+                events = Events(monitor)
+                try:
+                    sample, _ = measure.run(argv, env=run_env)
+                    pause = events.paused_seconds()
+                finally:
+                    events.close()
+                series[key].argv = argv
+                if rnd:
+                    series[key].samples.append(sample)
+                    paused[key].append(pause)
+    finally:
+        if q is not None:
+            q.stop()
+        if lv is not None:
+            try:
+                lv.remove()
+            except Exception as e:  # report, never hide the real error
+                log(f"bench: warning: could not remove {lv.name}: {e}")
+    return {k: {**s.as_dict(), "paused_s": [round(p, 5) for p in paused[k]]} for k, s in series.items() if s.samples}

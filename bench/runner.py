@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -17,6 +18,8 @@ from . import clones, domains, live, lvm, measure
 READ_RATIO, LARGE_READ_RATIO, LARGE, CHANGE_RATIO = 1.5, 0.3, 1000, 1.2
 # a live disk-only atomic snapshot of a running 4-disk guest: snapfw / virsh at most this, per driver
 LIVE_RATIO = {"qmp": 1.0, "libvirt": 1.3}
+# issue 18: a live memory+disk snapshot, snapfw / virsh at most this, and the guest paused no longer than by virsh
+MEMORY_RATIO = 1.2
 READS, CHANGES = ("list", "show"), ("create", "revert", "delete")
 VIRSH = ["virsh", "-c", domains.LIBVIRT_URI]
 
@@ -233,6 +236,9 @@ def run(args) -> dict:
                 log(f"bench: timing live snapshots of running 4-disk guests, {args.repeat} runs each")
                 result["live"] = _live_rows(live.measure_live(conn, root, snapfw_argv(), VIRSH, env, args.repeat,
                                                               log))
+                log(f"bench: timing live memory+disk snapshots of running 4-disk guests, {args.repeat} runs each")
+                result["live"]["memory"] = _memory_rows(live.measure_memory(conn, root, snapfw_argv(), VIRSH, env,
+                                                                            args.repeat, log))
             else:
                 log("bench: warning: qemu-system-x86_64 not found: no live rows")
         if lv is not None:
@@ -248,7 +254,8 @@ def run(args) -> dict:
             conn.close()
         shutil.rmtree(root, ignore_errors=True)
 
-    checked = [r["pass"] for r in result["rows"] + (result["live"] or {}).get("rows", []) if r["pass"] is not None]
+    live_rows = (result["live"] or {}).get("rows", []) + (result["live"] or {}).get("memory", [])
+    checked = [r["pass"] for r in result["rows"] + live_rows if r["pass"] is not None]
     result["pass"] = all(checked) if checked else None
     result["host"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["total_s"] = round(time.perf_counter() - started, 1)
@@ -270,6 +277,25 @@ def _live_rows(measured: dict) -> dict:
         rows.append({"operation": what, "series": s, "ratio": ratio, "max_ratio": limit,
                      "pass": None if limit is None or ratio is None else ratio <= limit})
     return {"rows": rows, "delete": measured["delete"]}
+
+
+def _memory_rows(measured: dict) -> list[dict]:
+    """The live memory+disk series as rows: snapfw's time against virsh's, its median pause against virsh's."""
+    virsh = measured.get("virsh")
+    rows = []
+    for key, what in (("virsh", "virsh snapshot-create-as --live --memspec --atomic --no-metadata"),
+                      ("qmp", "snapfw create --memory live, qmp driver")):
+        if key not in measured:
+            continue
+        s = measured[key]
+        pause = statistics.median(s["paused_s"])
+        limit = MEMORY_RATIO if key == "qmp" else None
+        ratio = _round(s["median_s"] / virsh["median_s"]) if virsh else None
+        max_pause = _round(statistics.median(virsh["paused_s"]), 5) if virsh and limit else None
+        rows.append({"operation": what, "series": s, "ratio": ratio, "max_ratio": limit,
+                     "paused_median_s": _round(pause, 5), "max_paused_s": max_pause,
+                     "pass": None if limit is None or ratio is None else ratio <= limit and pause <= max_pause})
+    return rows
 
 
 def _round(x, digits=3):
@@ -364,6 +390,17 @@ def render(result) -> str:
                              _fmt(sorted(d["bytes"])[len(d["bytes"]) // 2] / 2**20, ".1f"),
                              _fmt(d["peak_rss_mib"], ".1f")])
         out += ["", _table(["live delete", "s", "(min)", "MiB copied", "MiB"], rows)]
+        if result["live"].get("memory"):
+            out += ["", ("live memory+disk snapshot of such a guest (memory image and external overlays); the pause "
+                         "from its QEMU's STOP and RESUME events")]
+            rows = [[r["operation"], _fmt(r["series"]["median_s"], ".3f"), _fmt(r["series"]["min_s"], ".3f"),
+                     _fmt(r["ratio"], ".2f"), f"<= {r['max_ratio']}" if r["max_ratio"] else "",
+                     _fmt(r["paused_median_s"] * 1000, ".1f"), _fmt(max(r["series"]["paused_s"]) * 1000, ".1f"),
+                     "" if r["max_paused_s"] is None else f"<= {r['max_paused_s'] * 1000:.1f}",
+                     "-" if r["pass"] is None else "PASS" if r["pass"] else "FAIL",
+                     _fmt(r["series"]["peak_rss_mib"], ".1f")] for r in result["live"]["memory"]]
+            out.append(_table(["live memory create", "s", "(min)", "x virsh", "target", "pause ms", "(max)",
+                               "target", "", "MiB"], rows))
     if result.get("libvirtd_rss_mib") is not None:
         out.append(f"(virsh is a client: libvirtd does the work and was {result['libvirtd_rss_mib']:.1f} MiB "
                    "resident at the end, not counted above)")
@@ -375,7 +412,8 @@ def render(result) -> str:
         out.append("TARGETS not checked: needs virsh (not --snapfw-only)")
     else:
         failed = [f"{r['operation']} at {r['count']}" for r in result["rows"] if r["pass"] is False]
-        failed += [r["operation"] for r in (result["live"] or {}).get("rows", []) if r["pass"] is False]
+        failed += [r["operation"] for r in (result["live"] or {}).get("rows", []) + (result["live"] or {}).get("memory", [])
+                   if r["pass"] is False]
         out.append("PASS: every row meets its target" if not failed else f"FAIL: {', '.join(failed)}")
     out.append(f"bench total: {result['total_s']:.1f} s")
     return "\n".join(out)

@@ -586,6 +586,10 @@ def create(session: Session, domain: str, name: str, description: str = "",
     memory = memory or MEMORY_NONE
     if memory not in (MEMORY_NONE, *MEMORY_KINDS):
         raise BadInput(f"invalid --memory {memory!r}: expected {MEMORY_NONE}, {', '.join(MEMORY_KINDS)}")
+    if quiesce is not None and memory != MEMORY_NONE:  # as libvirt: --quiesce only with --disk-only
+        raise BadInput(f"--quiesce with --memory {memory}: the memory image would hold the guest with its "
+                       "filesystems frozen, and a revert would resume it so; a snapshot with memory needs no "
+                       "quiesce (what the disks lack is in its RAM)")
     with session.lock(o.name):
         o.load()
         if name in o.tree:
@@ -714,8 +718,8 @@ def _save_memory(o: "_Operation", ops: list[DiskOp], records: list[DiskRecord], 
     live = [i for i, s in enumerate(plan.prepare) if isinstance(s, LiveSnapshot)]
     at = live[0] if live else len(plan.prepare)
     resume, settings = o.domain.state == RUNNING, backend.settings(o.s.driver, o.name)
-    plan.prepare[at:at + len(live)] = [memory.SaveMemory(o.name, backend.name, path, kind, settings, resume, size),
-                                       *plan.prepare[at:at + len(live)],
+    save = memory.SaveMemory(o.name, backend.name, path, kind, settings, resume, size, o.window_seconds[0])
+    plan.prepare[at:at + len(live)] = [save, *plan.prepare[at:at + len(live)],
                                        memory.CompleteMemory(o.name, backend.name, path, settings, resume)]
     plan.notes.append(f"the memory image {path} holds the guest's secrets: it is made mode 0600")
     return MemoryRecord(backend.name, kind, path, 0, {"disks": {r.target: r.backend for r in records}})

@@ -9,9 +9,12 @@ the disks' one live snapshot, so that memory and disks are of the same instant:
     CompleteMemory  the backend writes what is left (QEMU: the last pass and device state), fsync; the
                     guest runs again
 
-The guest's pause is in this one place: SaveMemory's undo resumes it (and removes the partial image), so
-a failure, Ctrl-C or a crash followed by ``check --repair`` never leaves it paused. Reverting to such a
-snapshot ends with :class:`RestoreMemory` instead of starting the domain afresh.
+The guest's pause is in this one place: SaveMemory holds it (a plan window, snapfw.live) and its undo
+resumes it (and removes the partial image), so a failure, Ctrl-C or a crash followed by ``check --repair``
+never leaves it paused. As a window's hold, that undo runs before the others: once QEMU has finished the
+migration, its images are inactive (read-only) until the guest runs again, and the disks' transaction
+cannot be undone before. Reverting to such a snapshot ends with :class:`RestoreMemory` instead of
+starting the domain afresh.
 
 The image is a file ``<domain>.<snapshot>.memory`` next to the domain's first disk: it stays with the
 disks it resumes against, on storage sized for them.
@@ -27,6 +30,7 @@ from . import plugins
 from .backend import MEMORY_LIVE, MemoryBackend
 from .connection import fsync_dir
 from .errors import FileError, NotSupported, Refused
+from .live import PAUSE_SECONDS
 from .model import fit_file_name
 from .plan import Step
 
@@ -85,8 +89,9 @@ def _remove(path: str):
 @dataclass
 class SaveMemory(Step):
     """Write running ``domain``'s memory to the new file ``path`` (mode 0600) with memory backend
-    ``backend``, ``kind`` live or paused; the guest is left paused. Undo: the backend's abort (the guest
-    runs again if it ran before, ``resume``) and the image, whole or partial, is removed."""
+    ``backend``, ``kind`` live or paused; the guest is left paused, for at most ``seconds`` before the next
+    step. Undo: the backend's abort (the guest runs again if it ran before, ``resume``) and the image,
+    whole or partial, is removed."""
 
     domain: str
     backend: str
@@ -95,6 +100,8 @@ class SaveMemory(Step):
     settings: dict
     resume: bool = True
     bytes_to_copy: int = 0
+    seconds: float = PAUSE_SECONDS
+    holds = True
 
     def do(self, ctx):
         try:
@@ -129,6 +136,7 @@ class CompleteMemory(Step):
     path: str
     settings: dict
     resume: bool = True
+    releases = True
 
     def do(self, ctx):
         backend_for(self.backend, "").complete(ctx.driver, self.domain, self.path, self.settings, self.resume,

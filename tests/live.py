@@ -18,7 +18,7 @@ import time
 import pytest
 from guest import AGENT_PORT, BOOT_SECONDS, MEMORY_MB, guest_sh, wait_for_agent
 
-from conftest import KIB64, Env, exited_within, fuse_export, require
+from conftest import KIB64, Env, exited_within, fuse_export, reads, require
 
 from snapfw.connection import STATE_DIR_ENV
 from snapfw.tools.qmp import QMP
@@ -202,6 +202,53 @@ class LiveEnv(Env):
 
     def write(self, domain: str, target: str, byte: int, offset: int):
         self.qemu.write(target, byte, offset)
+
+
+# --- guest data and chains, for the live tests of every driver on QEMU ------------------------------------
+BYTES = {"vda": 0x10, "vdb": 0x80}
+
+
+def gen(live, g):
+    """Generation ``g`` of guest data: a 64 KiB pattern of its own at ``g`` * 64 KiB on each disk."""
+    for target in BYTES:
+        live.write("web", target, BYTES[target] + g, g * KIB64)
+
+
+def quit_then_read(live, generations):
+    """Quit QEMU, then check that each disk's active file reads every generation's pattern."""
+    active = live.domain()
+    live.qemu.quit()
+    for target, (path, fmt) in active.items():
+        for g in generations:
+            assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
+
+
+def live_chains(live, domain: str = "web") -> dict:
+    """target -> the files of the chain the catalog records as active, active first."""
+    files = {f["path"]: f for f in live.export(domain)["files"]}
+    out = {}
+    for target, (path, _fmt) in live.domain(domain).items():
+        chain = [path]
+        while chain[-1] in files and files[chain[-1]]["backing"]:  # a disk not yet in the catalog: its file
+            chain.append(files[chain[-1]]["backing"])
+        out[target] = chain
+    return out
+
+
+def qemu_chains(qemu) -> dict:
+    """target -> the files of the chain QEMU runs the disk on, active first."""
+    out = {}
+    for b in qemu.qmp("query-block"):
+        image, chain = b["inserted"]["image"], []
+        while image:
+            chain.append(image["filename"])
+            image = image.get("backing-image")
+        out[b["qdev"].split("/")[3]] = chain
+    return out
+
+
+def spec_disks(live) -> dict:
+    return {t: {"path": p, "format": f} for t, (p, f) in live.domain().items()}
 
 
 def kill_mid_job(env: Env, *args) -> dict:

@@ -57,7 +57,8 @@ def test_bench_snapfw_only_json():
 
 def test_bench_live_rows_without_libvirt():
     """The live rows on bare QEMUs alone: snapfw's qmp driver and the floor (qmp_floor.py) each snapshot a
-    running 4-disk guest; snapfw deletes a middle snapshot and reports the bytes it copied."""
+    running 4-disk guest; snapfw deletes a middle snapshot and reports the bytes it copied; snapfw takes a
+    memory+disk snapshot, with the guest's pause."""
     require("qemu-img"), require("qemu-system-x86_64")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFW_")}
     r = subprocess.run([sys.executable, "-m", "bench", "--snapfw-only", "--counts", "2", "--repeat", "1", "--json"],
@@ -73,3 +74,9 @@ def test_bench_live_rows_without_libvirt():
     delete = live["delete"]["snapfw"]
     assert delete["argv"][-4] == "delete" and len(delete["bytes"]) == 1 and delete["bytes"][0] >= 0
     assert "virsh" not in live["delete"]
+    [memory] = live["memory"]  # a live memory+disk snapshot, its pause timed by QEMU's STOP/RESUME events
+    assert memory["operation"] == "snapfw create --memory live, qmp driver" and memory["max_ratio"] == 1.2
+    paused = memory["series"].pop("paused_s")
+    _series(memory["series"], 1)
+    assert "--memory" in memory["series"]["argv"] and memory["ratio"] is None and memory["pass"] is None
+    assert len(paused) == 1 and 0 < memory["paused_median_s"] == paused[0] < memory["series"]["median_s"]

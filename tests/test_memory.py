@@ -10,9 +10,20 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
-from live import LiveEnv, Qemu
+from live import (
+    LiveEnv,
+    Qemu,
+    boundaries,
+    gen,
+    kill_then_repair,
+    live_chains,
+    qemu_chains,
+    quit_then_read,
+    spec_disks,
+)
 
 from snapfw.tools.qmp import QMP
 
@@ -105,6 +116,29 @@ def test_killed_inside_a_memory_snapshot_then_repair_leaves_the_guest_running(bo
     assert "No problems found" in live.run("check", "web").stdout
 
 
+def test_memory_with_quiesce_is_refused_before_any_change(booted):
+    """The image would hold the guest with its filesystems frozen: a revert resumed it frozen."""
+    qemu, live = booted
+    listed = live.json("list", "web")
+    for quiesce in ("--quiesce", "--quiesce=try"):
+        r = live.run("create", "web", "q", "--memory", "live", quiesce, check=False)
+        assert r.returncode == 2 and "--quiesce with --memory live" in r.stderr, r.stderr
+    assert live.json("list", "web") == listed and "q" not in memory_files(live) and status(qemu) == "running"
+
+
+def test_kill_at_the_commit_of_a_memory_snapshot_leaves_the_guest_where_it_was(booted):
+    """The booted guest's own view: after the kill and repair it still has its RAM (never restarted) and
+    what it wrote; no image is left."""
+    qemu, live = booted
+    mark(qemu, "KKKKKK")
+    before, listed = memory_files(live), live.json("list", "web")
+    r = live.run("create", "web", "k", "--memory", "live", env={"SNAPFW_FAULT": "commit:0:kill"}, check=False)
+    assert r.returncode == -9
+    assert "rolled back create" in live.run("check", "web", "--repair").stdout
+    assert status(qemu) == "running" and memory_files(live) == before and live.json("list", "web") == listed
+    assert marks(qemu) == {"ram": "KKKKKK", "vda": "KKKKKK", "vdb": "KKKKKK"}
+
+
 def test_a_shut_off_domain_resumes_at_a_memory_snapshot_and_delete_removes_the_image(booted):
     """Runs last: QEMU is shut down, so qcow2 internal snapshots can be deleted (offline)."""
     qemu, live = booted
@@ -186,3 +220,101 @@ def test_no_room_for_the_memory_image_is_refused_first_and_enospc_while_writing_
         assert live.json("list", "web") == []
     finally:
         qemu.kill()
+
+
+# --- SIGKILL at every step boundary (firmware-only guest: 64 MiB, migrates in well under a second) --------
+@pytest.fixture
+def firmware(tmp_path):
+    """A firmware-only guest as a qmp domain with a launch spec, and snapfw on it."""
+    qemu = Qemu(str(tmp_path))
+    qemu.write_spec()
+    qemu.start()
+    yield qemu, LiveEnv(tmp_path, qemu)
+    qemu.kill()
+
+
+def migration_settings(qemu: Qemu) -> tuple:
+    """What a memory save changes for its migration and must put back: the bandwidth cap and the
+    capabilities (the switchover pause, events)."""
+    with QMP(qemu.sock) as q:
+        caps = {c["capability"]: c["state"] for c in q.execute("query-migrate-capabilities")}
+        return q.execute("query-migrate-parameters")["max-bandwidth"], caps
+
+
+def after_repair(live: LiveEnv, qemu: Qemu, fault: str, settings: tuple):
+    """What must hold after any kill and `check --repair`: QEMU runs (not paused) on the chain the catalog
+    records, as its launch spec says; the only memory images are those the catalog records; the migration
+    settings are QEMU's own again, and no migration is left open."""
+    assert qemu.reattach() and status(qemu) == "running", fault
+    assert qemu_chains(qemu) == live_chains(live) and qemu.spec()["disks"] == spec_disks(live), fault
+    recorded = {s["memory"]["file"] for s in (live.json("show", "web", n) for n in live.snapshot_names())
+                if s.get("memory")}
+    assert {os.path.join(live.dir, n) for n in memory_files(live)} == recorded, fault
+    assert migration_settings(qemu) == settings, fault
+    assert qemu.qmp("query-migrate").get("status") in (None, "completed", "cancelled"), fault
+
+
+@pytest.mark.parametrize("kind", ["paused", "live"])
+def test_kill_at_every_step_boundary_of_a_memory_snapshot_then_repair(firmware, kind):
+    """create --memory: [save memory (the guest stays paused), the disks' transaction, complete + resume,
+    define], killed before each step and at the commit: repair rolls it all back with the guest running."""
+    qemu, live = firmware
+    settings = migration_settings(qemu)
+    gen(live, 1)
+    faults = boundaries(live, "create", "web", "c", "--memory", kind)
+    assert len(faults) == 5, faults
+    for k, fault in enumerate(faults):
+        kill_then_repair(live, fault, "create", "web", f"c{k}", "--memory", kind)
+        after_repair(live, qemu, fault, settings)
+        assert live.snapshot_names() == [], fault
+        gen(live, k + 2)
+    live.run("create", "web", "whole", "--memory", kind)  # and a whole one still works after all that
+    after_repair(live, qemu, "none", settings)
+    quit_then_read(live, range(1, len(faults) + 2))
+    live.assert_consistent()
+
+
+def test_kill_at_every_step_boundary_of_a_memory_revert_then_repair(firmware):
+    """revert to a memory snapshot: [stop, revert the tag, new overlay, define] then [drop the kept tag,
+    remove the old overlay, start QEMU from the image]; reverting to the snapshot just taken, so nothing
+    written is discarded. Rolled back: QEMU runs again from its definition; finished: from the image."""
+    qemu, live = firmware
+    settings = migration_settings(qemu)
+    gen(live, 1)
+    live.run("create", "web", "r0", "--memory", "paused")
+    faults = boundaries(live, "revert", "web", "r0")  # the same plan's shape every round
+    assert len(faults) == 8 and sum(f.startswith("finish") for f in faults) == 3, faults
+    for k, fault in enumerate(faults):
+        if k:
+            gen(live, k + 1)
+            live.run("create", "web", f"r{k}", "--memory", "live" if k % 2 else "paused")
+        was = qemu.pid
+        kill_then_repair(live, fault, "revert", "web", f"r{k}")
+        after_repair(live, qemu, fault, settings)
+        assert (qemu.pid == was) == (fault == "prepare:0:kill"), fault  # killed before the stop: untouched
+        loaded = qemu.qmp("query-migrate").get("status") == "completed"  # its incoming migration, done
+        assert loaded == (fault.startswith("finish") or fault == "prepare:0:kill"), fault
+    quit_then_read(live, range(1, len(faults) + 1))
+    live.assert_consistent()
+
+
+def test_killed_once_the_memory_image_is_whole_then_repair_resumes_the_guest_first(firmware):
+    """Killed inside 'complete the memory image', after QEMU finished the migration and before it let
+    the guest run: QEMU is then in postmigrate, its images handed over (inactive, read-only), so the
+    disks' transaction can only be undone once the guest runs again. Made exact here by killing before
+    that step and finishing the migration as the step would."""
+    qemu, live = firmware
+    settings = migration_settings(qemu)
+    gen(live, 1)
+    r = live.run("create", "web", "c", "--memory", "paused", env={"SNAPFW_FAULT": "prepare:2:kill"}, check=False)
+    assert r.returncode == -9
+    with QMP(qemu.sock) as q:
+        q.execute("migrate-continue", {"state": "pre-switchover"})
+        q.migration(time.monotonic() + 60)
+        assert q.execute("query-status")["status"] == "postmigrate"
+    assert live.run("check", "web", "--repair").stdout.splitlines() == ["web: rolled back create of web"]
+    after_repair(live, qemu, "postmigrate", settings)
+    assert live.snapshot_names() == []
+    gen(live, 2)
+    quit_then_read(live, (1, 2))
+    live.assert_consistent()

@@ -16,15 +16,27 @@ import time
 
 import pytest
 import yaml
-from live import LiveEnv, Qemu, boundaries, failing_writes, immutable, kill_in_job, kill_mid_job, kill_then_repair
+from live import (
+    BYTES,
+    LiveEnv,
+    Qemu,
+    boundaries,
+    failing_writes,
+    gen,
+    immutable,
+    kill_in_job,
+    kill_mid_job,
+    kill_then_repair,
+    live_chains,
+    qemu_chains,
+    quit_then_read,
+    spec_disks,
+)
 
 from conftest import KIB64, check_image, reads
 
 from snapfw.errors import BadInput, ToolError
 from snapfw.tools.qmp import QMP, QMPError
-
-BYTES = {"vda": 0x10, "vdb": 0x80}
-
 
 @pytest.fixture
 def qemu(tmp_path):
@@ -36,20 +48,6 @@ def qemu(tmp_path):
 @pytest.fixture
 def live(tmp_path, qemu):
     return LiveEnv(tmp_path, qemu)
-
-
-def gen(live, g):
-    for target in BYTES:
-        live.write("web", target, BYTES[target] + g, g * KIB64)
-
-
-def quit_then_read(live, generations):
-    """Quit QEMU, then check that each disk's active file reads every generation's pattern."""
-    active = live.domain()
-    live.qemu.quit()
-    for target, (path, fmt) in active.items():
-        for g in generations:
-            assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
 
 
 def tag_reads(path: str, tag: str, byte: int, offset: int, scratch: str) -> bool:
@@ -402,30 +400,6 @@ def test_eio_during_a_live_commit_leaves_a_valid_chain_and_a_clear_error(tmp_pat
 
 
 # --- live delete ---------------------------------------------------------------------------------------
-def live_chains(live, domain: str = "web") -> dict:
-    """target -> the files of the chain the catalog records as active, active first."""
-    files = {f["path"]: f for f in live.export(domain)["files"]}
-    out = {}
-    for target, (path, _fmt) in live.domain(domain).items():
-        chain = [path]
-        while chain[-1] in files and files[chain[-1]]["backing"]:  # a disk not yet in the catalog: its file
-            chain.append(files[chain[-1]]["backing"])
-        out[target] = chain
-    return out
-
-
-def qemu_chains(qemu) -> dict:
-    """target -> the files of the chain QEMU runs the disk on, active first."""
-    out = {}
-    for b in qemu.qmp("query-block"):
-        image, chain = b["inserted"]["image"], []
-        while image:
-            chain.append(image["filename"])
-            image = image.get("backing-image")
-        out[b["qdev"].split("/")[3]] = chain
-    return out
-
-
 def spread(live, target, byte, first, count):
     """``count`` 64 KiB ranges from ``first`` * 64 KiB: allocated bytes that tip commit against stream."""
     for i in range(count):
@@ -649,10 +623,6 @@ def status(qemu) -> str:
 def memory(qemu) -> int:
     """QEMU's -m, in MiB: which launch argv it was started from."""
     return qemu.qmp("query-memory-size-summary")["base-memory"] >> 20
-
-
-def spec_disks(live) -> dict:
-    return {t: {"path": p, "format": f} for t, (p, f) in live.domain().items()}
 
 
 def test_live_revert_restarts_qemu_from_its_launch_spec(live, qemu):

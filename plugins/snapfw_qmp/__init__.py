@@ -78,6 +78,7 @@ MEMORY_FD = "snapfw-memory"
 SAVE_SECONDS = 600.0
 UNCAPPED = 1 << 50  # bytes/s: no cap on a migration to a file
 SWITCHOVER = "pause-before-switchover"
+MIGRATION_EVENTS = "events"  # a MIGRATION event at each status: waiting for one wakes at once, not by polling
 ACTIVE_MIGRATION = ("setup", "active", "pre-switchover", "device")
 # the launch spec of the QEMU at SOCKET (see the module docstring)
 SPEC_SUFFIX = ".launch.yaml"
@@ -608,9 +609,11 @@ class QemuMemory(MemoryBackend):
 
     The migration runs with ``pause-before-switchover``: it stops at ``pre-switchover`` once the guest is
     stopped and its disks flushed, before the last pass. The disks' transaction runs there; then
-    ``migrate-continue`` writes the rest. (Once a migration has completed, QEMU has handed the images
-    over, inactive, and QEMU 7.2 then refuses internal snapshots on them.) A revert starts QEMU from the
-    launch spec with ``-incoming defer`` and loads the image the same way.
+    ``migrate-continue`` writes the rest. With the ``events`` capability on, each status change wakes the
+    wait for it at once (the guest's pause then holds no polling interval). Both are put back. (Once a
+    migration has completed, QEMU has handed the images over, inactive, and QEMU 7.2 then refuses internal
+    snapshots on them.) A revert starts QEMU from the launch spec with ``-incoming defer`` and loads the
+    image the same way.
     """
 
     name = "qemu"
@@ -626,7 +629,8 @@ class QemuMemory(MemoryBackend):
         driver._check(domain)
         caps = driver.qmp.execute("query-migrate-capabilities")
         return {"max-bandwidth": driver.qmp.execute("query-migrate-parameters").get("max-bandwidth"),
-                SWITCHOVER: any(c["capability"] == SWITCHOVER and c["state"] for c in caps)}
+                **{cap: any(c["capability"] == cap and c["state"] for c in caps)
+                   for cap in (SWITCHOVER, MIGRATION_EVENTS)}}
 
     def save(self, driver, domain, path, kind, settings, deadline):
         driver._check(domain)
@@ -636,7 +640,8 @@ class QemuMemory(MemoryBackend):
         # to a file, the stream is bounded by the disk, not a network: no bandwidth cap (QEMU's default
         # is 128 MiB/s); complete and abort put the settings back
         q.execute("migrate-set-parameters", {"max-bandwidth": UNCAPPED})
-        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": SWITCHOVER, "state": True}]})
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": cap, "state": True}
+                                                                for cap in (SWITCHOVER, MIGRATION_EVENTS)]})
         q.pass_file(MEMORY_FD, path, os.O_WRONLY | os.O_TRUNC)
         try:
             q.execute("migrate", {"uri": f"fd:{MEMORY_FD}"})
@@ -675,12 +680,19 @@ class QemuMemory(MemoryBackend):
     def _put_back(q: QMP, settings: dict):
         if settings.get("max-bandwidth") is not None:
             q.execute("migrate-set-parameters", {"max-bandwidth": settings["max-bandwidth"]})
-        q.execute("migrate-set-capabilities",
-                  {"capabilities": [{"capability": SWITCHOVER, "state": bool(settings.get(SWITCHOVER))}]})
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": cap, "state": bool(settings.get(cap))}
+                                                                for cap in (SWITCHOVER, MIGRATION_EVENTS)]})
 
     @staticmethod
     def _cont(q: QMP):
-        if q.execute("query-status").get("status") in ("paused", "postmigrate", "finish-migrate"):
+        """Let the guest run unless it runs. QEMU says a migration is completed (or cancelled) a moment before
+        it leaves finish-migrate, and refuses ``cont`` until then ("Migration is not finalized yet")."""
+        deadline = time.monotonic() + START_SECONDS
+        while (status := q.execute("query-status").get("status")) == "finish-migrate":
+            if time.monotonic() > deadline:
+                raise Inconsistent(f"the QEMU at {q.path} stayed in finish-migrate after its migration ended")
+            q.wait_events(0.002)
+        if status in ("paused", "postmigrate"):
             q.execute("cont")
 
     def restore(self, driver, domain, path, paused):
