@@ -244,9 +244,12 @@ def test_power_loss(rig, kind, capsys):
     recorded = time.monotonic() - began
     replayer = powerloss.Replayer(os.path.join(rig["dir"], "start.raw"), rig["log"], rig["dir"])
     points, available = cut_points(replayer, ops, rng, sample_size())
-    cut = os.path.join(rig["dir"], "cut.raw")
     failures, sides = [], {}
-    for op, flush, unflushed in points:
+    for n, (op, flush, unflushed) in enumerate(points):
+        # a new file for each cut: a mount namespace made while a cut is mounted (libvirt starts each QEMU
+        # in one) keeps that filesystem alive on its loop device after our umount, and `mount -o loop` of
+        # the same file at the same offset reuses that device and gets the old filesystem, as it was
+        cut = os.path.join(rig["dir"], f"cut-{n}.raw")
         replayer.device(flush, cut, unflushed)
         where = f"{op.name} cut at entry {flush}" + (f" + {len(unflushed)} unflushed writes" if unflushed else "")
         try:
@@ -256,6 +259,7 @@ def test_power_loss(rig, kind, capsys):
                 sides[op.name, side] = sides.get((op.name, side), 0) + 1
             finally:
                 umount(rig["parts"])
+                powerloss.remove(cut)
         except (AssertionError, subprocess.CalledProcessError) as e:
             failures.append(f"{where}: {getattr(e, 'stderr', None) or e}")
     with capsys.disabled():
