@@ -102,6 +102,7 @@ class SaveMemory(Step):
     bytes_to_copy: int = 0
     seconds: float = PAUSE_SECONDS
     holds = True
+    held_after_do = True
 
     def do(self, ctx):
         try:

@@ -42,8 +42,11 @@ class Step:
     bytes_to_copy: int = 0
     # a plan window (see the module docstring): ``holds`` opens one, its undo releases the guest and must
     # be idempotent; ``releases`` closes the innermost open one; ``held_seconds`` is set on the holding
-    # step once closed, for the record
+    # step once closed, for the record. The window's ``seconds`` count from the hold's request (a pause or
+    # freeze takes effect at once), or from its end with ``held_after_do`` (a memory save: the copy it
+    # waits for is not the guest's pause budget)
     holds: bool = False
+    held_after_do: bool = False
     releases: bool = False
     seconds: float = 0.0
     held_seconds: float | None = None
@@ -167,6 +170,7 @@ def execute(plan: Plan, catalog, ctx) -> None:
                 catalog.mark_step(plan_id, "prepare", i, "started")
             started.append(step)
             ctx.step(step)
+            began = time.monotonic()
             try:
                 step.do(ctx)
             except SnapfwError as e:
@@ -177,8 +181,8 @@ def execute(plan: Plan, catalog, ctx) -> None:
                 error.step = step.describe()
                 raise error from e
             if step.holds:
-                now = time.monotonic()
-                windows.append((step, now, now + step.seconds))
+                since = time.monotonic() if step.held_after_do else began
+                windows.append((step, since, since + step.seconds))
             elif step.releases and windows:
                 hold, since, _ = windows.pop()
                 hold.held_seconds = time.monotonic() - since

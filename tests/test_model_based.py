@@ -308,7 +308,7 @@ def test_random_sequences_keep_every_byte(monkeypatch):
     monkeypatch.setattr(conftest, "info_chain", INSPECTIONS.wrap(conftest.info_chain))
     monkeypatch.setattr(conftest, "check_image", INSPECTIONS.wrap(conftest.check_image))
     run_state_machine_as_test(Snapshots, settings=settings(
-        max_examples=200, stateful_step_count=8, deadline=None, database=None,
+        max_examples=120, stateful_step_count=8, deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow]))
 
 
