@@ -52,8 +52,8 @@ from .live import (
     external_action,
     internal_action,
 )
-from .model import (FORMATS, Disk, DiskRecord, Domain, ImageFile, MemoryRecord, Snapshot, Tree, check_name,
-                    fit_file_name)
+from .model import FORMATS, Disk, DiskRecord, Domain, ImageFile, MemoryRecord, Snapshot, Tree
+from .names import check_name, fit_file_name
 from .plan import Plan, Step
 from .steps import ApplyTag, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile, remove_overlay
 from .tools import lvm, qemuimg

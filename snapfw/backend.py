@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .errors import NotSupported, Refused
-from .model import Disk, Domain, ImageFile, Tree, fit_file_name
+from .model import Disk, Domain, ImageFile, Tree
+from .names import fit_file_name
 
 OFFLINE_CREATE = "offline.create"
 OFFLINE_REVERT = "offline.revert"

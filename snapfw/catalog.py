@@ -16,7 +16,10 @@ import time
 
 from .connection import fsync_dir
 from .errors import CatalogError, FileError, Refused, UnknownSnapshot
-from .model import DiskRecord, ImageFile, MemoryRecord, Snapshot, Tree
+
+TYPE_CHECKING = False  # typing costs more to import than `snapfw list` may take
+if TYPE_CHECKING:
+    from .model import ImageFile, Snapshot, Tree
 
 FILENAME = "catalog.sqlite"
 # SQLite errors that come from the file system, not from the database (a full disk leaves no room for
@@ -234,7 +237,17 @@ class Catalog:
     def has_domain(self, domain: str) -> bool:
         return self._q("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone() is not None
 
+    def on_hosts(self, domain: str) -> bool:
+        """Whether a disk record of ``domain`` names the host its disk lives on (an LV): its state is
+        asked there, which reading the catalog alone cannot tell."""
+        return self._q(
+            "SELECT 1 FROM disk_records r JOIN snapshots s ON s.id = r.snapshot_id "
+            "JOIN domains d ON d.id = s.domain_id WHERE d.name = ? AND json_type(r.data, '$.host') IS NOT NULL "
+            "LIMIT 1", (domain,)).fetchone() is not None
+
     def tree(self, domain: str) -> Tree:
+        from .model import DiskRecord, MemoryRecord, Snapshot, Tree  # not for `snapfw list`: no dataclasses
+
         rows = self._q(
             "SELECT s.id, s.name, p.name, s.created, s.description, s.config, s.id = d.current_id "
             "FROM snapshots s JOIN domains d ON d.id = s.domain_id "
@@ -259,6 +272,8 @@ class Catalog:
 
     def files(self, domain: str | None = None) -> dict[str, ImageFile]:
         """Managed image files by path: of one domain, or of every domain when ``domain`` is None."""
+        from .model import ImageFile
+
         sql = "SELECT f.path, f.target, f.format, f.backing, f.owned FROM files f"
         args = ()
         if domain is not None:
@@ -269,6 +284,8 @@ class Catalog:
     def placements(self) -> list[tuple[str, ImageFile]]:
         """(domain, file) for every managed file of every domain: which disk each file is recorded for,
         and (its ``backing``) which files the images of each disk read through."""
+        from .model import ImageFile
+
         return [(r[0], ImageFile(r[1], r[2], r[3], r[4], bool(r[5]))) for r in self._q(
             "SELECT d.name, f.path, f.target, f.format, f.backing, f.owned FROM files f "
             "JOIN domains d ON d.id = f.domain_id ORDER BY f.path")]

@@ -1,577 +1,95 @@
-"""The ``snapfw`` command: parses, calls ``lifecycle``, prints. Human text by default, ``--json`` for machines.
-
-Imports are lazy: ``snapfw list`` loads click, sqlite3 and the catalog, and nothing that runs programs,
-draws tables or scans plugin entry points.
+"""The ``snapfw`` command. The plain forms of the everyday commands (``list``, ``show``, ``create``,
+``revert``, ``delete`` with their common flags) are read here without click: importing click takes longer
+than virsh takes for a whole ``snapshot-list``, and scripts call these in loops. Anything else (help,
+--version, any other command or option, a usage error) goes to click (``usage``), which declares the whole
+command line and reads these forms the same way (tests/test_cli_readers.py holds the two to that).
 """
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 
-import click
-
-from .errors import BadInput, SnapfwError
-
-EXIT_ERROR = 1
-EXIT_BAD_INPUT = 2
-
-
-def _iso(t: float) -> str:
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
-
-
-def _local(t: float) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(t))
-
-
-def _emit(obj) -> None:
-    click.echo(json.dumps(obj, indent=2))
-
-
-class _Reporter:
-    """Progress for the user: a rich bar on a terminal, JSON lines on stderr with --json."""
-
-    def __init__(self, as_json: bool):
-        self.as_json = as_json
-        self.tty = sys.stderr.isatty() and not as_json
-        self._bar = None
-        self._task = None
-        self._step = None
-
-    def step(self, step):
-        self._close()
-        self._step = step.describe()
-        if self.as_json:
-            self._line({"event": "step", "step": self._step})
-
-    def progress(self, percent):
-        if self.as_json:
-            self._line({"event": "progress", "step": self._step, "percent": percent})
-        elif self.tty:
-            if self._bar is None:
-                from rich.progress import Progress
-
-                self._bar = Progress(transient=True)
-                self._bar.start()
-                self._task = self._bar.add_task(self._step[:60], total=100)
-            self._bar.update(self._task, completed=percent)
-
-    def waiting(self, domain):
-        click.echo(f"snapfw: waiting for lock on {domain}", err=True)
-
-    def warn(self, message):
-        click.echo(f"snapfw: warning: {message}", err=True)
-
-    def _line(self, obj):
-        click.echo(json.dumps(obj), err=True)
-
-    def _close(self):
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-    close = _close
-
-
-def _warning_line(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"snapfw: warning: {message}", err=True)
-
-
-# the commands that change disks: an unexpected error in one of them may leave something for `check`
-_CHANGING = ("create", "revert", "delete", "clone", "detach", "clone-delete")
-
-
-class _Group(click.Group):
-    """Turns snapfw's own errors into one line on stderr and an exit code, never a traceback; warnings
-    (a broken plugin skipped) into one `snapfw: warning:` line. Any other exception is a bug (in snapfw or
-    a plugin): one `internal error` line too, its traceback only with --debug."""
-
-    def invoke(self, ctx):
-        import signal
-        import warnings
-
-        warnings.showwarning = _warning_line
-        # SIGTERM (systemd, kill) unwinds like Ctrl-C: an unrecorded change rolls back, a recorded one
-        # says to run check --repair, and the program being run is stopped first
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        try:
-            return super().invoke(ctx)
-        except SnapfwError as e:
-            click.echo(f"snapfw: error: {e}", err=True)
-            ctx.exit(EXIT_BAD_INPUT if isinstance(e, BadInput) else EXIT_ERROR)
-        except KeyboardInterrupt:
-            click.echo("snapfw: interrupted", err=True)
-            ctx.exit(130)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
-            raise  # click's own: usage errors, exit codes, and a closed stdout (`snapfw list web | head -1`)
-        except Exception as e:
-            line = f"snapfw: error: internal error: {type(e).__name__}: {e}"
-            if ctx.params["debug"]:
-                import traceback
-
-                traceback.print_exc()
-                click.echo(line, err=True)
-            else:
-                check = ("run `snapfw check` to see whether anything is left to repair; "
-                         if ctx.invoked_subcommand in _CHANGING else "")
-                click.echo(f"{line} ({check}--debug shows the traceback)", err=True)
-            ctx.exit(EXIT_ERROR)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-c", "--connect", "uri", metavar="URI",
-              help="Connection, e.g. images:///srv/vms (default: $SNAPFW_CONNECT, else images:// in the data dir).")
-@click.option("--state-dir", metavar="DIR", help="Where the catalog lives (default depends on the connection).")
-@click.option("--lock-timeout", type=float, default=30.0, show_default=True, metavar="SECONDS",
-              help="How long to wait for another snapfw process working on the same domain.")
-@click.option("--debug", is_flag=True, envvar="SNAPFW_DEBUG",
-              help="Print the traceback of an internal error (also: SNAPFW_DEBUG=1).")
-@click.version_option(package_name="snapfw")
-@click.pass_context
-def main(ctx, uri, state_dir, lock_timeout, debug):
-    """Whole-domain snapshots of KVM and Xen guests, whatever their disks are made of."""
-    ctx.obj = {"uri": uri, "state_dir": state_dir, "lock_timeout": lock_timeout}
-
-
-def _catalog_of(ctx, domain):
-    """The catalog holding DOMAIN's snapshots, found as cheaply as reading allows: no plugin (and no
-    lifecycle) once snapfw has noted where the connection's catalogs live. None for a domain the driver
-    knows that has no snapshots yet; UnknownDomain for one neither knows."""
-    from . import connection
-    from .catalog import Catalog
-    from .model import check_name
-
-    check_name("domain", domain)
-    o = ctx.obj
-    uri = connection.resolve_uri(o["uri"])
-    # the driver (and the plugin manager) only when snapfw has never noted where its catalogs are
-    state = connection.state_override(o["state_dir"]) or connection.known_state_dir(uri) or _session(ctx).state
-    catalog = Catalog.open(state, create=False)
-    if catalog is not None and catalog.has_domain(domain):
-        return catalog
-    from . import lifecycle
-
-    lifecycle.ensure_domain(_session(ctx), domain)
-    return None
-
-
-def _session(ctx, as_json=False):
-    from .lifecycle import Session
-
-    o = ctx.obj
-    reporter = _Reporter(as_json)
-    ctx.call_on_close(reporter.close)
-    return Session(o["uri"], o["state_dir"], o["lock_timeout"], reporter)
-
-
-def _print_plan(plan, as_json, dry_run, result=None, session=None):
-    """The plan; for a dry run with ``session``, each step's hypervisor calls and guest pause too."""
-    d = plan.as_dict(session if dry_run else None)
-    if as_json:
-        _emit({**(result or {}), "dry_run": dry_run, "plan": d})
-        return
-    if dry_run:
-        click.echo(f"Plan: {d['summary']}")
-        for i, s in enumerate(d["steps"], 1):
-            click.echo(f"  {i}. [{s['phase']}] {s['describe']}")
-            if s["argv"]:
-                from shlex import join
-
-                click.echo(f"       $ {join(s['argv'])}")
-            for call in s.get("calls") or ():
-                click.echo(f"       > {call}")
-            if s.get("pause"):
-                click.echo(f"       guest pause: {s['pause']}")
-        click.echo(f"Bytes to copy: {d['bytes_to_copy']}")
-    for note in d["notes"]:
-        click.echo(f"Note: {note}")
-    if dry_run:
-        click.echo("Nothing was changed (--dry-run).")
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan (commands, bytes to copy); change nothing.")
-
-
-@main.command()
-@click.argument("domain")
-@click.argument("name")
-@click.option("--description", default="", help="Free text kept with the snapshot.")
-@click.option("--disk", "disks", multiple=True, metavar="TARGET=BACKEND",
-              help="Backend for one disk, e.g. vda=external (repeatable).")
-@click.option("--mirror/--no-mirror", default=None,
-              help="Also record NAME in the hypervisor's own snapshot list (virsh snapshot-list); "
-                   "default: the config file's `mirror`.")
-@click.option("--lvm-size", metavar="SIZE",
-              help="Copy-on-write space of each classic LVM snapshot: a share of its origin (20%) or a size "
-                   "(512M) (default: $SNAPFW_LVM_SIZE, else 20%).")
-@click.option("--quiesce", is_flag=False, flag_value="yes", default=None, type=click.Choice(["yes", "try"]),
-              help="Freeze the running guest's filesystems (guest agent) around the snapshot; refuse if that "
-                   "cannot be done, or with --quiesce=try take it crash-consistent and record why.")
-@click.option("--memory", type=click.Choice(["none", "live", "paused"]), default="none", show_default=True,
-              help="Also save a running DOMAIN's memory: copied while it runs (live) or while paused.")
-@json_option
-@dry_run_option
-@click.pass_context
-def create(ctx, domain, name, description, disks, mirror, lvm_size, quiesce, memory, as_json, dry_run):
-    """Snapshot every disk of DOMAIN as NAME."""
-    from . import lifecycle
-
-    backends = {}
-    for spec in disks:
-        target, sep, backend = spec.partition("=")
-        if not sep or not target or not backend:
-            raise BadInput(f"--disk {spec!r}: expected TARGET=BACKEND, e.g. vda=external")
-        if target in backends:
-            raise BadInput(f"--disk names {target} twice")
-        backends[target] = backend
-    options = {"lvm-size": lvm_size} if lvm_size else {}
-    session = _session(ctx, as_json)
-    plan = lifecycle.create(session, domain, name, description, backends, dry_run, mirror, options, quiesce, memory)
-    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "create"}, session)
-    if not dry_run and not as_json:
-        click.echo(f"Snapshot {name} of {domain} created.")
-
-
-@main.command()
-@click.argument("domain")
-@click.argument("name")
-@click.option("--running", "state", flag_value="running",
-              help="Leave DOMAIN running (default if it ran, or if NAME holds its memory: it resumes at NAME).")
-@click.option("--paused", "state", flag_value="paused", help="Leave DOMAIN started but paused.")
-@click.option("--stopped", "state", flag_value="shut off", help="Leave DOMAIN shut off (default if it was).")
-@click.option("--keep-config", is_flag=True, help="Keep DOMAIN's configuration as it is now, not as stored with NAME.")
-@json_option
-@dry_run_option
-@click.pass_context
-def revert(ctx, domain, name, state, keep_config, as_json, dry_run):
-    """Revert DOMAIN to snapshot NAME (the state since the current snapshot is discarded; a running
-    DOMAIN is stopped and started again)."""
-    from . import lifecycle
-
-    session = _session(ctx, as_json)
-    plan = lifecycle.revert(session, domain, name, dry_run, state, keep_config)
-    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "revert"}, session)
-    if not dry_run and not as_json:
-        click.echo(f"Domain {domain} reverted to snapshot {name}.")
-
-
-@main.command()
-@click.argument("domain")
-@click.argument("name")
-@click.option("--children", is_flag=True, help="Also delete every snapshot below NAME.")
-@json_option
-@dry_run_option
-@click.pass_context
-def delete(ctx, domain, name, children, as_json, dry_run):
-    """Delete snapshot NAME of DOMAIN, merging its data into its neighbours."""
-    from . import lifecycle
-
-    session = _session(ctx, as_json)
-    plan = lifecycle.delete(session, domain, name, children, dry_run)
-    _print_plan(plan, as_json, dry_run, {"domain": domain, "snapshot": name, "operation": "delete"}, session)
-    if not dry_run and not as_json:
-        click.echo(f"Snapshot {name} of {domain} deleted{' with its descendants' if children else ''}.")
-
-
-@main.command("clone")
-@click.argument("domain")
-@click.argument("snapshot")
-@click.argument("newname")
-@click.option("--count", default=1, show_default=True, help="How many clones; NEWNAME then holds {n} (web-{n}).")
-@click.option("--full", is_flag=True, help="Independent sparse copies instead of overlays on a shared base.")
-@click.option("--start", is_flag=True, help="Start each clone once it is defined (drivers that run domains).")
-@json_option
-@dry_run_option
-@click.pass_context
-def clone_(ctx, domain, snapshot, newname, count, full, start, as_json, dry_run):
-    """Make new domains NEWNAME whose disks read as SNAPSHOT of DOMAIN (linked clones unless --full)."""
-    from . import clone
-
-    clones = clone.clone(_session(ctx, as_json), domain, snapshot, newname, count, full, start, dry_run)
-    files = [{"clone": c.name, "path": p, "bytes": b} for c in clones for p, b in c.files]
-    if as_json:
-        _emit({"domain": domain, "snapshot": snapshot, "operation": "clone", "dry_run": dry_run, "full": full,
-               "clones": [c.name for c in clones], "files": files, "bytes": sum(f["bytes"] for f in files),
-               "plans": [c.plan.as_dict() for c in clones]})
-        return
-    if dry_run:
-        for c in clones:
-            click.echo(f"Plan: {c.plan.summary}")
-            for i, s in enumerate(c.plan.as_dict()["steps"], 1):
-                click.echo(f"  {i}. [{s['phase']}] {s['describe']}")
-        for f in files:
-            click.echo(f"File: {f['path']} ({f['bytes']} bytes)")
-        click.echo(f"Bytes to write: {sum(f['bytes'] for f in files)}")
-    for note in dict.fromkeys(n for c in clones for n in c.plan.notes):
-        click.echo(f"Note: {note}")
-    if dry_run:
-        click.echo("Nothing was changed (--dry-run).")
-        return
-    kind = "full" if full else "linked"
-    click.echo(f"{len(clones)} {kind} clone(s) of {domain} snapshot {snapshot} made: {', '.join(c.name for c in clones)}.")
-
-
-@main.command()
-@click.argument("clone")
-@json_option
-@dry_run_option
-@click.pass_context
-def detach(ctx, clone, as_json, dry_run):
-    """Make linked clone CLONE standalone: copy its shared bases into it and drop their references."""
-    from . import clone as clones
-
-    plan = clones.detach(_session(ctx, as_json), clone, dry_run)
-    _print_plan(plan, as_json, dry_run, {"domain": clone, "operation": "detach"})
-    if not dry_run and not as_json:
-        click.echo(f"Clone {clone} detached: it reads through no shared base any more.")
-
-
-@main.command("clone-delete")
-@click.argument("clone")
-@click.option("--snapshots", is_flag=True, help="Also remove CLONE's snapshots (refused otherwise while it has any).")
-@json_option
-@dry_run_option
-@click.pass_context
-def clone_delete(ctx, clone, snapshots, as_json, dry_run):
-    """Remove CLONE, a domain `snapfw clone` made: its definition, the files snapfw made for it, its catalog
-    entries and its references on shared bases (like `virsh undefine --remove-all-storage`, limited to those)."""
-    from . import clone as clones
-
-    plan = clones.delete_clone(_session(ctx, as_json), clone, snapshots, dry_run)
-    _print_plan(plan, as_json, dry_run, {"domain": clone, "operation": "clone-delete"})
-    if not dry_run and not as_json:
-        click.echo(f"Clone {clone} deleted with its files.")
-
-
-@main.command("list")
-@click.argument("domain")
-@click.option("--tree", is_flag=True, help="Show parent/child structure.")
-@json_option
-@click.pass_context
-def list_(ctx, domain, tree, as_json):
-    """List the snapshots of DOMAIN, oldest first."""
-    catalog = _catalog_of(ctx, domain)
-    rows = catalog.list_rows(domain) if catalog is not None else []
-    states = {}
-    if rows and any("host" in r.data for s in catalog.tree(domain) for r in s.disks):
-        from . import lifecycle  # records of disks on the connection's host (LVs): their state is asked there
-
-        states = lifecycle.statuses(_session(ctx), domain)
-
-    def disk(n, d):
-        target, backend = d.split("=", 1)
-        state = states.get(n, {}).get(target)
-        return {"target": target, "backend": backend, **({"status": state} if state else {})}
-
-    listed = [(n, p, t, desc, cur, [disk(n, d) for d in (disks or "").split(",") if d], mem)
-              for n, p, t, desc, cur, disks, mem in rows]
-    if as_json:
-        _emit([{"name": n, "parent": p, "current": bool(cur), "created": _iso(t), "description": desc,
-                "disks": disks, "memory": mem} for n, p, t, desc, cur, disks, mem in listed])
-        return
-    if tree:
-        _print_tree(rows)
-        return
-    table = [("Name", "Creation Time", "Parent", "Current", "Disks")]
-    table += [(n, _local(t), p or "-", "*" if cur else "",
-               ",".join(f"{d['target']}={d['backend']}" + (f" ({d['status']})" if d.get("status", "valid") != "valid"
-                                                          else "") for d in disks)
-               + (f" +memory({mem})" if mem else ""))
-              for n, p, t, _, cur, disks, mem in listed]
-    click.echo("\n".join(_table(table)))
-
-
-def _table(table: list[tuple[str, ...]]) -> list[str]:
-    """A heading row, a rule and the rows, in padded columns (the last one unpadded: it may be long)."""
-    n = len(table[0]) - 1
-    widths = [max(len(r[i]) for r in table) for i in range(n)]
-    out = []
-    for i, r in enumerate(table):
-        out.append(" " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[n])
-        if i == 0:
-            out.append("-" * (sum(widths) + 2 * n + 1 + len(r[n])))
-    return out
-
-
-@main.command()
-@json_option
-@click.pass_context
-def domains(ctx, as_json):
-    """List the domains of the connection: state, snapshot count and current snapshot."""
-    from . import lifecycle
-
-    rows = lifecycle.domains(_session(ctx, as_json))
-    if as_json:
-        _emit(rows)
-        return
-    table = [("Name", "State", "Snapshots", "Current")]
-    out = _table(table + [(r["name"], r["state"], str(r["snapshots"]), r["current"] or "-") for r in rows])
-    for r in rows:
-        if "problem" in r:
-            out.append(f"{r['name']}: {r['problem']}")
-    click.echo("\n".join(out))
-
-
-def _print_tree(rows):
-    children, roots = {}, []
-    current = None
-    for n, p, *_rest in rows:
-        (children.setdefault(p, []) if p else roots).append(n)
-        if _rest[2]:
-            current = n
-    out = []
-
-    def walk(name, prefix, last, top):
-        mark = " (current)" if name == current else ""
-        out.append(f"{name}{mark}" if top else f"{prefix}{'└── ' if last else '├── '}{name}{mark}")
-        kids = children.get(name, [])
-        inner = "" if top else prefix + ("    " if last else "│   ")
-        for i, k in enumerate(kids):
-            walk(k, inner, i == len(kids) - 1, False)
-
-    for r in roots:
-        walk(r, "", True, True)
-    if out:
-        click.echo("\n".join(out))
-
-
-def _snapshot_dict(tree, name, files, states=None) -> dict:
-    s = tree.by_name[name]
-    states = (states or {}).get(name, {})
-    disks = []
-    for r in s.disks:
-        chain, path = [], r.data.get("file")
-        while path is not None and path not in chain:
-            chain.append(path)
-            path = files[path].backing if path in files else None
-        state = {"status": states[r.target]} if r.target in states else {}
-        disks.append({"target": r.target, "backend": r.backend, **r.data, **state, "files": chain})
-    m = s.memory
-    memory = {"kind": m.kind, "file": m.file, "size": m.size, "backend": m.backend} if m else None
-    return {"name": s.name, "parent": s.parent, "children": s.children, "current": s.current,
-            "created": _iso(s.created), "description": s.description, "disks": disks, "memory": memory,
-            "config": s.config}
-
-
-@main.command()
-@click.argument("domain")
-@click.argument("name")
-@json_option
-@click.pass_context
-def show(ctx, domain, name, as_json):
-    """Show one snapshot: its place in the tree and each disk's files."""
-    from .model import Tree, check_name, find_snapshot
-
-    check_name("snapshot", name)
-    catalog = _catalog_of(ctx, domain)
-    tree = catalog.tree(domain) if catalog is not None else Tree([])
-    find_snapshot(tree, domain, name)
-    states = {}
-    if any("host" in r.data for r in tree.by_name[name].disks):
-        from . import lifecycle  # records of disks on the connection's host (LVs): their state is asked there
-
-        states = lifecycle.statuses(_session(ctx), domain)
-    d = _snapshot_dict(tree, name, catalog.files(domain), states)
-    if as_json:
-        _emit(d)
-        return
-    click.echo(f"Name:         {d['name']}\nDomain:       {domain}\nCreated:      {_local(tree.by_name[name].created)}\n"
-               f"Parent:       {d['parent'] or '-'}\nChildren:     {', '.join(d['children']) or '-'}\n"
-               f"Current:      {'yes' if d['current'] else 'no'}\nDescription:  {d['description'] or '-'}")
-    held = d["config"].get("window")
-    if held is not None:  # taken from a running guest
-        paused, frozen = held.get("paused_seconds"), held.get("frozen_seconds")
-        click.echo(f"Paused:       {'no' if paused is None else f'yes, {paused:.3f} s'}")
-        if held.get("quiesced"):
-            quiesced = f"yes, {held.get('frozen_filesystems')} filesystem(s) frozen for {frozen:.3f} s"
+# options before the command, taking a value: their keyword in commands.Options
+_GLOBAL = {"-c": "uri", "--connect": "uri", "--state-dir": "state_dir"}
+_COMMON = {"--json": "as_json"}
+_CHANGE = {**_COMMON, "--dry-run": "dry_run"}
+# command -> (its function in commands, positional arguments, flags, options taking a value)
+_PLAIN = {
+    "list": ("list_", ("domain",), {**_COMMON, "--tree": "tree"}, {}),
+    "show": ("show", ("domain", "name"), _COMMON, {}),
+    "create": ("create", ("domain", "name"), _CHANGE, {"--description": "description"}),
+    "revert": ("revert", ("domain", "name"), {**_CHANGE, "--keep-config": "keep_config"}, {}),
+    "delete": ("delete", ("domain", "name"), {**_CHANGE, "--children": "children"}, {}),
+}
+# SNAPFW_DEBUG as click reads a flag's environment variable
+_TRUE, _FALSE = ("1", "true", "t", "yes", "y", "on"), ("", "0", "false", "f", "no", "n", "off")
+
+
+def plain(args: list[str]) -> tuple[dict, str, dict] | None:
+    """(shared options, command, its keyword arguments) if ``args`` is a plain form read here; None for
+    click to read."""
+    debug = os.environ.get("SNAPFW_DEBUG", "").strip().lower()
+    if debug not in _TRUE + _FALSE:
+        return None
+    shared, i = {"debug": debug in _TRUE}, 0
+    while i < len(args) and args[i].startswith("-"):
+        i = _value(args, i, _GLOBAL, shared)
+        if i is None:
+            return None
+    if i == len(args) or args[i] not in _PLAIN:
+        return None
+    command, (_, positional, flags, valued) = args[i], _PLAIN[args[i]]
+    arguments, given, i = {}, [], i + 1
+    while i < len(args):
+        if args[i] in flags:
+            arguments[flags[args[i]]] = True
+            i += 1
+        elif args[i].startswith("-"):
+            i = _value(args, i, valued, arguments)
+            if i is None:
+                return None
         else:
-            why = held.get("quiesce_problem")
-            quiesced = f"no, crash-consistent ({why})" if why else "no, crash-consistent"
-        click.echo(f"Quiesced:     {quiesced}")
-    for disk in d["disks"]:
-        tag = f" tag {disk['tag']}" if "tag" in disk else ""
-        state = f" ({disk['status']})" if "status" in disk else ""
-        click.echo(f"Disk {disk['target']}:     {disk['backend']}{tag}: {' <- '.join(disk['files'])}{state}")
-    m = d["memory"]
-    click.echo(f"Memory:       {m['kind']}: {m['file']} ({m['size']} bytes)" if m else "Memory:       none (disks only)")
+            given.append(args[i])
+            i += 1
+    if len(given) != len(positional):
+        return None
+    return shared, command, {**dict(zip(positional, given)), **arguments}
 
 
-@main.command()
-@click.argument("domain")
-@click.pass_context
-def export(ctx, domain):
-    """Print DOMAIN's catalog as YAML (for people, and as a backup of the metadata)."""
-    import yaml
-
-    from . import lifecycle
-
-    session = _session(ctx)
-    tree = lifecycle.snapshots(session, domain)
-    files = session.catalog.files(domain) if len(tree) else {}
-    doc = {"domain": domain, "current": tree.current,
-           "snapshots": [_snapshot_dict(tree, s.name, files) for s in tree],
-           "files": [{"path": f.path, "target": f.target, "format": f.format, "backing": f.backing,
-                      "owned": f.owned} for f in files.values()]}
-    click.echo(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), nl=False)
+def _value(args: list[str], i: int, known: dict, into: dict) -> int | None:
+    """Read the option at ``args[i]`` taking a value (``--opt V``, ``--opt=V``, ``-c V``) into ``into``;
+    the index after it, or None if it is not one of ``known`` or its value looks like an option."""
+    name, eq, value = args[i].partition("=")
+    if name not in known or (eq and not name.startswith("--")):
+        return None
+    if not eq:
+        if i + 1 == len(args):
+            return None
+        i, value = i + 1, args[i + 1]
+    if value.startswith("-"):
+        return None
+    into[known[name]] = value
+    return i + 1
 
 
-@main.command()
-@click.argument("domain", required=False)
-@click.option("--repair", is_flag=True, help="Finish or roll back interrupted operations.")
-@json_option
-@click.pass_context
-def check(ctx, domain, repair, as_json):
-    """Report (and with --repair, fix) interrupted operations and where the hypervisor's own snapshot
-    records differ from the mirrored snapshots."""
-    from . import lifecycle
+def main(args: list[str] | None = None, prog_name: str = "snapfw"):
+    args = sys.argv[1:] if args is None else list(args)
+    parsed = plain(args)
+    if parsed is None:
+        from .usage import group
 
-    findings = lifecycle.check(_session(ctx, as_json), domain, repair)
-    if as_json:
-        _emit({"findings": findings, "repaired": repair})
-    else:
-        click.echo("\n".join(findings) if findings else "No problems found.")
-    if findings and not repair:
-        ctx.exit(EXIT_ERROR)
+        return group.main(args, prog_name=prog_name)
+    from . import commands
 
-
-@main.command("plugins")
-@json_option
-def plugins_(as_json):
-    """List loaded plugins with their versions, their backends and drivers, and what each can do."""
-    from . import plugins
-
-    rows = []
-    for name, (cls, plugin) in sorted(plugins.disk_backends().items()):
-        rows.append({"kind": "disk backend", "name": name, "plugin": plugin, "version": plugins.version(plugin),
-                     "description": cls.description, "capabilities": sorted(cls.capabilities), "cost": cls.cost})
-    for scheme, (cls, plugin) in sorted(plugins.hypervisor_drivers().items()):
-        rows.append({"kind": "hypervisor driver", "name": scheme, "plugin": plugin,
-                     "version": plugins.version(plugin), "description": cls.description,
-                     "capabilities": sorted(cls.capabilities),
-                     "cost": {}})
-    for name, (cls, plugin) in sorted(plugins.memory_backends().items()):
-        rows.append({"kind": "memory backend", "name": name, "plugin": plugin, "version": plugins.version(plugin),
-                     "description": f"{cls.description} (drivers: {', '.join(sorted(cls.drivers))})",
-                     "capabilities": sorted(f"memory.{k}" for k in cls.kinds), "cost": {}})
-    listed = {r["plugin"] for r in rows}
-    for plugin, hooks in plugins.loaded():
-        if plugin not in listed:  # a plugin acting around operations only
-            rows.append({"kind": "hooks", "name": plugin, "plugin": plugin, "version": plugins.version(plugin),
-                         "description": ", ".join(hooks), "capabilities": [], "cost": {}})
-    if as_json:
-        _emit(rows)
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("Kind", "Name", "Plugin", "Version", "Capabilities", "Description")
-    for r in rows:
-        table.add_row(r["kind"], r["name"], r["plugin"], r["version"] or "-", ", ".join(r["capabilities"]) or "-",
-                      r["description"])
-    Console().print(table)
+    shared, command, arguments = parsed
+    o = commands.Options(**shared)
+    o.command = command
+    run = getattr(commands, _PLAIN[command][0])
+    try:
+        code = commands.guard(lambda: run(o, **arguments), o, (BrokenPipeError,))
+        sys.stdout.flush()
+    except BrokenPipeError:  # as click does: a closed stdout (`snapfw list web | head -1`) ends quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(code)

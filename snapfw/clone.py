@@ -21,7 +21,8 @@ from .backend import HypervisorDriver
 from .connection import fsync_dir
 from .errors import BadInput, Inconsistent, NotSupported, Refused
 from .lifecycle import RUNS_ON, Reporter, Session, _identity, _Operation, find_snapshot
-from .model import ImageFile, check_name, fit_file_name
+from .model import ImageFile
+from .names import check_name, fit_file_name
 from .plan import Plan, Step, execute
 from .steps import CreateOverlay, RemoveFile, _remove, _same_file, work_name
 from .tools import qemuimg

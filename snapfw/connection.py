@@ -9,7 +9,7 @@ import os
 import time
 
 from .errors import BadInput, FileError, LockTimeout, PluginError, SnapfwError
-from .model import fit_file_name
+from .names import fit_file_name
 
 CONNECT_ENV = "SNAPFW_CONNECT"
 STATE_DIR_ENV = "SNAPFW_STATE_DIR"

@@ -22,7 +22,8 @@ from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginErr
                      UnknownDomain)
 from .live import (AGENT_SECONDS, FREEZE_SECONDS, PAUSE_SECONDS, LiveSnapshot, Pause, StartDomain,
                    StopDomain, held, window, window_seconds)
-from .model import Disk, DiskRecord, Domain, ImageFile, MemoryRecord, Snapshot, Tree, check_name, find_snapshot
+from .model import Disk, DiskRecord, Domain, ImageFile, MemoryRecord, Snapshot, Tree, find_snapshot
+from .names import check_name
 from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
 from .tools import procs, qemuimg

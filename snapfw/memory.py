@@ -31,7 +31,7 @@ from .backend import MEMORY_LIVE, MemoryBackend
 from .connection import fsync_dir
 from .errors import FileError, NotSupported, Refused
 from .live import PAUSE_SECONDS
-from .model import fit_file_name
+from .names import fit_file_name
 from .plan import Step
 
 SUFFIX = ".memory"

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from .connection import fsync_dir
-from .model import fit_file_name
+from .names import fit_file_name
 from .plan import Step
 from .tools import qemuimg
 

@@ -189,12 +189,12 @@ def test_every_operation_checks_both_names_before_anything_else(env, web):
 
 def test_nul_in_a_name_is_refused_by_the_library(env, web):
     """argv cannot carry NUL, so this goes through the Python API the CLI calls."""
-    from snapfw import lifecycle, model
+    from snapfw import lifecycle, names
     from snapfw.errors import BadInput
 
     for kind in ("snapshot", "domain"):
         with pytest.raises(BadInput, match="NUL"):
-            model.check_name(kind, "a\0b")
+            names.check_name(kind, "a\0b")
     with Unchanged(env, web):
         session = lifecycle.Session(env.uri)
         calls = [lambda: lifecycle.create(session, "web", "a\0b"),
@@ -701,7 +701,8 @@ def test_an_image_recorded_for_another_disk_is_refused(env):
 def test_the_catalog_never_moves_a_file_to_another_disk(tmp_path):
     """The last line of defence under the plan's checks: recording a file another disk has is an error,
     never INSERT OR REPLACE taking the row over."""
-    from snapfw.catalog import Catalog, ImageFile
+    from snapfw.catalog import Catalog
+    from snapfw.model import ImageFile
     from snapfw.errors import Refused
 
     catalog = Catalog.open(str(tmp_path))

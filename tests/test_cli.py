@@ -70,14 +70,16 @@ def test_plugins_lists_builtin_backends_and_driver(env):
 
 
 def test_list_imports_nothing_heavy(env):
-    """The `list` path must not pay for sh, rich, pluggy, entry points or the lifecycle (bench target)."""
+    """The `list` path must not pay for sh, rich, pluggy, entry points, the lifecycle, click or the model's
+    dataclasses (bench target)."""
     env.make_domain("web")
     env.run("create", "web", "s1")
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "snapfw", "--connect", env.uri, "list", "web"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert r.returncode == 0 and "s1" in r.stdout
     imported = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
-    for heavy in ("sh", "rich", "pluggy", "importlib.metadata", "snapfw.lifecycle", "snapfw.tools.run", "yaml"):
+    for heavy in ("sh", "rich", "pluggy", "importlib.metadata", "snapfw.lifecycle", "snapfw.tools.run", "yaml",
+                  "click", "dataclasses"):
         assert heavy not in imported, f"`snapfw list` imported {heavy}"
 
 
