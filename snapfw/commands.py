@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from .errors import BadInput, SnapfwError
+from .errors import BadInput, SnapfwError, UnknownSnapshot
 
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
@@ -236,24 +236,6 @@ def _print_tree(rows):
         echo("\n".join(out))
 
 
-def _snapshot_dict(tree, name, files, states=None) -> dict:
-    s = tree.by_name[name]
-    states = (states or {}).get(name, {})
-    disks = []
-    for r in s.disks:
-        chain, path = [], r.data.get("file")
-        while path is not None and path not in chain:
-            chain.append(path)
-            path = files[path].backing if path in files else None
-        state = {"status": states[r.target]} if r.target in states else {}
-        disks.append({"target": r.target, "backend": r.backend, **r.data, **state, "files": chain})
-    m = s.memory
-    memory = {"kind": m.kind, "file": m.file, "size": m.size, "backend": m.backend} if m else None
-    return {"name": s.name, "parent": s.parent, "children": s.children, "current": s.current,
-            "created": _iso(s.created), "description": s.description, "disks": disks, "memory": memory,
-            "config": s.config}
-
-
 def create(o, domain, name, description="", disks=(), mirror=None, lvm_size=None, quiesce=None, memory="none",
            as_json=False, dry_run=False):
     """Snapshot every disk of DOMAIN as NAME."""
@@ -398,25 +380,27 @@ def domains(o, as_json=False):
 
 def show(o, domain, name, as_json=False):
     """Show one snapshot: its place in the tree and each disk's files."""
-    from .model import Tree, find_snapshot
     from .names import check_name
 
     check_name("snapshot", name)
     catalog = _catalog_of(o, domain)
-    tree = catalog.tree(domain) if catalog is not None else Tree([])
-    find_snapshot(tree, domain, name)
-    states = {}
-    if any("host" in r.data for r in tree.by_name[name].disks):
+    d = catalog.snapshot_view(domain, name) if catalog is not None else None
+    if d is None:
+        raise UnknownSnapshot.of(domain, name)
+    if any("host" in disk for disk in d["disks"]):
         from . import lifecycle  # records of disks on the connection's host (LVs): their state is asked there
 
-        states = lifecycle.statuses(_session(o), domain)
-    d = _snapshot_dict(tree, name, catalog.files(domain), states)
+        states = lifecycle.statuses(_session(o), domain).get(name, {})
+        for disk in d["disks"]:
+            if disk["target"] in states:
+                disk["status"] = states[disk["target"]]
+    created, d["created"] = d["created"], _iso(d["created"])
     if as_json:
         _emit(d)
         return
-    echo(f"Name:         {d['name']}\nDomain:       {domain}\nCreated:      {_local(tree.by_name[name].created)}\n"
-               f"Parent:       {d['parent'] or '-'}\nChildren:     {', '.join(d['children']) or '-'}\n"
-               f"Current:      {'yes' if d['current'] else 'no'}\nDescription:  {d['description'] or '-'}")
+    echo(f"Name:         {d['name']}\nDomain:       {domain}\nCreated:      {_local(created)}\n"
+         f"Parent:       {d['parent'] or '-'}\nChildren:     {', '.join(d['children']) or '-'}\n"
+         f"Current:      {'yes' if d['current'] else 'no'}\nDescription:  {d['description'] or '-'}")
     held = d["config"].get("window")
     if held is not None:  # taken from a running guest
         paused, frozen = held.get("paused_seconds"), held.get("frozen_seconds")
@@ -444,8 +428,10 @@ def export(o, domain):
     session = _session(o)
     tree = lifecycle.snapshots(session, domain)
     files = session.catalog.files(domain) if len(tree) else {}
-    doc = {"domain": domain, "current": tree.current,
-           "snapshots": [_snapshot_dict(tree, s.name, files) for s in tree],
+    snapshots = [session.catalog.snapshot_view(domain, s.name) for s in tree]
+    for s in snapshots:
+        s["created"] = _iso(s["created"])
+    doc = {"domain": domain, "current": tree.current, "snapshots": snapshots,
            "files": [{"path": f.path, "target": f.target, "format": f.format, "backing": f.backing,
                       "owned": f.owned} for f in files.values()]}
     echo(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), nl=False)

@@ -39,7 +39,9 @@ class UnknownDomain(BadInput):
 
 
 class UnknownSnapshot(BadInput):
-    pass
+    @classmethod
+    def of(cls, domain: str, name: str) -> "UnknownSnapshot":
+        return cls(f"domain {domain} has no snapshot {name!r}")
 
 
 class NotSupported(SnapfwError):

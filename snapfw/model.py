@@ -154,5 +154,5 @@ class Tree:
 def find_snapshot(tree: Tree, domain: str, name: str) -> Snapshot:
     """``name`` in ``domain``'s tree, or UnknownSnapshot."""
     if name not in tree:
-        raise UnknownSnapshot(f"domain {domain} has no snapshot {name!r}")
+        raise UnknownSnapshot.of(domain, name)
     return tree.by_name[name]
