@@ -6,6 +6,7 @@ holds the plugins to this, and tests/test_architecture.py keeps ``__all__``, thi
 in step. Nothing in the core imports this module, so ``snapfw list`` never pays for it.
 """
 
+from . import yamlfiles
 from .backend import (
     CAPABILITIES,
     LIVE_CREATE,
@@ -131,4 +132,5 @@ __all__ = [
     "UnknownDomain",
     "UnknownSnapshot",
     "uri_path",
+    "yamlfiles",
 ]

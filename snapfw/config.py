@@ -16,18 +16,20 @@ DEFAULT_PATH = "/etc/snapfw/config.yaml"
 
 def load() -> tuple[str, dict]:
     """The config file's path and its mapping (empty if there is no file)."""
-    import yaml
-
     path = os.environ.get(CONFIG_ENV) or DEFAULT_PATH
     try:
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            text = f.read()
     except FileNotFoundError:
         if os.environ.get(CONFIG_ENV):
             raise BadInput(f"config file {path} (${CONFIG_ENV}) does not exist") from None
         return path, {}
     except OSError as e:
         raise BadInput(f"cannot read config file {path}: {e.strerror}") from None
+    import yaml  # only with a config file: importing PyYAML costs more than a snapshot's qemu-img
+
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise BadInput(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if doc is None:

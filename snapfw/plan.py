@@ -22,7 +22,6 @@ import importlib
 import os
 import signal
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -152,7 +151,7 @@ def execute(plan: Plan, catalog, ctx) -> None:
     """Run ``plan``: journal, prepare, commit, finish. On failure before the commit, undo and re-raise."""
     global _plans_run
     _plans_run += 1
-    plan_id = uuid.uuid4().hex
+    plan_id = os.urandom(16).hex()  # uuid4's randomness, without importing uuid (and platform)
     catalog.begin_plan(plan_id, plan.domain, plan.operation,
                        {"format": JOURNAL_FORMAT, "prepare": [s.to_json() for s in plan.prepare],
                         "finish": [s.to_json() for s in plan.finish]},

@@ -16,13 +16,9 @@ from .plan import Step
 from .tools import qemuimg
 
 
-def _tags(path: str) -> set[str]:
-    return {s["name"] for s in qemuimg.info(path, "qcow2").get("snapshots", [])}
-
-
 def _delete_tag(path: str, tag: str):
     """Delete ``tag`` if it is there: a step may run again after a crash."""
-    if os.path.exists(path) and tag in _tags(path):
+    if os.path.exists(path) and tag in qemuimg.tags(path):
         qemuimg.snapshot("-d", path, tag)
 
 
@@ -155,12 +151,12 @@ class ApplyTag(Step):
     keep: str
 
     def do(self, ctx):
-        if self.keep not in _tags(self.path):
+        if self.keep not in qemuimg.tags(self.path):
             qemuimg.snapshot("-c", self.path, self.keep)
         qemuimg.snapshot("-a", self.path, self.tag)
 
     def undo(self, ctx):
-        if self.keep in _tags(self.path):
+        if self.keep in qemuimg.tags(self.path):
             qemuimg.snapshot("-a", self.path, self.keep)
             qemuimg.snapshot("-d", self.path, self.keep)
         _release_leaks(self.path)
@@ -181,8 +177,10 @@ class DeleteTag(Step):
     tag: str
 
     def do(self, ctx):
-        _delete_tag(self.path, self.tag)
-        _release_leaks(self.path)  # a run cut short may have dropped the tag but not its clusters' counts
+        if os.path.exists(self.path) and self.tag in qemuimg.tags(self.path):
+            qemuimg.snapshot("-d", self.path, self.tag)  # a whole run leaves no cluster counted for nothing
+        else:  # a run cut short may have dropped the tag but not its clusters' counts
+            _release_leaks(self.path)
 
     def writes(self):
         return [self.path]

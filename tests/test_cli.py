@@ -83,6 +83,32 @@ def test_list_imports_nothing_heavy(env):
         assert heavy not in imported, f"`snapfw list` imported {heavy}"
 
 
+def test_an_unchanged_domain_file_is_not_parsed_again(env):
+    """A change reads every domain file; one whose text snapfw has seen is taken from the cache without
+    importing PyYAML (bench target). A file rewritten behind snapfw's back, same size and same mtime,
+    is read again: the cache is keyed by the text itself."""
+    env.make_domain("web")
+    env.make_domain("db", disks=(("vda", "qcow2"),))
+    env.run("create", "web", "s1")
+
+    def imported(*args):
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "snapfw", "--connect", env.uri, *args],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+
+    assert "yaml" not in imported("create", "web", "s2")
+    path = os.path.join(env.dir, "db.yaml")
+    st = os.stat(path)
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:  # the same length, another disk format: db's vda becomes raw on a qcow2 file
+        f.write(text.replace("qcow2\n", "raw  \n", 1))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = env.run("create", "db", "s1", check=False)
+    assert r.returncode != 0 and "db" in r.stderr  # the rewritten file was read: qemu-img finds no raw image
+
+
 def test_usage_errors_are_one_line(env):
     env.make_domain("web")
     r = env.run("create", "web", "s1", "--disk", "vda", check=False)

@@ -10,7 +10,7 @@ state, the core removes them after the commit, and a failure before the commit r
 
 from __future__ import annotations
 
-import uuid
+import os
 
 from snapfw.api import (
     LIVE_CREATE,
@@ -66,7 +66,7 @@ class InternalBackend(DiskBackend):
             op.notes.append(f"{', '.join(discarded)} read through {path} but hold only the state this revert "
                             "discards: removed once it is done")
         op.inspect(path, g.format(path))
-        keep = f"snapfw-revert-{uuid.uuid4().hex[:12]}"
+        keep = f"snapfw-revert-{os.urandom(6).hex()}"
         op.prepare.append(ApplyTag(path, record["tag"], keep))
         op.finish.append(DeleteTag(path, keep))
         g.active, g.active_format = path, g.format(path)

@@ -61,6 +61,7 @@ from snapfw.api import (
     hookimpl,
     remove_overlay,
     run,
+    yamlfiles,
 )
 
 # how long undoing an external snapshot may wait for its commit job (the data the guest wrote since)
@@ -143,15 +144,10 @@ def _load_spec(path: str) -> dict | None:
     """The launch spec at ``path``, checked; None if there is none."""
     if not os.path.exists(path):
         return None
-    import yaml  # only QEMUs with a launch spec pay for it
-
     try:
-        with open(path, encoding="utf-8") as f:
-            spec = yaml.safe_load(f)
+        spec = yamlfiles.load(path, "launch spec ")
     except OSError as e:
         raise FileError.of(e, path) from None
-    except yaml.YAMLError as e:
-        raise BadInput(f"launch spec {path}: not plain YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise BadInput(f"launch spec {path}: expected a mapping with name, argv and disks")
     check_name("domain", spec["name"])

@@ -4,7 +4,7 @@ typed errors. Not ``sh``: importing it alone cost 0.08 s per command (README, *P
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import os
 import re
 import resource
@@ -25,23 +25,31 @@ PACKAGE_HINT = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils"}
 
 
 _PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: no dlopen between fork and exec
 
 
-def _die_with_parent(parent: int):
+@functools.cache
+def _libc_prctl():
+    """prctl(2), looked up before the first fork (no dlopen between fork and exec); not at import, as
+    ctypes costs a command that runs no program (a live create) a few milliseconds."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent(parent: int, prctl):
     """In the child: get SIGTERM when snapfw dies, even by SIGKILL.
 
     An orphaned qemu-img would go on writing and hold the image lock, so `snapfw check --repair` right
     after a crash would find the image "in use". SIGTERM, not SIGKILL: coreutils `timeout` passes it on.
     The kernel sends it when the forking thread ends, so programs are run from long-lived threads only.
     """
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # snapfw died before prctl took effect
         os._exit(128 + signal.SIGTERM)
 
 
-def _child_setup(parent: int, limited: bool):
-    _die_with_parent(parent)
+def _child_setup(parent: int, limited: bool, prctl):
+    _die_with_parent(parent, prctl)
     if limited:
         resource.setrlimit(resource.RLIMIT_CPU, (LIMIT_CPU_SECONDS, LIMIT_CPU_SECONDS))
         resource.setrlimit(resource.RLIMIT_AS, (LIMIT_ADDRESS_SPACE, LIMIT_ADDRESS_SPACE))
@@ -59,11 +67,11 @@ def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float
         pkg = PACKAGE_HINT.get(argv[0])
         raise ToolError(f"{argv[0]} not found" + (f" (install {pkg})" if pkg else ""), argv)
     wall = timeout or (LIMIT_WALL_SECONDS if limited else None)
-    parent = os.getpid()
+    parent, prctl = os.getpid(), _libc_prctl()
     # coreutils timeout: it kills the program (and only it) however snapfw waits for it
     full = ["timeout", "-k", "5", str(wall), *argv] if wall else argv
     child = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, "LC_ALL": "C", **(env or {})}, preexec_fn=lambda: _child_setup(parent, limited))
+                             env={**os.environ, "LC_ALL": "C", **(env or {})}, preexec_fn=lambda: _child_setup(parent, limited, prctl))
     try:
         out, err = _read(child, progress)
         code = child.wait()
