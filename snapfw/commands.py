@@ -16,6 +16,7 @@ EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 # the commands that change disks: an unexpected error in one of them may leave something for `check`
 CHANGING = ("create", "revert", "delete", "clone", "detach", "clone-delete")
+READING = ("list", "show")  # nothing to undo: SIGTERM may end them as it ends any program
 
 
 class Options:
@@ -45,13 +46,15 @@ def guard(run, o: Options, passthrough: tuple = ()) -> int:
     status, never a traceback; warnings (a broken plugin skipped) one `snapfw: warning:` line. Any other
     exception is a bug (in snapfw or a plugin): one `internal error` line too, its traceback only with
     --debug. ``passthrough``: what the parser handles itself (click's usage errors, a closed stdout)."""
-    import signal
     import warnings
 
     warnings.showwarning = _warning_line
-    # SIGTERM (systemd, kill) unwinds like Ctrl-C: an unrecorded change rolls back, a recorded one
-    # says to run check --repair, and the program being run is stopped first
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if o.command not in READING:
+        import signal
+
+        # SIGTERM (systemd, kill) unwinds like Ctrl-C: an unrecorded change rolls back, a recorded one
+        # says to run check --repair, and the program being run is stopped first
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         try:
             return run() or 0
