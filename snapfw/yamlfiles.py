@@ -22,9 +22,7 @@ def load(path: str, what: str = ""):
     caller to word; BadInput naming the line for text that is not plain YAML (tags like !!python/...)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    cached = connection.read_cache(CACHE)
-    documents = cached.get("documents") if isinstance(cached, dict) else None
-    documents = documents if isinstance(documents, dict) else {}
+    documents = _documents()
     entry = documents.get(path)
     if isinstance(entry, list) and len(entry) == 2 and entry[0] == text:
         return entry[1]
@@ -36,11 +34,23 @@ def load(path: str, what: str = ""):
         mark = getattr(e, "problem_mark", None)
         raise BadInput(f"{what}{path}{f' line {mark.line + 1}' if mark else ''}: not plain YAML "
                        f"({getattr(e, 'problem', None) or e}); tags like !!python/... are refused") from None
-    try:
-        remembered = json.loads(json.dumps(document)) == document
-    except (TypeError, ValueError):
-        remembered = False
-    if remembered:
-        others = [(p, e) for p, e in documents.items() if p != path][:CACHED - 1]
-        connection.write_cache(CACHE, {"documents": dict([(path, [text, document]), *others])})
+    remember(path, text, document, documents)
     return document
+
+
+def remember(path: str, text: str, document, documents: dict | None = None) -> None:
+    """Note that file ``path`` holds ``text``, which reads as ``document``: for a writer of such a file
+    (a domain file a change rewrote), so the next command does not parse it again."""
+    try:
+        if json.loads(json.dumps(document)) != document:
+            return
+    except (TypeError, ValueError):
+        return
+    others = [(p, e) for p, e in (_documents() if documents is None else documents).items() if p != path]
+    connection.write_cache(CACHE, {"documents": dict([(path, [text, document]), *others[:CACHED - 1]])})
+
+
+def _documents() -> dict:
+    cached = connection.read_cache(CACHE)
+    documents = cached.get("documents") if isinstance(cached, dict) else None
+    return documents if isinstance(documents, dict) else {}
