@@ -43,6 +43,8 @@ def test_tags_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
         for n in names:
             subprocess.run(["qemu-img", "snapshot", "-c", n, path], check=True)
         subprocess.run(["qemu-img", "snapshot", "-d", "7", path], check=True)
+        subprocess.run(["qemu-img", "snapshot", "-a", "3", path], check=True)
+        assert os.path.getsize(path) % 8, "the table should end the file, without its last entry's padding"
         by_qemu_img = {s["name"] for s in qemuimg.info(path, "qcow2")["snapshots"]}
         with monkeypatch.context() as m:
             m.setattr(qemuimg, "info", None)  # read without it

@@ -84,11 +84,11 @@ def _read_tags(f) -> set[str]:
         id_size, name_size = struct.unpack(">HH", entry[12:16])
         extra = struct.unpack(">I", entry[36:40])[0]
         length = 40 + extra + id_size + name_size
-        length += -length % 8
-        size += length
+        padding = -length % 8  # before the next entry: the last one may end the file without it
+        size += length + padding
         if extra > _MAX_SNAPSHOT_EXTRA or size > _MAX_SNAPSHOT_TABLE:
             raise ValueError("a snapshot table out of QEMU's bounds")
-        rest = f.read(length - 40)
+        rest = f.read(length + padding - 40)
         if len(entry) < 40 or len(rest) < length - 40:
             raise ValueError("a truncated snapshot table")
         names.add(rest[extra + id_size:extra + id_size + name_size].decode("utf-8", "surrogateescape"))
