@@ -44,11 +44,12 @@ def test_tags_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
             subprocess.run(["qemu-img", "snapshot", "-c", n, path], check=True)
         subprocess.run(["qemu-img", "snapshot", "-d", "7", path], check=True)
         subprocess.run(["qemu-img", "snapshot", "-a", "3", path], check=True)
+        subprocess.run(["qemu-img", "snapshot", "-c", "last", path], check=True)  # its table is written last
         assert os.path.getsize(path) % 8, "the table should end the file, without its last entry's padding"
         by_qemu_img = {s["name"] for s in qemuimg.info(path, "qcow2")["snapshots"]}
         with monkeypatch.context() as m:
             m.setattr(qemuimg, "info", None)  # read without it
-            assert qemuimg.tags(path) == by_qemu_img == set(names) - {"7"}
+            assert qemuimg.tags(path) == by_qemu_img == set(names) - {"7"} | {"last"}
     with open(path, "r+b") as f:  # the table past the end of the file: left to qemu-img, which refuses it
         f.seek(64)
         f.write((os.path.getsize(path) + (1 << 20)).to_bytes(8, "big"))
