@@ -22,10 +22,9 @@ def load(path: str, what: str = ""):
     caller to word; BadInput naming the line for text that is not plain YAML (tags like !!python/...)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    documents = _documents()
-    entry = documents.get(path)
+    entry = _documents().get(path)
     if isinstance(entry, list) and len(entry) == 2 and entry[0] == text:
-        return entry[1]
+        return json.loads(json.dumps(entry[1]))  # the caller's own copy: it may change it
     import yaml
 
     try:
@@ -34,23 +33,31 @@ def load(path: str, what: str = ""):
         mark = getattr(e, "problem_mark", None)
         raise BadInput(f"{what}{path}{f' line {mark.line + 1}' if mark else ''}: not plain YAML "
                        f"({getattr(e, 'problem', None) or e}); tags like !!python/... are refused") from None
-    remember(path, text, document, documents)
+    remember(path, text, document)
     return document
 
 
-def remember(path: str, text: str, document, documents: dict | None = None) -> None:
+def remember(path: str, text: str, document) -> None:
     """Note that file ``path`` holds ``text``, which reads as ``document``: for a writer of such a file
     (a domain file a change rewrote), so the next command does not parse it again."""
     try:
-        if json.loads(json.dumps(document)) != document:
-            return
+        kept = json.loads(json.dumps(document))
     except (TypeError, ValueError):
         return
-    others = [(p, e) for p, e in (_documents() if documents is None else documents).items() if p != path]
-    connection.write_cache(CACHE, {"documents": dict([(path, [text, document]), *others[:CACHED - 1]])})
+    if kept != document:
+        return
+    others = [(p, e) for p, e in _documents().items() if p != path]
+    _read.clear()
+    _read.update([(path, [text, kept]), *others[:CACHED - 1]])
+    connection.write_cache(CACHE, {"documents": _read})
+
+
+_read: dict = {}  # the cache as this process knows it: read once, kept as written
 
 
 def _documents() -> dict:
-    cached = connection.read_cache(CACHE)
-    documents = cached.get("documents") if isinstance(cached, dict) else None
-    return documents if isinstance(documents, dict) else {}
+    if not _read:
+        cached = connection.read_cache(CACHE)
+        documents = cached.get("documents") if isinstance(cached, dict) else None
+        _read.update(documents if isinstance(documents, dict) else {})
+    return _read

@@ -135,7 +135,7 @@ class ImagesDriver(HypervisorDriver):
                     with contextlib.suppress(PermissionError):  # needs root; a user rewriting another's file owns it
                         os.fchown(f.fileno(), st.st_uid, st.st_gid)
                     os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-                    text = yaml.safe_dump(data, sort_keys=False)
+                    text = yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
@@ -170,7 +170,7 @@ class ImagesDriver(HypervisorDriver):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 os.fchmod(f.fileno(), stat.S_IMODE(os.stat(self._file(source)).st_mode))  # as the source's
-                text = yaml.safe_dump(data, sort_keys=False)
+                text = yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
