@@ -486,20 +486,21 @@ def test_kill_during_a_live_commit_then_repair_finishes_it(conn, tmp_path):
 
 def test_kill_during_a_live_stream_then_repair_finishes_it(conn, tmp_path):
     """The test throttles libvirt's block pull as soon as it appears, so snapfw is killed while it runs;
-    unthrottled, `check --repair` finds it with blockJobInfo and waits for it."""
+    unthrottled, `check --repair` finds it with blockJobInfo and waits for it. The layer pulled holds
+    192 MiB: with 32 MiB the job could end between two polls."""
     import libvirt
 
-    guest = Guest(conn, str(tmp_path), size="128M")
+    guest = Guest(conn, str(tmp_path), size="512M")
     try:
         lv = LibvirtEnv(tmp_path, guest)
         name = guest.name
         guest.start()
         lv.run("create", name, "s0", "--disk", "vda=external", "--disk", "vdb=external")
         lv.gen(1)
-        guest.write("vda", 0x5a, 32 << 20, 32 << 20)  # into s1's file: streamed into the active file
+        guest.write("vda", 0x5a, 32 << 20, 192 << 20)  # into s1's file: streamed into the active file
         lv.run("create", name, "s1", "--disk", "vda=external", "--disk", "vdb=external")
         active, frozen = xml_chains(guest)["vda"][:2]
-        guest.write("vda", 0x6b, 64 << 20, 48 << 20)  # the active file outweighs it: stream, not commit
+        guest.write("vda", 0x6b, 224 << 20, 256 << 20)  # the active file outweighs it: stream, not commit
         guest.qemu_io("vda", "flush")
         lv.gen(2)
         bytes_per_second = libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES
@@ -521,8 +522,8 @@ def test_kill_during_a_live_stream_then_repair_finishes_it(conn, tmp_path):
         assert [s["name"] for s in lv.json("list", name)] == ["s0"] and not os.path.exists(frozen)
         lv.gen(3)
         guest.destroy()
-        assert reads(active, "qcow2", 0x5a, 32 << 20) and reads(active, "qcow2", 0x5a, (64 << 20) - KIB64)
-        assert reads(active, "qcow2", 0x6b, 64 << 20)
+        assert reads(active, "qcow2", 0x5a, 32 << 20) and reads(active, "qcow2", 0x5a, (224 << 20) - KIB64)
+        assert reads(active, "qcow2", 0x6b, 224 << 20)
         assert lv.all_read([1, 2, 3])
         lv.assert_consistent(name)
     finally:

@@ -573,22 +573,23 @@ def test_live_delete_of_internal_snapshots_and_of_one_whose_parent_is_internal(l
 
 def test_kill_during_a_live_stream_then_repair_reattaches_to_the_job(tmp_path):
     """A second QMP monitor (the test's) throttles the stream job as soon as it appears, so snapfw is
-    killed while it runs; unthrottled, `check --repair` re-attaches to it by its journaled id."""
+    killed while it runs; unthrottled, `check --repair` re-attaches to it by its journaled id. The layer
+    streamed holds 192 MiB: with 32 MiB the job sometimes ended between two polls (page cache speed)."""
     side = str(tmp_path / "side.qmp")
-    qemu = Qemu(str(tmp_path), size="128M", extra=("-qmp", f"unix:{side},server=on,wait=off")).start()
+    qemu = Qemu(str(tmp_path), size="512M", extra=("-qmp", f"unix:{side},server=on,wait=off")).start()
     try:
         live = LiveEnv(tmp_path, qemu)
         live.run("create", "web", "s0", "--disk", "vda=external", "--disk", "vdb=external")
         gen(live, 1)
-        qemu.write("vda", 0x5a, 32 << 20, 32 << 20)  # into s1's file: streamed into the file above
+        qemu.write("vda", 0x5a, 32 << 20, 192 << 20)  # into s1's file: streamed into the file above
         live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
         frozen, active = qemu_chains(qemu)["vda"][1], qemu_chains(qemu)["vda"][0]
-        qemu.write("vda", 0x6b, 64 << 20, 48 << 20)  # the file above outweighs it: stream, not commit
+        qemu.write("vda", 0x6b, 224 << 20, 256 << 20)  # the file above outweighs it: stream, not commit
         qemu.flush("vda")
         gen(live, 2)
         with QMP(side) as monitor:
             def caught():
-                jobs = [j for j in monitor.execute("query-jobs") if j["type"] == "stream"]
+                jobs = [j for j in monitor.execute("query-jobs") if j["type"] == "stream" and j["status"] == "running"]
                 for j in jobs:
                     monitor.execute("block-job-set-speed", {"device": j["id"], "speed": 1})
                 return bool(jobs)
@@ -605,8 +606,8 @@ def test_kill_during_a_live_stream_then_repair_reattaches_to_the_job(tmp_path):
         assert live.snapshot_names() == ["s0"] and not os.path.exists(frozen)
         gen(live, 3)
         qemu.quit()
-        assert reads(active, "qcow2", 0x5a, 32 << 20) and reads(active, "qcow2", 0x5a, (64 << 20) - KIB64)
-        assert reads(active, "qcow2", 0x6b, 64 << 20)
+        assert reads(active, "qcow2", 0x5a, 32 << 20) and reads(active, "qcow2", 0x5a, (224 << 20) - KIB64)
+        assert reads(active, "qcow2", 0x6b, 224 << 20)
         for target, (path, fmt) in live.domain().items():
             for g in (1, 2, 3):
                 assert reads(path, fmt, BYTES[target] + g, g * KIB64), (target, g)
