@@ -16,10 +16,12 @@ from .plan import Step
 from .tools import qemuimg
 
 
-def _delete_tag(path: str, tag: str):
-    """Delete ``tag`` if it is there: a step may run again after a crash."""
+def _delete_tag(path: str, tag: str) -> bool:
+    """Delete ``tag`` if it is there (a step may run again after a crash); whether it was there."""
     if os.path.exists(path) and tag in qemuimg.tags(path):
         qemuimg.snapshot("-d", path, tag)
+        return True
+    return False
 
 
 def work_name(path: str) -> str:
@@ -177,9 +179,9 @@ class DeleteTag(Step):
     tag: str
 
     def do(self, ctx):
-        if os.path.exists(self.path) and self.tag in qemuimg.tags(self.path):
-            qemuimg.snapshot("-d", self.path, self.tag)  # a whole run leaves no cluster counted for nothing
-        else:  # a run cut short may have dropped the tag but not its clusters' counts
+        # a whole run leaves no cluster counted for nothing; one cut short may have dropped the tag but
+        # not its clusters' counts
+        if not _delete_tag(self.path, self.tag):
             _release_leaks(self.path)
 
     def writes(self):
