@@ -270,36 +270,39 @@ class Catalog:
             by_id[sid].memory = MemoryRecord(backend, kind, file, size, json.loads(data))
         return Tree(snaps)
 
-    def snapshot_view(self, domain: str, name: str) -> dict | None:
-        """Snapshot ``name`` of ``domain`` as `show` and `export` print it (``created``: seconds since the
-        epoch), each disk record with the chain of files from its file down; None if there is none. Read
-        without building the tree, so `snapfw show` needs no dataclasses, as `list`."""
-        row = self._q(
-            "SELECT s.id, p.name, s.created, s.description, s.config, s.id = d.current_id "
-            "FROM snapshots s JOIN domains d ON d.id = s.domain_id LEFT JOIN snapshots p ON p.id = s.parent_id "
-            "WHERE d.name = ? AND s.name = ?", (domain, name)).fetchone()
-        if row is None:
-            return None
-        sid, parent, created, description, config, current = row
-        children = [r[0] for r in self._q("SELECT name FROM snapshots WHERE parent_id = ? ORDER BY created, id",
-                                          (sid,))]
+    def snapshot_views(self, domain: str, name: str | None = None) -> list[dict]:
+        """The snapshots of ``domain`` (only ``name``, if given; none if there is no such one), oldest
+        first, as `show` and `export` print them (``created``: seconds since the epoch), each disk record
+        with the chain of files from its file down. Read in five queries whatever their number, without
+        building the tree, so `snapfw show` needs no dataclasses, as `list`."""
+        only, args = ("AND s.name = ?", (domain, name)) if name is not None else ("", (domain,))
+        mine = f"JOIN domains d ON d.id = s.domain_id WHERE d.name = ? {only}"  # s: the snapshots asked for
+        views = {}
+        for sid, snapshot, parent, created, description, config, current in self._q(
+                "SELECT s.id, s.name, p.name, s.created, s.description, s.config, s.id = d.current_id "
+                f"FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id {mine} ORDER BY s.created, s.id",
+                args):
+            views[sid] = {"name": snapshot, "parent": parent, "children": [], "current": bool(current),
+                          "created": created, "description": description, "disks": [], "memory": None,
+                          "config": json.loads(config)}
+        for sid, child in self._q(f"SELECT s.id, c.name FROM snapshots c JOIN snapshots s ON s.id = c.parent_id "
+                                  f"{mine} ORDER BY c.created, c.id", args):
+            views[sid]["children"].append(child)
         backing = dict(self._q("SELECT f.path, f.backing FROM files f JOIN domains d ON d.id = f.domain_id "
                                "WHERE d.name = ?", (domain,)).fetchall())
-        disks = []
-        for target, backend, data in self._q(
-                "SELECT target, backend, data FROM disk_records WHERE snapshot_id = ? ORDER BY target", (sid,)):
+        for sid, target, backend, data in self._q(
+                "SELECT r.snapshot_id, r.target, r.backend, r.data FROM disk_records r "
+                f"JOIN snapshots s ON s.id = r.snapshot_id {mine} ORDER BY r.target", args):
             data = json.loads(data)
             chain, path = [], data.get("file")
             while path is not None and path not in chain:
                 chain.append(path)
                 path = backing.get(path)
-            disks.append({"target": target, "backend": backend, **data, "files": chain})
-        memory = self._q("SELECT kind, file, size, backend FROM memory_records WHERE snapshot_id = ?",
-                         (sid,)).fetchone()
-        return {"name": name, "parent": parent, "children": children, "current": bool(current), "created": created,
-                "description": description, "disks": disks,
-                "memory": dict(zip(("kind", "file", "size", "backend"), memory)) if memory else None,
-                "config": json.loads(config)}
+            views[sid]["disks"].append({"target": target, "backend": backend, **data, "files": chain})
+        for sid, *memory in self._q("SELECT m.snapshot_id, m.kind, m.file, m.size, m.backend FROM memory_records m "
+                                    f"JOIN snapshots s ON s.id = m.snapshot_id {mine}", args):
+            views[sid]["memory"] = dict(zip(("kind", "file", "size", "backend"), memory))
+        return list(views.values())
 
     def files(self, domain: str | None = None) -> dict[str, ImageFile]:
         """Managed image files by path: of one domain, or of every domain when ``domain`` is None."""

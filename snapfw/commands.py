@@ -387,9 +387,10 @@ def show(o, domain, name, as_json=False):
 
     check_name("snapshot", name)
     catalog = _catalog_of(o, domain)
-    d = catalog.snapshot_view(domain, name) if catalog is not None else None
-    if d is None:
+    views = catalog.snapshot_views(domain, name) if catalog is not None else []
+    if not views:
         raise UnknownSnapshot.of(domain, name)
+    d = views[0]
     if any("host" in disk for disk in d["disks"]):
         from . import lifecycle  # records of disks on the connection's host (LVs): their state is asked there
 
@@ -431,7 +432,7 @@ def export(o, domain):
     session = _session(o)
     tree = lifecycle.snapshots(session, domain)
     files = session.catalog.files(domain) if len(tree) else {}
-    snapshots = [session.catalog.snapshot_view(domain, s.name) for s in tree]
+    snapshots = session.catalog.snapshot_views(domain) if len(tree) else []
     for s in snapshots:
         s["created"] = _iso(s["created"])
     doc = {"domain": domain, "current": tree.current, "snapshots": snapshots,
