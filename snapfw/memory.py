@@ -33,6 +33,7 @@ from .errors import FileError, NotSupported, Refused
 from .live import PAUSE_SECONDS
 from .names import fit_file_name
 from .plan import Step
+from .steps import RemoveFile
 
 SUFFIX = ".memory"
 # how long writing or loading a memory image may take before it is given up (the guest resumes)
@@ -78,14 +79,6 @@ def check_space(folder: str, needed: int, domain: str) -> None:
                       f"{free} are free")
 
 
-def _remove(path: str):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    fsync_dir(os.path.dirname(path))
-
-
 @dataclass
 class SaveMemory(Step):
     """Write running ``domain``'s memory to the new file ``path`` (mode 0600) with memory backend
@@ -118,7 +111,7 @@ class SaveMemory(Step):
         try:
             backend_for(self.backend, "").abort(ctx.driver, self.domain, self.settings, self.resume)
         finally:
-            _remove(self.path)
+            RemoveFile(self.path).do(ctx)
 
     def describe(self):
         how = ("copied while it runs, paused for the last pass" if self.kind == MEMORY_LIVE
