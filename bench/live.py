@@ -254,21 +254,27 @@ class Events:
 
 def measure_memory(conn, root: str, snapfw: list[str], virsh: list[str], env: dict, repeat: int, log) -> dict:
     """Live memory+disk snapshots of a running 4-disk guest (external overlays, the memory image beside
-    them): ``snapfw create --memory live`` (qmp driver) against ``virsh snapshot-create-as --live --memspec``,
-    interleaved, the first round untimed; each with the guest's pause from its QEMU's events."""
+    them): ``snapfw create --memory live`` (qmp and libvirt drivers) against ``virsh snapshot-create-as
+    --live --memspec``, interleaved, the first round untimed; each with the guest's pause from its QEMU's
+    events."""
     state = os.path.join(root, "memory-state")
-    series = {k: measure.Series([]) for k in ("qmp", "virsh")}
+    series = {k: measure.Series([]) for k in ("qmp", "libvirt", "virsh")}
     paused = {k: [] for k in series}
-    q = lv = None
+    q = lv = ls = None
     try:
         q = Qemu(root, f"{domains.NAME_PREFIX}{os.getpid()}-m", events=True)
         if conn is not None:
             lv = LibvirtGuest(conn, root, "lvm", events=True)
+            ls = LibvirtGuest(conn, root, "lsm", events=True)
         for rnd in range(repeat + 1):
             name = f"m{rnd}"
             q.write(rnd + 1, rnd * MIB % (15 * MIB))
             runs = {"qmp": (snapfw + ["--connect", f"qmp://{q.sock}", "--state-dir", state, "create", q.name, name,
                                       "--memory", "live", *_disk_flags()], q.events, env)}
+            if ls is not None:
+                ls.write(rnd + 1, rnd * MIB % (15 * MIB))
+                runs["libvirt"] = (snapfw + ["--connect", domains.LIBVIRT_URI, "--state-dir", state, "create",
+                                             ls.name, name, "--memory", "live", *_disk_flags()], ls.events, env)
             if lv is not None:
                 lv.write(rnd + 1, rnd * MIB % (15 * MIB))
                 files = {t: os.path.join(lv.dir, f"{t}.{name}.qcow2") for t in DISKS}
@@ -290,9 +296,10 @@ def measure_memory(conn, root: str, snapfw: list[str], virsh: list[str], env: di
     finally:
         if q is not None:
             q.stop()
-        if lv is not None:
-            try:
-                lv.remove()
-            except Exception as e:  # report, never hide the real error
-                log(f"bench: warning: could not remove {lv.name}: {e}")
+        for guest in (lv, ls):
+            if guest is not None:
+                try:
+                    guest.remove()
+                except Exception as e:  # report, never hide the real error
+                    log(f"bench: warning: could not remove {guest.name}: {e}")
     return {k: {**s.as_dict(), "paused_s": [round(p, 5) for p in paused[k]]} for k, s in series.items() if s.samples}

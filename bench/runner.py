@@ -288,12 +288,13 @@ def _memory_rows(measured: dict) -> list[dict]:
     virsh = measured.get("virsh")
     rows = []
     for key, what in (("virsh", "virsh snapshot-create-as --live --memspec --atomic --no-metadata"),
-                      ("qmp", "snapfw create --memory live, qmp driver")):
+                      ("qmp", "snapfw create --memory live, qmp driver"),
+                      ("libvirt", "snapfw create --memory live, libvirt driver")):
         if key not in measured:
             continue
         s = measured[key]
         pause = statistics.median(s["paused_s"])
-        limit = MEMORY_RATIO if key == "qmp" else None
+        limit = MEMORY_RATIO if key != "virsh" else None
         ratio = _round(s["median_s"] / virsh["median_s"]) if virsh else None
         max_pause = _round(statistics.median(virsh["paused_s"]), 5) if virsh and limit else None
         rows.append({"operation": what, "series": s, "ratio": ratio, "max_ratio": limit,

@@ -195,6 +195,9 @@ class MemoryBackend:
     description: ClassVar[str] = ""
     drivers: ClassVar[frozenset[str]] = frozenset()  # URI schemes of the drivers it works with
     kinds: ClassVar[frozenset[str]] = frozenset(MEMORY_KINDS)
+    # kinds whose memory and disks the hypervisor takes in one call (libvirt's live external snapshot):
+    # ``save_with_disks`` then replaces both ``save`` and the disks' live snapshot
+    with_disks: ClassVar[frozenset[str]] = frozenset()
 
     def image_size(self, driver: "HypervisorDriver", domain: str) -> int:
         """About how many bytes the image of running ``domain`` takes (RAM and device state), for the
@@ -212,6 +215,19 @@ class MemoryBackend:
         copy while it runs, pausing only for the last pass. What is left to write once the disks are
         done, :meth:`complete` writes. Past ``deadline`` (monotonic), raise."""
         raise NotSupported(f"memory backend {self.name} cannot save memory")
+
+    def disks_problem(self, kind: str, actions: list[dict]) -> str | None:
+        """For a kind in ``with_disks``: why the disks' live ``actions`` (snapfw.live) cannot be taken in
+        the same call as the memory, or None; asked while planning, before any change."""
+        return None
+
+    def save_with_disks(self, driver: HypervisorDriver, domain: str, path: str, kind: str, settings: dict,
+                        actions: list[dict], deadline: float) -> None:
+        """For a kind in ``with_disks``: write the memory of ``domain`` to the existing file ``path`` and
+        take the disks' live ``actions`` at the same instant, in one call of the hypervisor; the guest may
+        run again when it returns (:meth:`complete` still follows). If it fails or is interrupted, the core
+        undoes it with :meth:`abort`, then the driver's ``undo_live_snapshot(actions)``."""
+        raise NotSupported(f"memory backend {self.name} cannot take the disks with the memory")
 
     def complete(self, driver: "HypervisorDriver", domain: str, path: str, settings: dict, resume: bool,
                  deadline: float) -> None:

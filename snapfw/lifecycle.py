@@ -718,9 +718,17 @@ def _save_memory(o: "_Operation", ops: list[DiskOp], records: list[DiskRecord], 
     path = memory.image_path(o.name, name, folder)
     live = [i for i, s in enumerate(plan.prepare) if isinstance(s, LiveSnapshot)]
     at = live[0] if live else len(plan.prepare)
+    disks = plan.prepare[at:at + len(live)]
+    actions = [a for s in disks for a in s.actions] if kind in backend.with_disks else []
+    if actions:  # the backend takes them with the memory, in one call
+        problem = backend.disks_problem(kind, actions)
+        if problem:
+            raise NotSupported(f"--memory {kind} through memory backend {backend.name}: {problem}")
+        disks = []
     resume, settings = o.domain.state == RUNNING, backend.settings(o.s.driver, o.name)
-    save = memory.SaveMemory(o.name, backend.name, path, kind, settings, resume, size, o.window_seconds[0])
-    plan.prepare[at:at + len(live)] = [save, *plan.prepare[at:at + len(live)],
+    save = memory.SaveMemory(o.name, backend.name, path, kind, settings, resume, size, o.window_seconds[0],
+                             actions)
+    plan.prepare[at:at + len(live)] = [save, *disks,
                                        memory.CompleteMemory(o.name, backend.name, path, settings, resume)]
     plan.notes.append(f"the memory image {path} holds the guest's secrets: it is made mode 0600")
     return MemoryRecord(backend.name, kind, path, 0, {"disks": {r.target: r.backend for r in records}})

@@ -9,6 +9,9 @@ the disks' one live snapshot, so that memory and disks are of the same instant:
     CompleteMemory  the backend writes what is left (QEMU: the last pass and device state), fsync; the
                     guest runs again
 
+A backend whose hypervisor takes memory and disks in one call for a kind (``with_disks``: libvirt's
+live external snapshot) gets the disks' live actions in SaveMemory instead, and there is no LiveSnapshot.
+
 The guest's pause is in this one place: SaveMemory holds it (a plan window, snapfw.live) and its undo
 resumes it (and removes the partial image), so a failure, Ctrl-C or a crash followed by ``check --repair``
 never leaves it paused. As a window's hold, that undo runs before the others: once QEMU has finished the
@@ -24,13 +27,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import plugins
 from .backend import MEMORY_LIVE, MemoryBackend
 from .connection import fsync_dir
 from .errors import FileError, NotSupported, Refused
-from .live import PAUSE_SECONDS
+from .live import PAUSE_SECONDS, LiveSnapshot, describe_action
 from .names import fit_file_name
 from .plan import Step
 from .steps import RemoveFile
@@ -83,8 +86,9 @@ def check_space(folder: str, needed: int, domain: str) -> None:
 class SaveMemory(Step):
     """Write running ``domain``'s memory to the new file ``path`` (mode 0600) with memory backend
     ``backend``, ``kind`` live or paused; the guest is left paused, for at most ``seconds`` before the next
-    step. Undo: the backend's abort (the guest runs again if it ran before, ``resume``) and the image,
-    whole or partial, is removed."""
+    step. With ``actions`` (a backend's ``with_disks`` kind), the disks' live snapshot is taken in the same
+    call. Undo: the backend's abort (the guest runs again if it ran before, ``resume``), the driver's undo
+    of ``actions``, and the image, whole or partial, is removed."""
 
     domain: str
     backend: str
@@ -94,6 +98,7 @@ class SaveMemory(Step):
     resume: bool = True
     bytes_to_copy: int = 0
     seconds: float = PAUSE_SECONDS
+    actions: list = field(default_factory=list)
     holds = True
     held_after_do = True
 
@@ -104,20 +109,33 @@ class SaveMemory(Step):
             raise FileError.of(e, self.path) from e
         os.close(fd)
         fsync_dir(os.path.dirname(self.path))  # the journal names a file that exists, or none
-        backend_for(self.backend, "").save(ctx.driver, self.domain, self.path, self.kind, self.settings,
-                                           time.monotonic() + SAVE_SECONDS)
+        backend, deadline = backend_for(self.backend, ""), time.monotonic() + SAVE_SECONDS
+        if self.actions:
+            backend.save_with_disks(ctx.driver, self.domain, self.path, self.kind, self.settings, self.actions,
+                                    deadline)
+        else:
+            backend.save(ctx.driver, self.domain, self.path, self.kind, self.settings, deadline)
 
     def undo(self, ctx):
         try:
             backend_for(self.backend, "").abort(ctx.driver, self.domain, self.settings, self.resume)
+            if self.actions:
+                LiveSnapshot(self.domain, self.actions).undo(ctx)
         finally:
             RemoveFile(self.path).do(ctx)
+
+    def writes(self):
+        return LiveSnapshot(self.domain, self.actions).writes()
 
     def describe(self):
         how = ("copied while it runs, paused for the last pass" if self.kind == MEMORY_LIVE
                else "paused while it is written")
-        return (f"save the memory of {self.domain} to {self.path} ({how}; {self.backend} backend, about "
-                f"{self.bytes_to_copy} bytes); it stays paused for the disks")
+        said = (f"save the memory of {self.domain} to {self.path} ({how}; {self.backend} backend, about "
+                f"{self.bytes_to_copy} bytes)")
+        if self.actions:
+            disks = "; ".join(map(describe_action, self.actions))
+            return f"{said} and snapshot its disks at that instant, in the same call: {disks}"
+        return f"{said}; it stays paused for the disks"
 
 
 @dataclass

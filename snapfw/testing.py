@@ -640,7 +640,9 @@ class MemoryBackendConformance:
         assert cls.description, f"memory backend {cls.name} has no description for `snapfw plugins`"
         assert cls.drivers and all(isinstance(s, str) for s in cls.drivers), "it must name the drivers it serves"
         assert cls.kinds and set(cls.kinds) <= set(MEMORY_KINDS), f"unknown kinds {sorted(cls.kinds)}"
-        missing = [m for m in ("image_size", "save", "complete", "abort", "restore")
+        assert set(cls.with_disks) <= set(cls.kinds), f"with_disks {sorted(cls.with_disks)} are not all its kinds"
+        missing = [m for m in ("image_size", "save", "complete", "abort", "restore",
+                               *(["save_with_disks"] if cls.with_disks else []))
                    if getattr(cls, m) is getattr(MemoryBackend, m)]
         assert not missing, f"memory backend {cls.name} does not implement {', '.join(missing)}"
 
@@ -648,7 +650,9 @@ class MemoryBackendConformance:
         from .memory import CompleteMemory, RestoreMemory, SaveMemory
         from .plan import Step
 
+        action = {"kind": "external", "target": "vda", "node": "n", "file": "/a", "format": "raw", "overlay": "/b"}
         for step in (SaveMemory("vm", snapfw_memory_backend, "/m", "live", {"k": 1}, True, 5),
+                     SaveMemory("vm", snapfw_memory_backend, "/m", "live", {}, True, 5, 30.0, [action]),
                      CompleteMemory("vm", snapfw_memory_backend, "/m", {"k": 1}, False),
                      RestoreMemory("vm", snapfw_memory_backend, "/m", True)):
             assert Step.from_json(json.loads(json.dumps(step.to_json()))) == step

@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -29,8 +31,6 @@ class BootedGuest(Guest):
     file (for the boot's READY marker) and libvirt's guest agent channel."""
 
     def __init__(self, conn, folder: str, system: tuple[str, str]):  # noqa: F811
-        import subprocess
-
         Guest.count += 1
         self.conn, self.dir = conn, folder
         self.name = f"snapfw-lvmem-{os.getpid()}-{Guest.count}"
@@ -142,9 +142,15 @@ def test_kill_inside_the_freeze_then_repair_thaws_the_guest(booted):
 def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(booted):
     lv, g = booted, booted.guest
     g.sh(f"echo first > /run/marker && echo d1 > {MOUNT}/file && sync")
-    r = lv.run("create", g.name, "m1", "--memory", "live", check=False)
-    assert r.returncode == 1 and "memory backend libvirt cannot take --memory live snapshots" in r.stderr, r.stderr
-    lv.run("create", g.name, "m1", "--memory", "paused", "--disk", "vda=external")
+    before, listed = lv.files(), lv.json("list", g.name)
+    r = lv.run("create", g.name, "m1", "--memory", "live", "--disk", "vda=qcow2", check=False)
+    assert r.returncode == 1 and "--memory live through memory backend libvirt: libvirt's live memory snapshot " \
+        "takes the disks in the same call, and only as external overlays; disk vda would get an internal " \
+        "snapshot" in r.stderr, r.stderr
+    assert lv.files() == before and lv.json("list", g.name) == listed
+    plan = lv.json("create", g.name, "m1", "--memory", "paused", "--disk", "vda=external")["plan"]
+    assert [s["describe"].split(" ", 1)[0] for s in plan["steps"] if s["phase"] == "prepare"][:3] == \
+        ["save", "snapshot", "complete"], plan
     m = lv.json("show", g.name, "m1")["memory"]
     assert m["kind"] == "paused" and m["backend"] == "libvirt" and m["size"] > 0, m
     assert os.stat(m["file"]).st_mode & 0o777 == 0o600 and g.dom.state()[0] == 1  # running again
@@ -152,6 +158,24 @@ def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(bo
     lv.run("create", g.name, "m2", "--memory", "paused", "--disk", "vda=qcow2")  # internal: a tag in the qcow2
     g.sh(f"echo third > /run/marker && echo d3 > {MOUNT}/file && sync")
     for name, marker, data in (("m1", "first", "d1"), ("m2", "second", "d2"), ("m1", "first", "d1")):
+        lv.run("revert", g.name, name)
+        g.wait_agent(time.monotonic() + 60)
+        assert g.dom.state()[0] == 1
+        assert g.sh(f"cat /run/marker {MOUNT}/file").split() == [marker, data], name
+        assert "No problems found" in lv.run("check", g.name).stdout
+    # live, on a branch from m1: libvirt copies the memory while the guest runs, and takes the disk in
+    # the same call
+    g.sh(f"echo fourth > /run/marker && echo d4 > {MOUNT}/file && sync")
+    plan = lv.json("create", g.name, "m3", "--memory", "live", "--disk", "vda=external")["plan"]
+    prepare = [s["describe"] for s in plan["steps"] if s["phase"] == "prepare"]
+    assert "and snapshot its disks at that instant, in the same call: vda: freeze" in prepare[0], prepare
+    assert prepare[1].startswith("complete the memory image"), prepare
+    m = lv.json("show", g.name, "m3")["memory"]
+    assert m["kind"] == "live" and m["size"] == os.path.getsize(m["file"]) > 0, m
+    assert os.stat(m["file"]).st_mode & 0o777 == 0o600 and g.dom.state()[0] == 1
+    assert "No problems found" in lv.run("check", g.name).stdout
+    g.sh(f"echo fifth > /run/marker && echo d5 > {MOUNT}/file && sync")
+    for name, marker, data in (("m3", "fourth", "d4"), ("m2", "second", "d2"), ("m3", "fourth", "d4")):
         lv.run("revert", g.name, name)
         g.wait_agent(time.monotonic() + 60)
         assert g.dom.state()[0] == 1
@@ -191,6 +215,39 @@ def test_killed_inside_a_memory_snapshot_then_repair_leaves_the_guest_running(bo
     assert sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory")) == images
     assert lv.json("list", g.name) == listed
     g.sh("true")  # the guest answers
+    assert "No problems found" in lv.run("check", g.name).stdout
+
+
+@pytest.mark.parametrize("when", ["in libvirt's job", "prepare:1:kill", "prepare:0:raise"])
+def test_killed_inside_a_live_memory_snapshot_then_repair_leaves_the_guest_running(booted, when):
+    """prepare: [memory and disks in libvirt's one live call, complete, define]: killed while libvirtd
+    writes the memory image (its job goes on without snapfw; repair aborts it, or undoes what it did),
+    or once it took the disks (the guest runs on the new overlay; repair commits it back), or failed
+    before the call."""
+    lv, g = booted, booted.guest
+    images = sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory"))
+    listed = lv.json("list", g.name)
+    argv = ["create", g.name, "k", "--memory", "live", "--disk", "vda=external"]
+    if when.startswith("prepare"):
+        r = lv.run(*argv, env={"SNAPFW_FAULT": when}, check=False)
+        assert r.returncode == (-9 if when.endswith("kill") else 1), r.stderr
+    else:
+        g.sh("dd if=/dev/urandom of=/run/noise bs=1M count=96 2>/dev/null")  # RAM worth copying
+        p = subprocess.Popen([sys.executable, "-m", "snapfw", "--connect", lv.uri, *argv],
+                             env={**os.environ, **lv.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        image = os.path.join(lv.dir, f"{g.name}.k.memory")
+        while not (os.path.exists(image) and os.path.getsize(image)):  # libvirtd writes it: its job runs
+            assert p.poll() is None and time.monotonic() < deadline, "libvirt's job was not seen"
+            time.sleep(0.002)
+        p.kill()
+        p.wait()
+    if when != "prepare:0:raise":
+        assert "rolled back create" in lv.run("check", g.name, "--repair").stdout
+    assert g.dom.state()[0] == 1 and g.dom.jobInfo()[0] == 0
+    assert sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory")) == images
+    assert lv.json("list", g.name) == listed
+    g.sh("rm -f /run/noise")  # the guest answers
     assert "No problems found" in lv.run("check", g.name).stdout
 
 

@@ -34,6 +34,7 @@ from snapfw.api import (
     LIVE_CREATE,
     LIVE_DELETE,
     LIVE_REVERT,
+    MEMORY_LIVE,
     MEMORY_PAUSED,
     MIRROR,
     Disk,
@@ -501,7 +502,10 @@ class LibvirtDriver(HypervisorDriver):
             raise Inconsistent(f"disk {target} is gone from the running domain")
         return inserted
 
-    def live_snapshot(self, domain: str, actions: list[dict]) -> None:
+    def live_snapshot(self, domain: str, actions: list[dict], memory: str | None = None) -> None:
+        """With ``memory`` (LibvirtMemory's live kind, external actions only): libvirt's live external
+        snapshot, which copies the memory into that file while the guest runs, pauses it for the last pass
+        and the disks, and resumes it."""
         libvirt = _libvirt()
         dom = self._lookup(domain)
         active = self._live_sources(dom)
@@ -523,11 +527,12 @@ class LibvirtDriver(HypervisorDriver):
                            for el in self._xml(dom, live=True).findall("devices/disk")}
                 self._monitor(dom, "transaction", _internal_transaction(
                     internal, {t: nodes[alias]["node-name"] for t, alias in aliases.items() if alias in nodes}))
-            if external:
-                flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
-                         | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
-                with _calls("snapshotCreateXML"):
-                    dom.snapshotCreateXML(_disk_snapshot_xml(external, active), flags)
+            if external or memory:
+                flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                         | (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE if memory
+                            else libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY))
+                with _calls("snapshotCreateXML" + (" (memory and disks, live)" if memory else "")):
+                    dom.snapshotCreateXML(_snapshot_xml(external, active, memory), flags)
         finally:
             if pause:
                 with _calls("resume"):
@@ -548,7 +553,7 @@ class LibvirtDriver(HypervisorDriver):
             calls.append(f"qemuMonitorCommand {json.dumps({'execute': 'transaction', 'arguments': commands})}")
         if external:
             active = self._live_sources(self._lookup(domain))
-            calls.append(f"snapshotCreateXML {_disk_snapshot_xml(external, active)} "
+            calls.append(f"snapshotCreateXML {_snapshot_xml(external, active)} "
                          "flags=DISK_ONLY|ATOMIC|NO_METADATA")
             calls.append("defineXML, only if the persistent XML does not name the new overlays")
         if internal and external:
@@ -744,16 +749,22 @@ class LibvirtMemory(MemoryBackend):
 
     libvirt cannot pass snapfw's own file descriptor to QEMU's ``migrate`` (the qemu backend's way), and
     its managed save and ``saveFlags`` stop the domain, while the disks' live snapshot needs QEMU running.
-    Paused only: ``save`` pauses the guest, the disks' snapshot runs, and ``complete`` writes the image
+    Paused: ``save`` pauses the guest, the disks' snapshot runs, and ``complete`` writes the image
     while the guest is still paused (the same instant), then resumes it. The image comes after the disks
     because once QEMU's migration has completed its images are inactive: a failed disk snapshot could not
-    be undone (``block-commit``: "Block node is read-only") before the guest runs again. libvirt's LIVE
-    memory snapshot resumes the guest itself as soon as the memory is written, before snapfw's disks."""
+    be undone (``block-commit``: "Block node is read-only") before the guest runs again.
+
+    Live: libvirt's LIVE memory snapshot resumes the guest itself once the memory is written, so it must
+    take the disks too (``with_disks``): one ``snapshotCreateXML`` with the memory image and an external
+    diskspec per disk (LIVE | ATOMIC | NO_METADATA), as ``virsh snapshot-create-as --live --memspec``.
+    libvirt does not mix internal disk snapshots with a memory image, so every disk must be external."""
 
     name = "libvirt"
-    description = "libvirt external memory snapshot (a save image), paused; restored with restoreFlags"
+    description = ("libvirt external memory snapshot (a save image): paused, or live with the disks in the same "
+                   "call; restored with restoreFlags")
     drivers = frozenset(SCHEMES)
-    kinds = frozenset({MEMORY_PAUSED})
+    kinds = frozenset({MEMORY_PAUSED, MEMORY_LIVE})
+    with_disks = frozenset({MEMORY_LIVE})
 
     def image_size(self, driver, domain):
         with _calls("info"):
@@ -764,27 +775,45 @@ class LibvirtMemory(MemoryBackend):
         if _state(driver._lookup(domain)) != "paused":
             driver.pause(domain)
 
+    def disks_problem(self, kind, actions):
+        internal = [a["target"] for a in actions if a["kind"] == INTERNAL]
+        if internal:
+            return (f"libvirt's live memory snapshot takes the disks in the same call, and only as external "
+                    f"overlays; disk {internal[0]} would get an internal snapshot (use --disk "
+                    f"{internal[0]}=external, or --memory paused)")
+        return None
+
+    def save_with_disks(self, driver, domain, path, kind, settings, actions, deadline):
+        """libvirt's call runs until the image is written and takes no deadline (``deadline`` is not
+        kept); a crash leaves the job running in libvirtd, which :meth:`abort` ends."""
+        driver.live_snapshot(domain, actions, memory=path)
+
     def complete(self, driver, domain, path, settings, resume, deadline):
-        """The memory-only snapshot of the still paused guest, then resume. libvirt's call runs until the
+        """The memory-only snapshot of the still paused guest, then resume; nothing but the resume if
+        the image is written already (the live kind wrote it with the disks). libvirt's call runs until the
         image is written and takes no deadline (``deadline`` is not kept): once it returned, the image
         is whole, and failing then would only leave a rollback on inactive images."""
         libvirt, dom = _libvirt(), driver._lookup(domain)
-        disks = "".join(f"<disk name='{el.find('target').get('dev')}' snapshot='no'/>"
-                        for el in driver._xml(dom, live=True).findall("devices/disk"))
-        spec = f"<domainsnapshot><memory snapshot='external' file={_attr(path)}/><disks>{disks}</disks></domainsnapshot>"
-        with _calls("snapshotCreateXML (memory only)"):
-            dom.snapshotCreateXML(spec, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+        if not os.path.getsize(path):
+            active = {el.find("target").get("dev"): "" for el in driver._xml(dom, live=True).findall("devices/disk")}
+            with _calls("snapshotCreateXML (memory only)"):
+                dom.snapshotCreateXML(_snapshot_xml([], active, path),
+                                      libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
         if resume:
             driver.resume(domain)
 
     def abort(self, driver, domain, settings, resume):
-        """Abort libvirt's memory job if it still runs (a crash left it), then resume."""
+        """Abort libvirt's memory job if it still runs (a crash left it), then resume. abortJob comes
+        first: asking libvirt whether a job runs (jobInfo) waits until its snapshot job has ended."""
         libvirt, dom = _libvirt(), driver._lookup(domain)
         with _calls("abortJob"):
             if not dom.isActive():
                 return
-            if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+            try:
                 dom.abortJob()
+            except libvirt.libvirtError as e:  # no job, or past the part that can be aborted: it ends soon
+                if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
             deadline = time.monotonic() + UNDO_JOB_SECONDS
             while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
                 if time.monotonic() > deadline:
@@ -890,13 +919,14 @@ def _internal_transaction(actions: list[dict], nodes: dict[str, str]) -> dict:
                          "data": {"device": nodes[a["target"]], "name": a["tag"]}} for a in actions]}
 
 
-def _disk_snapshot_xml(external: list[dict], active: dict[str, str]) -> str:
+def _snapshot_xml(external: list[dict], active: dict[str, str], memory: str | None = None) -> str:
     """snapshotCreateXML's document: an external diskspec per action, ``snapshot='no'`` for every other
-    disk of ``active`` (target -> file)."""
+    disk of ``active`` (target -> file), and an external memory image ``memory`` if given."""
     specs = "".join(f"<disk name='{a['target']}' snapshot='external'><driver type='qcow2'/>"
                     f"<source file={_attr(a['overlay'])}/></disk>" for a in external)
     others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in active if t not in {a["target"] for a in external})
-    return f"<domainsnapshot><disks>{specs}{others}</disks></domainsnapshot>"
+    state = f"<memory snapshot='external' file={_attr(memory)}/>" if memory else ""
+    return f"<domainsnapshot>{state}<disks>{specs}{others}</disks></domainsnapshot>"
 
 
 def _read_only(disk: ET.Element) -> bool:
