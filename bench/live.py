@@ -169,13 +169,18 @@ def measure_live(conn, root: str, snapfw: list[str], virsh: list[str], env: dict
         for guest in (q_snapfw, q_floor):
             if guest is not None:
                 guest.stop()
-        for guest in (lv_snapfw, lv_virsh):
-            if guest is not None:
-                try:
-                    guest.remove()
-                except Exception as e:  # report, never hide the real error
-                    log(f"bench: warning: could not remove {guest.name}: {e}")
+        _remove(log, lv_snapfw, lv_virsh)
     return {"create": {k: s.as_dict() for k, s in series.items() if s.samples}, "delete": deletes}
+
+
+def _remove(log, *guests):
+    """Undefine the libvirt guests that were made (None: not made)."""
+    for guest in guests:
+        if guest is not None:
+            try:
+                guest.remove()
+            except Exception as e:  # report, never hide the real error
+                log(f"bench: warning: could not remove {guest.name}: {e}")
 
 
 def _measure_deletes(q, lv, snapfw, virsh, state, env, repeat) -> dict:
@@ -296,10 +301,5 @@ def measure_memory(conn, root: str, snapfw: list[str], virsh: list[str], env: di
     finally:
         if q is not None:
             q.stop()
-        for guest in (lv, ls):
-            if guest is not None:
-                try:
-                    guest.remove()
-                except Exception as e:  # report, never hide the real error
-                    log(f"bench: warning: could not remove {guest.name}: {e}")
+        _remove(log, lv, ls)
     return {k: {**s.as_dict(), "paused_s": [round(p, 5) for p in paused[k]]} for k, s in series.items() if s.samples}

@@ -139,6 +139,16 @@ def test_kill_inside_the_freeze_then_repair_thaws_the_guest(booted):
     assert g.agent("guest-fsfreeze-status") == "thawed" and lv.snapshot_names(g.name) == names
 
 
+def reverts_bring_back(lv, g, *expected):
+    """Revert to each (snapshot, RAM marker, file content) in turn: the guest runs with those."""
+    for name, marker, data in expected:
+        lv.run("revert", g.name, name)
+        g.wait_agent(time.monotonic() + 60)
+        assert g.dom.state()[0] == 1
+        assert g.sh(f"cat /run/marker {MOUNT}/file").split() == [marker, data], name
+        assert "No problems found" in lv.run("check", g.name).stdout
+
+
 def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(booted):
     lv, g = booted, booted.guest
     g.sh(f"echo first > /run/marker && echo d1 > {MOUNT}/file && sync")
@@ -157,12 +167,7 @@ def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(bo
     g.sh(f"echo second > /run/marker && echo d2 > {MOUNT}/file && sync")
     lv.run("create", g.name, "m2", "--memory", "paused", "--disk", "vda=qcow2")  # internal: a tag in the qcow2
     g.sh(f"echo third > /run/marker && echo d3 > {MOUNT}/file && sync")
-    for name, marker, data in (("m1", "first", "d1"), ("m2", "second", "d2"), ("m1", "first", "d1")):
-        lv.run("revert", g.name, name)
-        g.wait_agent(time.monotonic() + 60)
-        assert g.dom.state()[0] == 1
-        assert g.sh(f"cat /run/marker {MOUNT}/file").split() == [marker, data], name
-        assert "No problems found" in lv.run("check", g.name).stdout
+    reverts_bring_back(lv, g, ("m1", "first", "d1"), ("m2", "second", "d2"), ("m1", "first", "d1"))
     # live, on a branch from m1: libvirt copies the memory while the guest runs, and takes the disk in
     # the same call
     g.sh(f"echo fourth > /run/marker && echo d4 > {MOUNT}/file && sync")
@@ -175,12 +180,7 @@ def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(bo
     assert os.stat(m["file"]).st_mode & 0o777 == 0o600 and g.dom.state()[0] == 1
     assert "No problems found" in lv.run("check", g.name).stdout
     g.sh(f"echo fifth > /run/marker && echo d5 > {MOUNT}/file && sync")
-    for name, marker, data in (("m3", "fourth", "d4"), ("m2", "second", "d2"), ("m3", "fourth", "d4")):
-        lv.run("revert", g.name, name)
-        g.wait_agent(time.monotonic() + 60)
-        assert g.dom.state()[0] == 1
-        assert g.sh(f"cat /run/marker {MOUNT}/file").split() == [marker, data], name
-        assert "No problems found" in lv.run("check", g.name).stdout
+    reverts_bring_back(lv, g, ("m3", "fourth", "d4"), ("m2", "second", "d2"), ("m3", "fourth", "d4"))
     # killed just before loading the image: the revert is committed, `check --repair` restores it
     steps = lv.json("revert", g.name, "m2", "--dry-run")["plan"]["steps"]
     finish = [st["describe"] for st in steps if st["phase"] == "finish"]
