@@ -1,5 +1,6 @@
 """The ``snapfw`` command. The plain forms of the everyday commands (``list``, ``show``, ``create``,
-``revert``, ``delete`` with their common flags) are read here without click: importing click takes longer
+``revert``, ``delete`` with their common flags, and create's ``--disk`` and ``--memory`` that live
+snapshots take) are read here without click: importing click takes longer
 than virsh takes for a whole ``snapshot-list``, and scripts call these in loops. Anything else (help,
 --version, any other command or option, a usage error) goes to click (``usage``), which declares the whole
 command line and reads these forms the same way (tests/test_cli_readers.py holds the two to that).
@@ -14,14 +15,21 @@ import sys
 _GLOBAL = {"-c": "uri", "--connect": "uri", "--state-dir": "state_dir"}
 _COMMON = {"--json": "as_json"}
 _CHANGE = {**_COMMON, "--dry-run": "dry_run"}
+# revert's flags that set one keyword to a value (the last one given wins, as in click)
+_STATES = {"--running": ("state", "running"), "--paused": ("state", "paused"), "--stopped": ("state", "shut off")}
 # command -> (its function in commands, positional arguments, flags, options taking a value)
 _PLAIN = {
     "list": ("list_", ("domain",), {**_COMMON, "--tree": "tree"}, {}),
     "show": ("show", ("domain", "name"), _COMMON, {}),
-    "create": ("create", ("domain", "name"), _CHANGE, {"--description": "description"}),
-    "revert": ("revert", ("domain", "name"), {**_CHANGE, "--keep-config": "keep_config"}, {}),
+    "create": ("create", ("domain", "name"), _CHANGE,
+               {"--description": "description", "--disk": "disks", "--memory": "memory"}),
+    "revert": ("revert", ("domain", "name"), {**_CHANGE, **_STATES, "--keep-config": "keep_config"}, {}),
     "delete": ("delete", ("domain", "name"), {**_CHANGE, "--children": "children"}, {}),
 }
+# options that may be given again, their values gathered in a tuple
+_MULTIPLE = {"disks"}
+# options whose value must be one of these: another goes to click, which names the error
+_CHOICES = {"memory": ("none", "live", "paused")}
 # SNAPFW_DEBUG as click reads a flag's environment variable
 _TRUE, _FALSE = ("1", "true", "t", "yes", "y", "on"), ("", "0", "false", "f", "no", "n", "off")
 
@@ -43,7 +51,8 @@ def plain(args: list[str]) -> tuple[dict, str, dict] | None:
     arguments, given, i = {}, [], i + 1
     while i < len(args):
         if args[i] in flags:
-            arguments[flags[args[i]]] = True
+            key, value = flags[args[i]] if isinstance(flags[args[i]], tuple) else (flags[args[i]], True)
+            arguments[key] = value
             i += 1
         elif args[i].startswith("-"):
             i = _value(args, i, valued, arguments)
@@ -67,9 +76,10 @@ def _value(args: list[str], i: int, known: dict, into: dict) -> int | None:
         if i + 1 == len(args):
             return None
         i, value = i + 1, args[i + 1]
-    if value.startswith("-"):
+    key = known[name]
+    if value.startswith("-") or value not in _CHOICES.get(key, (value,)):
         return None
-    into[known[name]] = value
+    into[key] = into.get(key, ()) + (value,) if key in _MULTIPLE else value
     return i + 1
 
 
