@@ -222,11 +222,12 @@ class MemoryBackend:
         return None
 
     def save_with_disks(self, driver: HypervisorDriver, domain: str, path: str, kind: str, settings: dict,
-                        actions: list[dict], deadline: float) -> None:
+                        actions: list[dict], deadline: float) -> float | None:
         """For a kind in ``with_disks``: write the memory of ``domain`` to the existing file ``path`` and
         take the disks' live ``actions`` at the same instant, in one call of the hypervisor; the guest may
-        run again when it returns (:meth:`complete` still follows). If it fails or is interrupted, the core
-        undoes it with :meth:`abort`, then the driver's ``undo_live_snapshot(actions)``."""
+        run again when it returns (:meth:`complete` still follows). Return how long the guest was paused
+        (seconds), or None if the hypervisor does not tell. If it fails or is interrupted, the core undoes
+        it with :meth:`abort`, then the driver's ``undo_live_snapshot(actions)``."""
         raise NotSupported(f"memory backend {self.name} cannot take the disks with the memory")
 
     def complete(self, driver: "HypervisorDriver", domain: str, path: str, settings: dict, resume: bool,
@@ -333,7 +334,8 @@ class HypervisorDriver:
         """Compare the hypervisor's own snapshot records of ``domain`` with ``snapshots``, the catalog's
         mirrored ones (parents first; each a dict: name, parent (its nearest mirrored ancestor), created,
         description, state (the domain's when it was taken), definition, and disks: target, file, active
-        (the file the disk ran on right after it), tag for an internal one), and with ``current``; return
+        (the file the disk ran on right after it), tag for an internal one; and memory: its memory image
+        file, or None for a disk-only snapshot), and with ``current``; return
         each difference in words. With ``repair``, first make the records match, saying so in each line:
         only records snapfw made may be changed or removed, never one the user made. Drivers with
         MIRROR in ``capabilities`` only."""

@@ -674,7 +674,8 @@ def mirror_entries(tree: Tree) -> tuple[list[dict], str | None]:
                 if "tag" in r.data:
                     d["tag"] = r.data["tag"]
             entries.append({"name": s.name, "parent": parent(s), "created": s.created, "description": s.description,
-                            "state": m["state"], "definition": s.config.get("definition", {}), "disks": disks})
+                            "state": m["state"], "definition": s.config.get("definition", {}), "disks": disks,
+                            "memory": s.memory.file if s.memory else None})
     current = tree.current if tree.current and MIRRORED in tree.by_name[tree.current].config else None
     return entries, current
 

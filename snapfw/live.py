@@ -76,6 +76,7 @@ class Pause(Step):
     domain: str
     seconds: float = PAUSE_SECONDS
     holds = True
+    pauses = True
 
     def do(self, ctx):
         ctx.driver.pause(self.domain)
@@ -178,7 +179,7 @@ def held(steps: list, quiesce_problem: str | None = None) -> dict:
     """What the plan window of ``steps`` did, once they ran, for the snapshot's record: how long the guest
     was paused and its filesystems frozen (seconds, or None if not), how many were frozen, and why a
     quiesce that was asked for (``--quiesce=try``) could not be done."""
-    pause = next((s for s in steps if isinstance(s, Pause)), None)
+    pause = next((s for s in steps if s.pauses), None)
     freeze = next((s for s in steps if isinstance(s, Freeze)), None)
     out = {"paused_seconds": pause.held_seconds if pause else None, "quiesced": freeze is not None,
            "frozen_seconds": freeze.held_seconds if freeze else None}

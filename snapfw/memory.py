@@ -99,8 +99,12 @@ class SaveMemory(Step):
     bytes_to_copy: int = 0
     seconds: float = PAUSE_SECONDS
     actions: list = field(default_factory=list)
-    holds = True
-    held_after_do = True
+    pauses = True
+
+    def __post_init__(self):
+        # a window from the end of the save to CompleteMemory; with the disks taken in the same call the
+        # guest paused and ran again inside it, and the backend says for how long
+        self.holds = self.held_after_do = not self.actions
 
     def do(self, ctx):
         try:
@@ -111,8 +115,8 @@ class SaveMemory(Step):
         fsync_dir(os.path.dirname(self.path))  # the journal names a file that exists, or none
         backend, deadline = backend_for(self.backend, ""), time.monotonic() + SAVE_SECONDS
         if self.actions:
-            backend.save_with_disks(ctx.driver, self.domain, self.path, self.kind, self.settings, self.actions,
-                                    deadline)
+            self.held_seconds = backend.save_with_disks(ctx.driver, self.domain, self.path, self.kind, self.settings,
+                                                        self.actions, deadline)
         else:
             backend.save(ctx.driver, self.domain, self.path, self.kind, self.settings, deadline)
 

@@ -47,6 +47,8 @@ class Step:
     holds: bool = False
     held_after_do: bool = False
     releases: bool = False
+    # the guest's vCPUs stop for this step's hold (a pause, a memory save): ``held_seconds`` is its pause
+    pauses: bool = False
     seconds: float = 0.0
     held_seconds: float | None = None
 

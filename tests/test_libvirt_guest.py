@@ -20,7 +20,8 @@ import time
 
 import pytest
 from guest import BOOT_SECONDS, MEMORY_MB, READY
-from test_libvirt import Guest, LibvirtEnv, conn  # noqa: F401 (conn: the session's libvirtd fixture)
+from test_libvirt import Guest, LibvirtEnv, conn, virsh, virsh_names  # noqa: F401 (conn: the session's libvirtd fixture)
+from test_memory import small_fs  # noqa: F401 (a fixture)
 from test_quiesce import MOUNT, guest_file
 
 from snapfw.live import AGENT_SECONDS
@@ -161,8 +162,10 @@ def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(bo
     plan = lv.json("create", g.name, "m1", "--memory", "paused", "--disk", "vda=external")["plan"]
     assert [s["describe"].split(" ", 1)[0] for s in plan["steps"] if s["phase"] == "prepare"][:3] == \
         ["save", "snapshot", "complete"], plan
-    m = lv.json("show", g.name, "m1")["memory"]
+    shown = lv.json("show", g.name, "m1")
+    m, held = shown["memory"], shown["config"]["window"]
     assert m["kind"] == "paused" and m["backend"] == "libvirt" and m["size"] > 0, m
+    assert 0 < held["paused_seconds"] < 30, held
     assert os.stat(m["file"]).st_mode & 0o777 == 0o600 and g.dom.state()[0] == 1  # running again
     g.sh(f"echo second > /run/marker && echo d2 > {MOUNT}/file && sync")
     lv.run("create", g.name, "m2", "--memory", "paused", "--disk", "vda=qcow2")  # internal: a tag in the qcow2
@@ -175,8 +178,11 @@ def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(bo
     prepare = [s["describe"] for s in plan["steps"] if s["phase"] == "prepare"]
     assert "and snapshot its disks at that instant, in the same call: vda: freeze" in prepare[0], prepare
     assert prepare[1].startswith("complete the memory image"), prepare
-    m = lv.json("show", g.name, "m3")["memory"]
+    shown = lv.json("show", g.name, "m3")
+    m, held = shown["memory"], shown["config"]["window"]
     assert m["kind"] == "live" and m["size"] == os.path.getsize(m["file"]) > 0, m
+    assert 0 < held["paused_seconds"] < 10, held  # from libvirt's suspended and resumed events
+    assert "Paused:       yes, " in lv.run("show", g.name, "m3").stdout
     assert os.stat(m["file"]).st_mode & 0o777 == 0o600 and g.dom.state()[0] == 1
     assert "No problems found" in lv.run("check", g.name).stdout
     g.sh(f"echo fifth > /run/marker && echo d5 > {MOUNT}/file && sync")
@@ -272,6 +278,42 @@ def test_killed_while_libvirt_writes_the_memory_image_then_repair_undoes_the_dis
     assert "No problems found" in lv.run("check", g.name).stdout
 
 
+def test_memory_snapshots_are_mirrored_as_checkpoints_into_libvirt(booted):
+    """`--mirror` of a snapshot with memory: libvirt's record is an external checkpoint (state running,
+    the memory image named), beside the disks; a record mirrored as disk-only (as snapfw did before) is
+    reported and made anew by `check --repair` (libvirt redefines no record across that line)."""
+    import libvirt
+
+    lv, g = booted, booted.guest
+    mirrored = set(virsh_names(g.name))
+    lv.run("create", g.name, "c1", "--memory", "live", "--disk", "vda=external", "--mirror")
+    lv.run("create", g.name, "c2", "--memory", "paused", "--disk", "vda=qcow2", "--mirror")
+    assert set(virsh_names(g.name)) - mirrored == {"c1", "c2"}
+    for name in ("c1", "c2"):
+        info = virsh("snapshot-info", g.name, name)
+        assert "State:          running" in info and "Location:       external" in info, info
+        image = lv.json("show", g.name, name)["memory"]["file"]
+        assert f"<memory snapshot='external' file='{image}'/>" in virsh("snapshot-dumpxml", g.name, name)
+    assert "<disk name='vda' snapshot='internal'/>" in virsh("snapshot-dumpxml", g.name, "c2")
+    assert "No problems found" in lv.run("check", g.name).stdout
+    # c1 as the previous snapfw mirrored it: disk-only
+    record = g.dom.snapshotLookupByName("c1")
+    xml = record.getXMLDesc(libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE)
+    old = xml.replace("<state>running</state>", "<state>disk-snapshot</state>")
+    old = old[:old.index("<memory ")] + "<memory snapshot='no'/>" + old[old.index("/>", old.index("<memory ")) + 2:]
+    record.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+    g.dom.snapshotCreateXML(old, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+    r = lv.run("check", g.name, check=False)
+    assert r.returncode == 1 and "libvirt has snapshot c1 in state disk-snapshot, the catalog running" in r.stdout
+    lv.run("check", g.name, "--repair")
+    assert "State:          running" in virsh("snapshot-info", g.name, "c1")
+    assert virsh("snapshot-info", g.name, "c2").split("Parent:")[1].split()[0] == "c1"
+    assert "No problems found" in lv.run("check", g.name).stdout
+    lv.run("delete", g.name, "c2")
+    lv.run("delete", g.name, "c1")
+    assert set(virsh_names(g.name)) == mirrored and "No problems found" in lv.run("check", g.name).stdout
+
+
 def test_a_silent_agent_is_a_deadline_and_leaves_nothing_frozen_or_paused(booted):
     lv, g = booted, booted.guest
     g.sh("(sleep 1; kill -STOP $(pidof qemu-ga)) >/dev/null 2>&1 &")
@@ -288,6 +330,42 @@ def test_a_silent_agent_is_a_deadline_and_leaves_nothing_frozen_or_paused(booted
     assert not held["quiesced"] and "did not answer" in held["quiesce_problem"]
     assert g.dom.state()[0] == 1  # VIR_DOMAIN_RUNNING
     assert "No problems found" in lv.run("check", g.name).stdout
+
+
+@pytest.mark.parametrize("kind", ["paused", "live"])
+def test_enospc_while_libvirt_writes_the_memory_image_changes_nothing(conn, small_fs, tmp_path, kind):  # noqa: F811
+    """A firmware-only guest whose disks are on a small filesystem that fills up after the free-space
+    check (leaving room for the overlays, not for the image): libvirt's write fails, the guest runs on its
+    old files, no image or overlay is left, the catalog has nothing."""
+    from snapfw import lifecycle, plugins
+    from snapfw.api import SnapfwError, hookimpl
+
+    g = Guest(conn, small_fs)
+    try:
+        g.start()
+        lv = LibvirtEnv(small_fs, g)
+        lv.state_dir = str(tmp_path / "state")
+        filler, before = os.path.join(small_fs, "filler"), lv.files()
+
+        class FillUp:  # after the free-space check, just before the plan runs
+            @hookimpl
+            def snapfw_pre_snapshot(self, domain, name):
+                st = os.statvfs(small_fs)
+                subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - (512 << 10)), filler], check=True)
+
+        plugins.get_plugin_manager().register(FillUp(), "fill-up")
+        try:
+            session = lifecycle.Session(lv.uri, lv.state_dir)
+            with pytest.raises(SnapfwError, match="No space left|no space"):
+                lifecycle.create(session, g.name, "s1", backends={"vda": "external", "vdb": "external"}, memory=kind)
+        finally:
+            plugins.reset()
+        os.unlink(filler)
+        assert lv.files() == before and g.dom.state()[0] == 1  # VIR_DOMAIN_RUNNING
+        assert lv.domain() == {t: (p, f) for t, (p, f) in g.images.items()}
+        assert lv.json("list", g.name) == [] and "No problems found" in lv.run("check", g.name).stdout
+    finally:
+        g.remove()
 
 
 def test_no_agent_channel_is_refused_before_any_change(conn, tmp_path):  # noqa: F811

@@ -73,6 +73,9 @@ def test_revert_brings_back_ram_and_disks_of_that_instant_on_either_branch(boote
     mark(qemu, "BBBBBB")
     live.run("create", "web", "s2", "--memory", "live")
     mark(qemu, "CCCCCC")
+    held = live.json("show", "web", "s2")["config"]["window"]
+    assert 0 < held["paused_seconds"] < 10 and not held["quiesced"], held  # the last pass and the disks
+    assert "Paused:       yes, " in live.run("show", "web", "s2").stdout
     shown = live.json("show", "web", "s2")["memory"]
     assert shown["kind"] == "live" and shown["backend"] == "qemu" and shown["size"] == os.path.getsize(shown["file"])
     assert os.stat(shown["file"]).st_mode & 0o777 == 0o600

@@ -64,6 +64,8 @@ PULL_JOB, COMMIT_JOB, ACTIVE_COMMIT_JOB = 1, 3, 4
 # the namespace of the mark snapfw puts into the <domain><metadata> of every libvirt snapshot record it
 # mirrors: what proves a record is snapfw's, so that only those are ever redefined or removed
 MIRROR_NS = "https://snapfw.org/xmlns/libvirt-mirror/1"
+# how long the lifecycle event that ends a pause may take to arrive once libvirt's call returned
+EVENT_SECONDS = 1.0
 # the virtio-serial port name the QEMU guest agent listens on (libvirt's channel target name)
 AGENT_PORT = "org.qemu.guest_agent.0"
 # namespaces of the domain XML that keep their prefixes when snapfw writes the XML back
@@ -362,6 +364,10 @@ class LibvirtDriver(HypervisorDriver):
         with _calls(f"snapshotDelete of {name} (metadata only)"):
             dom.snapshotLookupByName(name, 0).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
 
+    def _recreate(self, dom, name: str, xml: str):
+        self._forget(dom, name)
+        self._redefine(dom, xml)
+
     def mirror(self, domain: str, snapshots: list[dict], current: str | None, repair: bool) -> list[str]:
         """Records are redefined (REDEFINE) from the catalog and removed with METADATA_ONLY, which never
         touches a disk; a record without snapfw's mark is only ever reported. A record libvirt refuses
@@ -396,17 +402,24 @@ class LibvirtDriver(HypervisorDriver):
             if el is not None and not _ours(el):
                 continue
             xml = _mirror_record_xml(e, now)
+            has, wants = (None, None) if el is None else (_summary(el), _summary(ET.fromstring(xml)))
+            change, anew = functools.partial(self._redefine, dom, xml), False
             if el is None:
                 line = f"snapshot {e['name']} is mirrored in the catalog but missing from libvirt's records"
-            elif _summary(el) == _summary(ET.fromstring(xml)):
+            elif has == wants:
                 continue
-            elif _summary(el)[0] != e["parent"]:
-                line = (f"libvirt has {_summary(el)[0] or 'no snapshot'} as snapshot {e['name']}'s parent, the catalog "
+            elif has[0] != e["parent"]:
+                line = (f"libvirt has {has[0] or 'no snapshot'} as snapshot {e['name']}'s parent, the catalog "
                         f"{e['parent'] or 'none'}")
+            elif has[3] != wants[3]:  # libvirt redefines no record from disk-only to checkpoint: made anew
+                line = f"libvirt has snapshot {e['name']} in state {has[3]}, the catalog {wants[3]} (memory or not)"
+                change, anew = functools.partial(self._recreate, dom, e["name"], xml), True
             else:
-                line = (f"libvirt's record of snapshot {e['name']} differs from the catalog's (description, time or "
-                        "disks)")
-            fix(line, "mirrored again", functools.partial(self._redefine, dom, xml))
+                line = (f"libvirt's record of snapshot {e['name']} differs from the catalog's (description, time, "
+                        "disks or memory)")
+            fix(line, "mirrored again", change)
+            if repair and anew:  # removing it moved its children in libvirt's records
+                records = self._records(dom)
         with _calls("snapshotCurrent"):
             has = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
         if current is not None and has != current and not (current in records and not _ours(records[current])):
@@ -785,8 +798,11 @@ class LibvirtMemory(MemoryBackend):
 
     def save_with_disks(self, driver, domain, path, kind, settings, actions, deadline):
         """libvirt's call runs until the image is written and takes no deadline (``deadline`` is not
-        kept); a crash leaves the job running in libvirtd, which :meth:`abort` ends."""
-        driver.live_snapshot(domain, actions, memory=path)
+        kept); a crash leaves the job running in libvirtd, which :meth:`abort` ends. The pause is timed by
+        the domain's lifecycle events (suspended, then resumed), as libvirtd relays QEMU's STOP and RESUME."""
+        with _lifecycle_events(driver.uri, domain) as events:
+            driver.live_snapshot(domain, actions, memory=path)
+        return _paused_seconds(events)
 
     def complete(self, driver, domain, path, settings, resume, deadline):
         """The memory-only snapshot of the still paused guest, then resume; nothing but the resume if
@@ -835,6 +851,55 @@ class LibvirtMemory(MemoryBackend):
             driver.resume(domain)
 
 
+_event_loop = None  # the thread that runs libvirt's default event loop, once started
+
+
+@contextlib.contextmanager
+def _lifecycle_events(uri: str, domain: str):
+    """The lifecycle events of ``domain`` while the block runs, as [(event, monotonic time received)], on
+    a connection of their own (libvirt delivers events only to connections opened after its event loop
+    was registered)."""
+    global _event_loop
+    import threading
+
+    libvirt = _libvirt()
+    if _event_loop is None:
+        libvirt.virEventRegisterDefaultImpl()
+
+        def loop():
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _event_loop = threading.Thread(target=loop, name="libvirt events", daemon=True)
+        _event_loop.start()
+    events = []
+    with _calls(f"connect to {uri} (events)"):
+        conn = libvirt.open(uri)
+        callback = conn.domainEventRegisterAny(conn.lookupByName(domain), libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                               lambda c, d, event, detail, o: events.append((event, time.monotonic())),
+                                               None)
+    try:
+        yield events
+        deadline = time.monotonic() + EVENT_SECONDS  # the last event may still be on its way
+        suspended = _libvirt().VIR_DOMAIN_EVENT_SUSPENDED
+        while any(e == suspended for e, _ in events) and _paused_seconds(events) is None and \
+                time.monotonic() < deadline:
+            time.sleep(0.002)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.domainEventDeregisterAny(callback)
+            conn.close()
+
+
+def _paused_seconds(events: list) -> float | None:
+    """From the first suspended event to the resumed event after it, or None."""
+    libvirt = _libvirt()
+    paused = next((t for e, t in events if e == libvirt.VIR_DOMAIN_EVENT_SUSPENDED), None)
+    resumed = next((t for e, t in events if e == libvirt.VIR_DOMAIN_EVENT_RESUMED and paused is not None
+                    and t >= paused), None)
+    return None if resumed is None else resumed - paused
+
+
 def _ours(record: ET.Element) -> bool:
     """Whether libvirt snapshot record ``record`` carries snapfw's mark (snapfw mirrored it)."""
     return record.find(f"domain/metadata/{{{MIRROR_NS}}}snapshot") is not None
@@ -842,18 +907,24 @@ def _ours(record: ET.Element) -> bool:
 
 def _mirror_record_xml(entry: dict, now: ET.Element) -> str:
     """The libvirt snapshot record of mirrored snapshot ``entry`` (see HypervisorDriver.mirror), as libvirt
-    itself would have written it: a disk-only snapshot, external disks naming the overlay that began there,
-    the domain's definition at that instant (``now``'s, the persistent one, if the snapshot kept none)
+    itself would have written it: a disk-only snapshot (or, with a memory image, an external checkpoint in
+    the state the domain was in), external disks naming the overlay that began there, the domain's
+    definition at that instant (``now``'s, the persistent one, if the snapshot kept none)
     with snapfw's mark in its metadata."""
     root = ET.Element("domainsnapshot")
     ET.SubElement(root, "name").text = entry["name"]
     if entry["description"]:
         ET.SubElement(root, "description").text = entry["description"]
-    ET.SubElement(root, "state").text = "shutoff" if entry["state"] == "shut off" else "disk-snapshot"
+    memory = entry.get("memory")
+    ET.SubElement(root, "state").text = ("shutoff" if entry["state"] == "shut off" else entry["state"] if memory
+                                         else "disk-snapshot")
     ET.SubElement(root, "creationTime").text = str(int(entry["created"]))
     if entry["parent"]:
         ET.SubElement(ET.SubElement(root, "parent"), "name").text = entry["parent"]
-    ET.SubElement(root, "memory", snapshot="no")
+    if memory:
+        ET.SubElement(root, "memory", snapshot="external", file=memory)
+    else:
+        ET.SubElement(root, "memory", snapshot="no")
     disks = ET.SubElement(root, "disks")
     domain = ET.fromstring(entry["definition"]["xml"]) if entry["definition"].get("xml") else copy.deepcopy(now)
     recorded = {d["target"]: d for d in entry["disks"]}
@@ -884,8 +955,10 @@ def _summary(record: ET.Element) -> tuple:
     parent = record.find("parent/name")
     disks = sorted((d.get("name"), d.get("snapshot"), d.find("source").get("file") if d.find("source") is not None
                     else None) for d in record.findall("disks/disk") if d.get("snapshot") != "no")
+    memory = record.find("memory")
     return (parent.text if parent is not None else None, record.findtext("description") or "",
-            record.findtext("creationTime"), record.findtext("state"), disks)
+            record.findtext("creationTime"), record.findtext("state"), disks,
+            None if memory is None else (memory.get("snapshot"), memory.get("file")))
 
 
 def _agent_error(e, call: str, seconds: float) -> Exception:
