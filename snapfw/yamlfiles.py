@@ -49,10 +49,20 @@ def remember(path: str, text: str, document) -> None:
     others = [(p, e) for p, e in _documents().items() if p != path]
     _read.clear()
     _read.update([(path, [text, kept]), *others[:CACHED - 1]])
-    connection.write_cache(CACHE, {"documents": _read})
+    if not _unwritten:  # written once, as the process ends: `clone --count N` writes N domain files
+        import atexit
+
+        atexit.register(_write)
+        _unwritten.append(CACHE)
 
 
 _read: dict = {}  # the cache as this process knows it: read once, kept as written
+_unwritten: list = []  # not empty while _read has documents the cache file has not
+
+
+def _write():
+    connection.write_cache(CACHE, {"documents": _read})
+    _unwritten.clear()
 
 
 def _documents() -> dict:
