@@ -190,16 +190,35 @@ def test_internal_tag_copied_once_and_full_clones(env):
     assert env.run("check").stdout.strip() == "No problems found."
 
 
-@pytest.mark.parametrize("fault, made", [("prepare:1:kill:3", 2), ("commit:0:kill:3", 2), ("finish:0:kill:1", 1)])
-def test_sigkill_at_each_step_boundary_then_repair(env, fault, made):
-    """A run of 3 killed at a step boundary of its third clone (or after the first one's commit, before its
-    finish removes the work copy of the shared tag): the clones before are complete, the one in progress is
-    whole (finished) or rolled back by `check --repair`, never half made, and no later one was begun."""
+# every step boundary of a run of 3 clones (checked against the run's --dry-run below): (fault, the clone
+# it interrupts, how many clones are complete once `check --repair` ran). The first clone also copies the
+# tag of the gold snapshot (the shared base) and removes that copy's work name in its finish.
+BOUNDARIES = [*[(f"prepare:{i}:kill:1", 1, 0) for i in range(3)], ("commit:0:kill:1", 1, 0),
+              ("finish:0:kill:1", 1, 1),
+              *[(f"{phase}:{i}:kill:{k}", k, k - 1) for k in (2, 3)
+                for phase, i in (("prepare", 0), ("prepare", 1), ("commit", 0))]]
+
+
+def test_the_boundaries_are_every_step_of_a_run_of_three(env):
+    _gold(env)
+    plans = env.json("clone", "web", "gold", "web-{n}", "--count", "3", "--dry-run")["plans"]
+    every = []
+    for k, plan in enumerate(plans, 1):
+        phases = [st["phase"] for st in plan["steps"]]
+        every += [f"prepare:{i}:kill:{k}" for i in range(phases.count("prepare"))] + [f"commit:0:kill:{k}"]
+        every += [f"finish:{i}:kill:{k}" for i in range(phases.count("finish"))]
+    assert sorted(every) == sorted(fault for fault, _, _ in BOUNDARIES)
+
+
+@pytest.mark.parametrize("fault, interrupted, made", BOUNDARIES)
+def test_sigkill_at_each_step_boundary_then_repair(env, fault, interrupted, made):
+    """A run of 3 killed at a step boundary: the clones before are complete, the one in progress is whole
+    (finished) or rolled back by `check --repair`, never half made, and no later one was begun."""
     _gold(env)
     r = env.run("clone", "web", "gold", "web-{n}", "--count", "3", check=False, env={"SNAPFW_FAULT": fault})
     assert r.returncode == -9
     found = env.run("check", check=False)
-    assert found.returncode == 1 and f"web-{made + 1 if made == 2 else 1}: interrupted clone" in found.stdout
+    assert found.returncode == 1 and f"web-{interrupted}: interrupted clone" in found.stdout, found.stdout
     env.run("check", "--repair")
     assert env.run("check").stdout.strip() == "No problems found."
     made = [f"web-{i}" for i in range(1, made + 1)]
@@ -210,7 +229,11 @@ def test_sigkill_at_each_step_boundary_then_repair(env, fault, made):
         assert env.reads(n, "vda", 0x11, 0) and env.reads(n, "vdb", 0x22, 0)
         env.assert_consistent(n)
     r = env.run("delete", "web", "gold", check=False)
-    assert r.returncode == 1 and all(n in r.stderr for n in made) and "web-3" not in r.stderr
+    if made:
+        assert r.returncode == 1 and all(n in r.stderr for n in made) and "web-3" not in r.stderr
+    else:  # no clone reads it: the gold snapshot goes, and the shared copy of its tag with it
+        assert r.returncode == 0, r.stderr
+        assert not [n for n in env.files() if "clone-base" in n]
 
 
 def test_clone_delete_removes_only_what_snapfw_made(env):
