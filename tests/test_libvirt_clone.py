@@ -3,7 +3,9 @@ with its own name, UUID and MACs, started, written, and deleted again with `snap
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import xml.etree.ElementTree as ET
 
 from test_libvirt import Guest, LibvirtEnv, conn, guest  # noqa: F401 (fixtures)
@@ -20,6 +22,27 @@ class _Running(Guest):
 
     def __init__(self, dom):
         self.dom = dom
+
+
+def _chain(path: str) -> list[str]:
+    """The files of ``path``'s chain, top first, as qemu-img reads them."""
+    out = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain", "-U", path], capture_output=True,
+                         text=True, check=True).stdout
+    return [node["filename"] for node in json.loads(out)]
+
+
+def _undefine(conn, names: list[str]):  # noqa: F811
+    """Destroy and undefine the clones a test left (after a failure)."""
+    import libvirt
+
+    for n in names:
+        try:
+            dom = conn.lookupByName(n)
+        except libvirt.libvirtError:
+            continue
+        if dom.isActive():
+            dom.destroy()
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 
 
 def _identity(dom) -> tuple[str, str, list[str]]:
@@ -99,11 +122,48 @@ def test_linked_clones_of_a_libvirt_domain(conn, guest, tmp_path):  # noqa: F811
         lv.run("delete", guest.name, "gold")
         assert "No problems found" in lv.run("check", guest.name).stdout
     finally:
+        _undefine(conn, names)
+
+
+def test_fifty_linked_clones_of_a_libvirt_domain_in_one_command(conn, guest, tmp_path):  # noqa: F811
+    """50 clones of a two-disk libvirt domain with two NICs in one `snapfw clone`: each defined with its own
+    name, UUID and MACs, on overlays of its own over the one shared base of the gold snapshot; the first, a
+    middle and the last start (test_linked_clones_of_a_libvirt_domain starts every clone of its run of 3);
+    then `clone-delete` removes them all and the gold snapshot can go."""
+    import libvirt
+
+    root = ET.fromstring(guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    root.find("devices").extend(ET.fromstring(f"<x>{NICS}</x>"))
+    guest.dom = conn.defineXML(ET.tostring(root, encoding="unicode"))
+    lv = LibvirtEnv(tmp_path, guest)
+    lv.gen(1)
+    lv.run("create", guest.name, "gold")
+    names = [f"{guest.name}-f{n}" for n in range(1, 51)]
+    try:
+        assert lv.json("clone", guest.name, "gold", f"{guest.name}-f{{n}}", "--count", "50")["clones"] == names
+        doms = [conn.lookupByName(n) for n in names]
+        ids = [_identity(d) for d in [guest.dom] + doms]
+        assert [i[0] for i in ids[1:]] == names and len({i[1] for i in ids}) == 51  # a UUID each
+        macs = [m for i in ids for m in i[2]]
+        assert len(macs) == 2 * 51 == len(set(macs))  # two NICs each, no MAC twice
+        seen, bases = set(), {"vda": set(), "vdb": set()}
+        for n, d in zip(names, doms):
+            disks = _Running(d).disks(live=False)
+            for target, (path, fmt, _) in disks.items():
+                assert fmt == "qcow2" and path.endswith(f"{n}-{target}.qcow2") and path not in seen
+                top, base = _chain(path)  # its own overlay on the one shared base of the gold snapshot
+                assert top == path and base not in seen
+                bases[target].add(base)
+                seen.add(path)
+        for d in (doms[0], doms[24], doms[-1]):  # a start costs 2 s here: the first, a middle one, the last
+            d.create()
+            assert d.isActive()
+            d.destroy()
         for n in names:
-            try:
-                dom = conn.lookupByName(n)
-            except libvirt.libvirtError:
-                continue
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            lv.run("clone-delete", n)
+        assert not set(names) & set(conn.listDefinedDomains()) and not [p for p in seen if os.path.exists(p)]
+        assert [len(b) for b in bases.values()] == [1, 1]
+        lv.run("delete", guest.name, "gold")
+        assert "No problems found" in lv.run("check", guest.name).stdout
+    finally:
+        _undefine(conn, names)
