@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from .backend import HypervisorDriver
 from .connection import fsync_dir
 from .errors import BadInput, Inconsistent, NotSupported, Refused
-from .lifecycle import RUNS_ON, Reporter, Session, _identity, _Operation, find_snapshot
+from .lifecycle import RUNS_ON, Operation, Reporter, Session, file_identity, find_snapshot
 from .model import ImageFile
 from .names import check_name, fit_file_name
 from .plan import Plan, Step, execute
-from .steps import CreateOverlay, RemoveFile, _remove, _same_file, work_name
+from .steps import CreateOverlay, RemoveFile, remove_if_there, same_file, work_name
 from .tools import qemuimg
 
 MAX_CLONES = 1000
@@ -83,9 +83,9 @@ class CopyImage(Step):
 
     def undo(self, ctx):
         if os.path.lexists(self.work):
-            if _same_file(self.work, self.path):
-                _remove(self.path)
-            _remove(self.work)
+            if same_file(self.work, self.path):
+                remove_if_there(self.path)
+            remove_if_there(self.work)
 
     def describe(self):
         what = f"internal snapshot {self.tag!r} of {self.source}" if self.tag else self.source
@@ -205,7 +205,7 @@ def clone(session: Session, domain: str, snapshot: str, pattern: str, count: int
     names = clone_names(pattern, count)
     if start and type(session.driver).start is HypervisorDriver.start:
         raise NotSupported(f"driver {session.driver.scheme} cannot start domains (--start)")
-    o = _Operation(session, domain, "clone")
+    o = Operation(session, domain, "clone")
     with session.lock(o.name):
         o.load()
         snap = find_snapshot(o.tree, o.name, snapshot)
@@ -234,7 +234,7 @@ def clone(session: Session, domain: str, snapshot: str, pattern: str, count: int
     return clones
 
 
-def _source(o: _Operation, snapshot: str, record, full: bool) -> _Source:
+def _source(o: Operation, snapshot: str, record, full: bool) -> _Source:
     path = record.data.get("file")
     if path not in o.files:
         raise Inconsistent(f"disk {record.target}: snapshot {snapshot}'s file {path} is not in the catalog; "
@@ -247,7 +247,7 @@ def _source(o: _Operation, snapshot: str, record, full: bool) -> _Source:
         return s
     s.bytes = qemuimg.measure(None, None, "qcow2", size=info["virtual-size"])
     if s.tag is None:
-        for other, target, how, _ in o.users.uses.get(_identity(path), ()):
+        for other, target, how, _ in o.users.uses.get(file_identity(path), ()):
             if how == RUNS_ON:  # its guest would write under every clone
                 raise Refused(f"snapshot {snapshot}'s file {path} for disk {record.target} is the file domain "
                               f"{other} disk {target} runs on; clones need a base nothing writes")
@@ -274,7 +274,7 @@ def _free(folder: str, stem: str, suffix: str) -> str:
     raise Refused(f"no free file name for {stem} in {folder}")
 
 
-def _plan(o: _Operation, snapshot: str, name: str, sources: list[_Source], full: bool, first: bool) -> Clone:
+def _plan(o: Operation, snapshot: str, name: str, sources: list[_Source], full: bool, first: bool) -> Clone:
     kind = "full" if full else "linked"
     c = Clone(name, Plan("clone", name, f"{kind} clone {name} of snapshot {snapshot} of {o.name}",
                          journal_at_once=True))  # CopyImage, CreateOverlay(s), DefineClone: undo finds nothing
@@ -369,7 +369,7 @@ class _Across(Reporter):
 def detach(session: Session, name: str, dry_run: bool = False) -> Plan:
     """Make linked clone ``name`` standalone: stream each shared base into the clone's file that reads
     through it, and drop the base's reference in the same transaction."""
-    o = _Operation(session, name, "detach")
+    o = Operation(session, name, "detach")
     with session.lock(o.name):
         o.load()
         rows = session.catalog.clone_bases(clone=o.name)
@@ -408,7 +408,7 @@ def delete_clone(session: Session, name: str, snapshots: bool = False, dry_run: 
     its catalog entries, with its references on shared bases, in one transaction before the forward-only
     removals. Refused for any other domain, a running one, one whose files other domains read through,
     and, unless ``snapshots``, one that has snapshots."""
-    o = _Operation(session, name, "clone-delete")
+    o = Operation(session, name, "clone-delete")
     with session.lock(o.name):
         origin = session.catalog.clone_origin(o.name)
         if origin is None:

@@ -181,7 +181,7 @@ def _backing_of(path: str, info: dict) -> str | None:
     return os.path.normpath(os.path.join(os.path.dirname(path), name)) if name else None
 
 
-def _identity(path: str):
+def file_identity(path: str):
     """What makes two names one file: its device and inode (symlinks, hard links, other spellings), or
     for a file that does not exist its real path."""
     try:
@@ -197,7 +197,7 @@ def _read_domain(driver, name: str) -> Domain:
     domain = driver.domain(name)
     seen: dict = {}
     for disk in domain.disks:
-        first = seen.setdefault(_identity(disk.path), disk)
+        first = seen.setdefault(file_identity(disk.path), disk)
         if first is not disk:
             also = "" if first.path == disk.path else f" (also named {disk.path})"
             raise BadInput(f"domain {name}: disks {first.target} and {disk.target} are one image file, "
@@ -209,7 +209,7 @@ RUNS_ON, RECORDS, READS_THROUGH = "runs on it", "has it in the catalog", "reads 
 
 
 class ImageUsers:
-    """Which disk of which domain uses each image file, keyed by the file itself (:func:`_identity`):
+    """Which disk of which domain uses each image file, keyed by the file itself (:func:`file_identity`):
     the file each disk runs on, from the driver; the files the catalog records for each disk, and the
     files those read through."""
 
@@ -232,7 +232,7 @@ class ImageUsers:
                 self._add(f.backing, name, f.target, READS_THROUGH)
 
     def _add(self, path, domain, target, how):
-        self.uses.setdefault(_identity(path), []).append((domain, target, how, path))
+        self.uses.setdefault(file_identity(path), []).append((domain, target, how, path))
 
     def conflict(self, domain: str, target: str, active: str | None, recorded=(), chain=()) -> str | None:
         """Why disk ``target`` of ``domain`` shares a file it must have to itself, or None.
@@ -248,7 +248,7 @@ class ImageUsers:
         rules += [(p, RECORDS, (RUNS_ON, RECORDS)) for p in sorted(recorded)]
         rules += [(p, READS_THROUGH, (RUNS_ON,)) for p in chain]
         for path, ours, refused in rules:
-            key = _identity(path)
+            key = file_identity(path)
             if key in seen:
                 continue
             seen.add(key)
@@ -349,7 +349,7 @@ def _pick_backend(disk: Disk, tree: Tree, wanted: str | None, capability: str = 
 
 
 # --- building and running plans ------------------------------------------------------------------------
-class _Operation:
+class Operation:
     """The shared frame of every changing operation on one domain."""
 
     def __init__(self, session: Session, domain: str, operation: str, options: dict | None = None):
@@ -576,7 +576,7 @@ def create(session: Session, domain: str, name: str, description: str = "",
     snapshot; QUIESCE refuses before any change if that cannot be done, QUIESCE_TRY then takes it
     crash-consistent. ``memory``: MEMORY_LIVE or MEMORY_PAUSED also saves a running domain's memory
     (default MEMORY_NONE: disks only)."""
-    o = _Operation(session, domain, "create", options)
+    o = Operation(session, domain, "create", options)
     check_name("snapshot", name)
     if quiesce not in (None, QUIESCE, QUIESCE_TRY):
         raise BadInput(f"invalid --quiesce {quiesce!r}: expected {QUIESCE} or {QUIESCE_TRY}")
@@ -687,7 +687,7 @@ def sync_mirror(session: Session, domain: str, repair: bool) -> list[str]:
     return session.driver.mirror(domain, entries, current, repair)
 
 
-def _quiesce_problem(session: Session, o: "_Operation", quiesce: str | None) -> str | None:
+def _quiesce_problem(session: Session, o: "Operation", quiesce: str | None) -> str | None:
     """Decide the freeze window before any change: ``o.quiesce`` if the guest agent can freeze the
     filesystems now; else refuse (QUIESCE) or return why not (QUIESCE_TRY, recorded with the snapshot).
     A shut-off domain's disks are consistent as they are: nothing to freeze."""
@@ -703,7 +703,7 @@ def _quiesce_problem(session: Session, o: "_Operation", quiesce: str | None) -> 
     return problem
 
 
-def _save_memory(o: "_Operation", ops: list[DiskOp], records: list[DiskRecord], plan: Plan, name: str,
+def _save_memory(o: "Operation", ops: list[DiskOp], records: list[DiskRecord], plan: Plan, name: str,
                  kind: str) -> MemoryRecord:
     """Put the memory save around the disks' live snapshot in ``plan`` (snapfw.memory); the record it
     makes, bound to the disk records of snapshot ``name``."""
@@ -749,7 +749,7 @@ def revert(session: Session, domain: str, name: str, dry_run: bool = False, stat
     domain is stopped first and started again afterwards. ``state``: RUNNING, PAUSED or STOPPED once
     done (default: as it was). The configuration stored with the snapshot is put back unless
     ``keep_config``."""
-    o = _Operation(session, domain, "revert")
+    o = Operation(session, domain, "revert")
     check_name("snapshot", name)
     if state not in (None, RUNNING, PAUSED, STOPPED):
         raise BadInput(f"invalid state {state!r} after a revert: expected {RUNNING}, {PAUSED} or {STOPPED}")
@@ -799,7 +799,7 @@ def revert(session: Session, domain: str, name: str, dry_run: bool = False, stat
 
 def delete(session: Session, domain: str, name: str, children: bool = False, dry_run: bool = False) -> Plan:
     """Delete snapshot ``name`` (merging its data into its neighbours), or with ``children`` its subtree."""
-    o = _Operation(session, domain, "delete")
+    o = Operation(session, domain, "delete")
     check_name("snapshot", name)
     with session.lock(o.name):
         o.load()

@@ -38,7 +38,8 @@ def _release_leaks(path: str):
         qemuimg.repair_leaks(path)
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str, b: str) -> bool:
+    """Whether names ``a`` and ``b`` are links to one file (neither followed, both there)."""
     try:
         x, y = os.lstat(a), os.lstat(b)
     except FileNotFoundError:
@@ -46,7 +47,8 @@ def _same_file(a: str, b: str) -> bool:
     return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
 
 
-def _remove(path: str):
+def remove_if_there(path: str):
+    """Unlink ``path``; a name already gone is done (a step may run again after a crash)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -71,7 +73,7 @@ def overlay_on(path: str, backing: str) -> bool:
 def remove_overlay(path: str, backing: str) -> None:
     """Remove ``path`` if it is the overlay on ``backing`` a snapshot made (a hypervisor's, when live)."""
     if overlay_on(path, backing):
-        _remove(path)
+        remove_if_there(path)
 
 
 @dataclass
@@ -101,16 +103,16 @@ class CreateOverlay(Step):
 
     def undo(self, ctx):
         if self._ours():
-            _remove(self.path)
+            remove_if_there(self.path)
         if os.path.lexists(self.work):  # unlink on a read-only filesystem fails even for a missing name
-            _remove(self.work)
+            remove_if_there(self.work)
 
     def _ours(self) -> bool:
         """Whether the file at ``path`` is this step's, so an undo after ``do`` found the name taken never
         removes somebody else's file: while ``work`` is there, only if it is the same file; after ``do``
         removed ``work``, only the whole overlay on ``backing`` that ``do`` leaves."""
         if os.path.lexists(self.work):
-            return _same_file(self.work, self.path)
+            return same_file(self.work, self.path)
         return overlay_on(self.path, self.backing)
 
     def describe(self):
@@ -252,7 +254,7 @@ class RemoveFile(Step):
     path: str
 
     def do(self, ctx):
-        _remove(self.path)
+        remove_if_there(self.path)
         fsync_dir(os.path.dirname(self.path))  # gone for good before the journal says so
 
     def writes(self):

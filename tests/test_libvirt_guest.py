@@ -20,7 +20,7 @@ import time
 
 import pytest
 from guest import BOOT_SECONDS, MEMORY_MB, READY
-from test_libvirt import Guest, LibvirtEnv, conn, virsh, virsh_names  # noqa: F401 (conn: the session's libvirtd fixture)
+from test_libvirt import Guest, LibvirtEnv, conn, virsh, virsh_names  # noqa: F401 (conn: libvirtd, a fixture)
 from test_memory import small_fs  # noqa: F401 (a fixture)
 from test_quiesce import MOUNT, guest_file
 
