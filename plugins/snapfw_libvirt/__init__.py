@@ -881,13 +881,13 @@ def _lifecycle_events(uri: str, domain: str):
     try:
         yield events
         deadline = time.monotonic() + EVENT_SECONDS  # the last event may still be on its way
-        suspended = _libvirt().VIR_DOMAIN_EVENT_SUSPENDED
-        while any(e == suspended for e, _ in events) and _paused_seconds(events) is None and \
-                time.monotonic() < deadline:
+        while any(e == libvirt.VIR_DOMAIN_EVENT_SUSPENDED for e, _ in events) and _paused_seconds(events) is None \
+                and time.monotonic() < deadline:
             time.sleep(0.002)
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             conn.domainEventDeregisterAny(callback)
+        with contextlib.suppress(libvirt.libvirtError):
             conn.close()
 
 
