@@ -49,20 +49,30 @@ def remember(path: str, text: str, document) -> None:
     others = [(p, e) for p, e in _documents().items() if p != path]
     _read.clear()
     _read.update([(path, [text, kept]), *others[:CACHED - 1]])
+    global _unwritten
     if not _unwritten:  # written once, as the process ends: `clone --count N` writes N domain files
         import atexit
 
         atexit.register(_write)
-        _unwritten.append(CACHE)
+        _unwritten = True
+
+
+def dump(document) -> str:
+    """``document`` as the text of a YAML file people read (keys in their order), through libyaml when
+    PyYAML has it."""
+    import yaml
+
+    return yaml.dump(document, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
 
 
 _read: dict = {}  # the cache as this process knows it: read once, kept as written
-_unwritten: list = []  # not empty while _read has documents the cache file has not
+_unwritten = False  # whether _read has documents the cache file has not
 
 
 def _write():
+    global _unwritten
     connection.write_cache(CACHE, {"documents": _read})
-    _unwritten.clear()
+    _unwritten = False
 
 
 def _documents() -> dict:

@@ -127,15 +127,13 @@ class ImagesDriver(HypervisorDriver):
         tmp = self._tmp(name)
         try:
             if data != old:
-                import yaml
-
                 st = os.stat(target)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     with contextlib.suppress(PermissionError):  # needs root; a user rewriting another's file owns it
                         os.fchown(f.fileno(), st.st_uid, st.st_gid)
                     os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-                    text = yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
+                    text = yamlfiles.dump(data)
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
@@ -151,8 +149,6 @@ class ImagesDriver(HypervisorDriver):
     def define_clone(self, source: str, clone: dict) -> None:
         """Write ``DIR/<clone>.yaml``: the source's file with the clone's disks, under a hidden name first,
         then linked into place (a link never replaces a file; the name was free when the plan was made)."""
-        import yaml
-
         data = self._load(source)
         # the clone reads through the source's images: their directories are allowed roots of the clone too
         roots = [os.path.join(self.dir, r) for r in data.get("allowed_roots", [])]
@@ -170,7 +166,7 @@ class ImagesDriver(HypervisorDriver):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 os.fchmod(f.fileno(), stat.S_IMODE(os.stat(self._file(source)).st_mode))  # as the source's
-                text = yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
+                text = yamlfiles.dump(data)
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
