@@ -13,18 +13,18 @@ import sys
 
 # options before the command, taking a value: their keyword in commands.Options
 _GLOBAL = {"-c": "uri", "--connect": "uri", "--state-dir": "state_dir"}
-_COMMON = {"--json": "as_json"}
-_CHANGE = {**_COMMON, "--dry-run": "dry_run"}
-# revert's flags that set one keyword to a value (the last one given wins, as in click)
+# flags: (keyword, the value it sets); several setting one keyword: the last one given wins, as in click
+_COMMON = {"--json": ("as_json", True)}
+_CHANGE = {**_COMMON, "--dry-run": ("dry_run", True)}
 _STATES = {"--running": ("state", "running"), "--paused": ("state", "paused"), "--stopped": ("state", "shut off")}
 # command -> (its function in commands, positional arguments, flags, options taking a value)
 _PLAIN = {
-    "list": ("list_", ("domain",), {**_COMMON, "--tree": "tree"}, {}),
+    "list": ("list_", ("domain",), {**_COMMON, "--tree": ("tree", True)}, {}),
     "show": ("show", ("domain", "name"), _COMMON, {}),
     "create": ("create", ("domain", "name"), _CHANGE,
                {"--description": "description", "--disk": "disks", "--memory": "memory"}),
-    "revert": ("revert", ("domain", "name"), {**_CHANGE, **_STATES, "--keep-config": "keep_config"}, {}),
-    "delete": ("delete", ("domain", "name"), {**_CHANGE, "--children": "children"}, {}),
+    "revert": ("revert", ("domain", "name"), {**_CHANGE, **_STATES, "--keep-config": ("keep_config", True)}, {}),
+    "delete": ("delete", ("domain", "name"), {**_CHANGE, "--children": ("children", True)}, {}),
 }
 # options that may be given again, their values gathered in a tuple
 _MULTIPLE = {"disks"}
@@ -51,7 +51,7 @@ def plain(args: list[str]) -> tuple[dict, str, dict] | None:
     arguments, given, i = {}, [], i + 1
     while i < len(args):
         if args[i] in flags:
-            key, value = flags[args[i]] if isinstance(flags[args[i]], tuple) else (flags[args[i]], True)
+            key, value = flags[args[i]]
             arguments[key] = value
             i += 1
         elif args[i].startswith("-"):
