@@ -368,6 +368,25 @@ def test_enospc_while_libvirt_writes_the_memory_image_changes_nothing(conn, smal
         g.remove()
 
 
+def test_a_paused_guest_stays_paused_through_a_live_memory_snapshot(conn, tmp_path):  # noqa: F811
+    """A user paused the guest before `create --memory live`: libvirt's live call leaves it paused (snapfw
+    paused nothing: the record says so), and the image resumes it where it was."""
+    g = Guest(conn, str(tmp_path))
+    try:
+        g.start()
+        g.dom.suspend()
+        lv = LibvirtEnv(tmp_path, g)
+        lv.run("create", g.name, "p1", "--memory", "live", "--disk", "vda=external", "--disk", "vdb=external")
+        assert g.dom.state()[0] == 3  # VIR_DOMAIN_PAUSED, as the user left it
+        shown = lv.json("show", g.name, "p1")
+        assert shown["memory"]["kind"] == "live" and shown["memory"]["size"] > 0
+        assert shown["config"]["window"]["paused_seconds"] is None
+        lv.run("revert", g.name, "p1", "--paused")
+        assert g.dom.state()[0] == 3 and "No problems found" in lv.run("check", g.name).stdout
+    finally:
+        g.remove()
+
+
 def test_no_agent_channel_is_refused_before_any_change(conn, tmp_path):  # noqa: F811
     g = Guest(conn, str(tmp_path))  # firmware only, no <channel>
     try:
