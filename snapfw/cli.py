@@ -84,7 +84,16 @@ def _value(args: list[str], i: int, known: dict, into: dict) -> int | None:
 
 
 def main(args: list[str] | None = None, prog_name: str = "snapfw"):
-    args = sys.argv[1:] if args is None else list(args)
+    """The ``snapfw`` command: run by the resident interpreter if there is one (snapfw.tools.resident),
+    else here."""
+    if args is None:
+        from .tools import resident
+
+        resident.attach(sys.argv, "snapfw.resident")
+    run(sys.argv[1:] if args is None else list(args), prog_name)
+
+
+def run(args: list[str], prog_name: str = "snapfw"):
     parsed = plain(args)
     if parsed is None:
         from .usage import group

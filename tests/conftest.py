@@ -15,6 +15,9 @@ import yaml
 
 KIB64 = 64 * 1024
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# the commands the tests run are served by a resident interpreter (snapfw.tools.resident), as a user's
+# are; it goes away a minute after the last one rather than ten
+os.environ.setdefault("SNAPFW_RESIDENT", "60")
 
 
 def require(program: str) -> str:

@@ -1,0 +1,22 @@
+"""The resident interpreter's program (snapfw.tools.resident): import what the commands use, then serve."""
+
+from __future__ import annotations
+
+import importlib
+
+from . import cli, clone, commands, lifecycle, plugins, usage  # noqa: F401 - imported to be forked with
+from .tools import resident
+
+# what commands import only when they need it, imported here once for every worker
+LAZY = ("yaml", "libvirt", "libvirt_qemu", "json", "zlib", "hashlib", "shlex", "tempfile", "ctypes", "fcntl",
+        "datetime", "concurrent.futures", "rich.console", "rich.progress", "rich.table", "pluggy",
+        "snapfw.model", "snapfw.memory", *plugins.BUILTIN)
+
+
+def serve(address: bytes) -> None:
+    for name in LAZY:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # not installed here (libvirt-python on a machine without libvirt): imported by
+            pass             # no command either
+    resident.serve(address, cli.run)

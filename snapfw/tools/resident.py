@@ -1,0 +1,340 @@
+"""A resident interpreter that has already imported snapfw, forked once per command.
+
+snapfw's own start-up (the interpreter and about 80 ms of imports) is most of what an everyday command
+costs, where virsh is a small client of a libvirtd that is already running. The first command starts one
+of these in the background and runs itself as before; later commands hand it their arguments, environment,
+working directory, umask and standard input, output and error, and it forks a worker that runs the command
+as the command itself would have, with the imports done. Nothing but imports runs before the fork: no state
+is carried from one command to the next.
+
+A command uses it only when all that a forked worker cannot take over from the command is the same (see
+:func:`context`: the interpreter, its path and flags, user and groups, namespaces and root, priority, CPUs,
+cgroup, limits, capabilities and the ``LD_*``/``PYTHON*`` variables); otherwise it runs itself. The
+resident interpreter exits after IDLE_SECONDS without a command, and once a file it imported has changed
+(an upgrade). SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to the command are passed on to its worker; a command
+killed outright (SIGKILL) has its worker killed the same way; the command ends with its worker's exit
+status, or dies of the same signal. ``SNAPFW_RESIDENT=0`` runs every command in its own interpreter;
+``SNAPFW_RESIDENT=N`` (seconds) sets how long the next resident interpreter started waits idle.
+
+The socket is an abstract one (no file to leave behind or to hold a mount busy), named by user and
+context; each end checks that the other is the same user (SO_PEERCRED) before anything is sent.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import _signal  # not `signal` and `socket`: building their enums costs a command more than it saves
+import _socket
+
+ENV = "SNAPFW_RESIDENT"
+IDLE_SECONDS = 600.0
+HANDSHAKE_SECONDS = 5.0
+FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
+_ACCEPTED, _DECLINED = b"+", b"-"
+_MAX_REQUEST = 1 << 20
+_STATUS_LINES = (b"Cap", b"NoNewPrivs", b"Seccomp")
+STALE = object()
+
+
+def context() -> bytes:
+    """What a worker forked from a resident interpreter cannot take over from the command that asks."""
+
+    def read(path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
+    status = b"".join(line for line in read("/proc/self/status").splitlines(keepends=True)
+                      if line.startswith(_STATUS_LINES))
+    parts = [sys.executable, repr(sys.path), repr(sys.flags), repr((os.getuid(), os.getgid(), os.getgroups())),
+             *(os.readlink(f"/proc/self/{link}") for link in ("ns/mnt", "ns/pid", "ns/user", "ns/uts", "root")),
+             repr((os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)))),
+             *sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(("LD_", "PYTHON")))]
+    return b"\0".join([*(p.encode("utf-8", "surrogateescape") for p in parts), status,
+                       read("/proc/self/cgroup"), read("/proc/self/limits"), read("/proc/self/attr/current")])
+
+
+def _address(ctx: bytes) -> bytes:
+    import zlib
+
+    return b"\0snapfw-resident-%d-%08x" % (os.getuid(), zlib.crc32(ctx))
+
+
+def _pack(parts: list[bytes]) -> bytes:
+    return b"".join(b"%d:%s" % (len(p), p) for p in parts)
+
+
+def _unpack(data: bytes) -> list[bytes]:
+    parts, i = [], 0
+    while i < len(data):
+        colon = data.index(b":", i)
+        size = int(data[i:colon])
+        parts.append(data[colon + 1:colon + 1 + size])
+        i = colon + 1 + size
+    return parts
+
+
+def _peer_is_me(sock) -> bool:
+    cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+    return int.from_bytes(cred[4:8], sys.byteorder) == os.getuid()
+
+
+# --- the command's side -------------------------------------------------------------------------------------
+def attach(argv: list[str], server: str) -> None:
+    """Run this command (``argv`` as sys.argv) in the resident interpreter and exit as its worker did.
+    Returns when there is none (after starting one, module ``server``'s ``serve(address)``, for the next
+    command) or it declines: the caller then runs the command itself."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return
+    try:
+        ctx, cwd = context(), os.getcwd()
+    except OSError:  # a working directory removed, no /proc: run here
+        return
+    address = _address(ctx)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.connect(address)
+        except OSError:
+            _start(address, server)
+            return
+        if not _peer_is_me(sock):
+            return
+        umask = os.umask(0o077)
+        os.umask(umask)
+        request = _pack([ctx, os.fsencode(cwd), b"%d" % umask, b"%d" % len(argv), *map(os.fsencode, argv),
+                         *(k + b"=" + v for k, v in os.environb.items())])
+        sock.settimeout(HANDSHAKE_SECONDS)
+        sock.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                  b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2)))])
+        if sock.recv(1) != _ACCEPTED:
+            return
+    except OSError:  # too large, a standard stream closed, no answer in time: run here
+        sock.close()
+        return
+    sock.settimeout(None)
+
+    def forward(number, _frame):
+        try:
+            sock.send(bytes([number]))
+        except OSError:
+            pass
+
+    for number in FORWARDED:
+        _signal.signal(number, forward)
+    reply = sock.recv(2)
+    if len(reply) != 2:
+        os.write(2, b"snapfw: the resident interpreter running this command ended without its status\n")
+        os._exit(1)
+    if reply[:1] == b"s":  # the worker died of this signal: so does the command
+        if reply[1] not in (_signal.SIGKILL, _signal.SIGSTOP):  # the two no process can catch
+            _signal.signal(reply[1], _signal.SIG_DFL)
+        os.kill(os.getpid(), reply[1])
+        os._exit(128 + reply[1])
+    os._exit(reply[1])
+
+
+def _start(address: bytes, server: str) -> None:
+    """Start a resident interpreter in the background, in a session of its own, on /dev/null."""
+    # no descriptor of the command's but /dev/null stays open in it (a caller's pipe would not see its end)
+    code = (f"import os, sys; os.closerange(3, 1 << 20); os.chdir('/'); sys.path[:] = sys.argv[2:]; "
+            f"from {server} import serve; serve(bytes.fromhex(sys.argv[1]))")
+    try:
+        os.posix_spawn(sys.executable, [sys.executable, "-c", code, address.hex(), *sys.path], os.environ,
+                       setsid=True, file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
+                                                  (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
+    except OSError:
+        pass  # the command runs here all the same
+
+
+# --- the resident interpreter's side --------------------------------------------------------------------------
+def serve(address: bytes, main) -> None:
+    """Listen on ``address`` and run ``main(argv)`` in a forked worker per command, until idle or stale.
+    Call it once everything commands use is imported; in a worker it does not return (the command's
+    SystemExit unwinds through it to the interpreter's own exit)."""
+    import gc
+    import select
+    import time
+
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(address)
+    except OSError:  # another one serves this address already
+        return
+    listener.listen(64)
+    ctx, stamps, idle = context(), _stamps(), _idle_seconds()
+    gc.freeze()  # what is imported stays out of every collection: a worker's collections touch none of its pages
+    workers: dict[int, tuple[int, object | None]] = {}  # pidfd -> (pid, the command's connection)
+    watched: dict[object, int] = {}  # a command's connection -> its worker's pidfd
+    idle_since = time.monotonic()
+    while listener is not None or workers:
+        timeout = None if workers else max(0.0, idle_since + idle - time.monotonic())
+        if timeout == 0.0:
+            break
+        ready, _, _ = select.select([*([listener] if listener is not None else []), *watched, *workers], [], [],
+                                    timeout)
+        for r in ready:
+            if r is listener:
+                job = _accept(listener, ctx, stamps)
+                if job is STALE:  # an upgrade: finish the running commands, let a new one take the address
+                    listener.close()
+                    listener = None
+                elif job is not None:
+                    conn, fds, cwd, umask, argv, env = job
+                    pid = os.fork()
+                    if pid == 0:
+                        _worker([listener, *watched, *workers, conn], fds, cwd, umask, argv, env, main)
+                    for fd in fds:
+                        os.close(fd)
+                    pidfd = os.pidfd_open(pid)
+                    workers[pidfd] = (pid, conn)
+                    watched[conn] = pidfd
+            elif r in watched:  # signals to pass on, or the command is gone (killed): kill its worker
+                pidfd = watched[r]
+                try:
+                    data = r.recv(64)
+                except OSError:
+                    data = b""
+                for number in data or bytes([_signal.SIGKILL]):
+                    os.kill(workers[pidfd][0], number)
+                if not data:
+                    del watched[r]
+            else:
+                pid, conn = workers.pop(r)
+                os.close(r)
+                _, status = os.waitpid(pid, 0)
+                if conn in watched:
+                    del watched[conn]
+                    signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+                    try:
+                        conn.send(b"s" + bytes([signum]) if signum else b"x" + bytes([os.WEXITSTATUS(status)]))
+                    except OSError:
+                        pass
+                conn.close()
+                idle_since = time.monotonic()
+
+
+def _idle_seconds() -> float:
+    """SNAPFW_RESIDENT's value, if a number of seconds, is how long a resident interpreter waits idle."""
+    try:
+        seconds = float(os.environ.get(ENV, ""))
+    except ValueError:
+        return IDLE_SECONDS
+    return seconds if seconds > 0 else IDLE_SECONDS
+
+
+def _stamps() -> dict[str, int]:
+    """The modification time of every file imported so far: one changed means snapfw was upgraded."""
+    stamps = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path:
+            try:
+                stamps[path] = os.stat(path).st_mtime_ns
+            except OSError:
+                stamps[path] = -1
+    return stamps
+
+
+def _accept(listener, ctx: bytes, stamps: dict[str, int]):
+    """Read one command's request: (connection, its three descriptors, cwd, umask, argv, environment); None
+    when it is declined (another user or context, a bad request); STALE when a file imported changed."""
+    fd, _ = listener._accept()
+    conn, fds = _socket.socket(fileno=fd), []
+    try:
+        if not _peer_is_me(conn):
+            return None
+        conn.settimeout(HANDSHAKE_SECONDS)
+        data, ancillary, _, _ = conn.recvmsg(_MAX_REQUEST, _socket.CMSG_SPACE(3 * 4))
+        for level, kind, payload in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds += [int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
+        parts = _unpack(data)
+        stale = any(_mtime(path) != mtime for path, mtime in stamps.items())
+        if stale or parts[0] != ctx or len(fds) != 3:
+            conn.send(_DECLINED)
+            return STALE if stale else None
+        count = int(parts[3])
+        argv = [os.fsdecode(a) for a in parts[4:4 + count]]
+        env = dict(p.partition(b"=")[::2] for p in parts[4 + count:])
+        conn.send(_ACCEPTED)
+        conn.settimeout(None)
+        job, conn, fds = (conn, fds, os.fsdecode(parts[1]), int(parts[2]), argv, env), None, []
+        return job
+    except (OSError, ValueError, IndexError):
+        return None
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if conn is not None:
+            conn.close()
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _worker(close: list, fds: list[int], cwd: str, umask: int, argv: list[str], env: dict[bytes, bytes], main):
+    """In the forked child: become the command (its streams, directory, umask, environment, argv), run it."""
+    try:
+        for opened in close:  # sockets of the resident interpreter, pidfds of other workers
+            if isinstance(opened, int):
+                os.close(opened)
+            elif opened is not None:
+                opened.close()
+        for number, fd in enumerate(fds):
+            os.dup2(fd, number)
+            os.close(fd)
+        os.chdir(cwd)
+        os.umask(umask)
+        os.environb.clear()
+        os.environb.update(env)
+        sys.argv = argv
+        sys.stdout.reconfigure(line_buffering=sys.stdout.isatty())
+    except BaseException as e:  # noqa: BLE001 - nothing of the command has run: say why, fail
+        os.write(2, f"snapfw: could not take over this command: {e}\n".encode())
+        os._exit(1)
+    os._exit(_run(main, argv[1:]))
+
+
+def _run(main, args: list[str]) -> int:
+    """Run the command and end as the interpreter ends a process (non-daemon threads joined, atexit
+    functions run, standard streams flushed), with its exit status, but without the tens of milliseconds
+    of tearing down the modules every worker shares."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:  # as the interpreter: the traceback, then death by SIGINT
+        sys.excepthook(*sys.exc_info())
+        code = -_signal.SIGINT
+    except BaseException:  # noqa: BLE001 - the interpreter's own handling of an uncaught exception
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    if "threading" in sys.modules:
+        sys.modules["threading"]._shutdown()
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 120  # what the interpreter returns when it cannot flush stdout at exit
+    if code < 0:
+        _signal.signal(-code, _signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code & 0xFF

@@ -1,0 +1,189 @@
+"""The resident interpreter (snapfw.tools.resident): commands handed to an interpreter that has imported
+snapfw already behave exactly as commands run in their own: same output, exit status, signals, faults and
+recovery; it declines what it cannot take over (another context, an upgrade) and goes away when idle.
+
+Each test gets a resident interpreter of its own: a PYTHON* variable is part of the context that names it.
+Which process ran a command is told by a `qemu-img` wrapper first on PATH that records its parent's parent
+(the resident interpreter's pid when a worker forked from it ran the command)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import exited_within
+
+import snapfw.tools.resident as resident_module
+
+
+TIME = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[^\s\"]*( \+0000)?")
+
+
+@pytest.fixture
+def own(env, tmp_path):
+    """Environment for commands with a resident interpreter of this test's own, and a qemu-img wrapper."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "parents"
+    wrapper = bin_dir / "qemu-img"
+    wrapper.write_text(f"#!/bin/sh\np=$PPID; a=; while [ $p -gt 1 ]; do a=\"$a $p\"; p=$(ps -o ppid= -p $p); done\n"
+                       f"echo $a >> {log}\n"
+                       '[ -n "$SLOW_QEMU_IMG" ] && [ "$1" = snapshot ] && sleep "$SLOW_QEMU_IMG"\n'
+                       'exec /usr/bin/qemu-img "$@"\n')
+    wrapper.chmod(0o755)
+    variables = {"PYTHONSNAPFWTEST": str(tmp_path), "SNAPFW_RESIDENT": "30",
+                 "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.make_domain("web")
+    yield variables, log
+    for pid in residents(str(tmp_path)):
+        os.kill(pid, signal.SIGTERM)
+
+
+def residents(marker: str) -> list[int]:
+    """The resident interpreters started with PYTHONSNAPFWTEST=marker."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"snapfw.resident" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"PYTHONSNAPFWTEST={marker}".encode() in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def started(env, variables) -> int:
+    """Run one command (which starts the resident interpreter) and wait for it to listen."""
+    env.run("list", "web", env=variables)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pids = residents(variables["PYTHONSNAPFWTEST"])
+        if pids and _listening(pids[0]):
+            return pids[0]
+        time.sleep(0.05)
+    raise AssertionError("no resident interpreter started")
+
+
+def _listening(pid: int) -> bool:
+    """True once ``pid`` has a socket bound to a resident interpreter's address (/proc/net/unix)."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
+    with open("/proc/net/unix") as f:
+        rows = [line.split() for line in f]
+    return any(len(row) == 8 and row[6] in inodes and row[7].startswith("@snapfw-resident-") for row in rows)
+
+
+def ran_in(log) -> list[bool]:
+    """For each qemu-img run since the last call: was it run by a worker of a resident interpreter?"""
+    lines = log.read_text().splitlines() if log.exists() else []
+    log.unlink(missing_ok=True)
+    return [any(_is_resident(int(pid)) for pid in line.split()) for line in lines]
+
+
+def _is_resident(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"snapfw.resident" in f.read()
+    except OSError:
+        return False
+
+
+def test_a_command_runs_in_the_resident_interpreter_as_it_would_alone(env, own):
+    variables, log = own
+    pid = started(env, variables)
+    outcomes = {}
+    for mode in ("resident", "alone"):
+        extra = {**variables, "SNAPFW_RESIDENT": "0"} if mode == "alone" else variables
+        runs = [env.run(*args, check=False, env=extra) for args in (
+            ("create", "web", f"s-{mode}", "--description", "été, \"quoted\""),
+            ("list", "web", "--json"), ("show", "web", f"s-{mode}"), ("show", "web", "nosuch"),
+            ("create", "web", "bad/name"), ("list", "web", "--no-such-flag"), ("--version",),
+            ("delete", "web", f"s-{mode}"))]
+        outcomes[mode] = [(r.returncode, TIME.sub("TIME", r.stdout.replace(mode, "MODE")), r.stderr) for r in runs]
+        served = ran_in(log)
+        assert served and all(s == (mode == "resident") for s in served), (mode, served)
+    assert outcomes["resident"] == outcomes["alone"]
+    assert [code for code, _, _ in outcomes["resident"]] == [0, 0, 0, 2, 2, 2, 0, 0]
+
+
+def test_faults_signals_and_kills_reach_the_worker(env, own):
+    """SNAPFW_FAULT kill/term in the worker, SIGTERM and SIGKILL sent to the command while its qemu-img
+    runs: the same exit status as a command alone, the operation undone, `check` clean."""
+    variables, log = own
+    started(env, variables)
+    before = env.layout()
+    for mode in ("resident", "alone"):
+        extra = {**variables, "SNAPFW_RESIDENT": "0"} if mode == "alone" else variables
+        killed = env.run("create", "web", "k", check=False, env={**extra, "SNAPFW_FAULT": "prepare:1:kill"})
+        assert killed.returncode == -signal.SIGKILL, (mode, killed)
+        env.run("check", "--repair", env=extra)
+        termed = env.run("create", "web", "t", check=False, env={**extra, "SNAPFW_FAULT": "prepare:1:term"})
+        assert termed.returncode not in (0, -signal.SIGKILL), (mode, termed)
+        for sent in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+            proc = subprocess.Popen([sys.executable, "-m", "snapfw", "--connect", env.uri, "create", "web", "x"],
+                                    env={**os.environ, **extra, "SLOW_QEMU_IMG": "3"}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 20
+            while "snapshot" not in " ".join(_children_cmdlines()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            proc.send_signal(sent)
+            out, err = proc.communicate(timeout=30)
+            if sent == signal.SIGKILL:
+                assert proc.returncode == -signal.SIGKILL
+                time.sleep(0.5)  # the worker is killed by the resident interpreter once it sees the command gone
+            else:
+                assert proc.returncode not in (0, -signal.SIGKILL), (mode, sent, proc.returncode, err)
+            env.run("check", "--repair", env=extra)
+            assert env.snapshot_names() == [], (mode, sent, err)
+            assert env.layout() == before, (mode, sent)
+        ran_in(log)
+    env.run("check")
+
+
+def _children_cmdlines() -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("sleep ") or ("qemu-img" in cmd and " snapshot " in cmd):
+            found.append(cmd)
+    return found
+
+
+def test_another_context_or_an_upgrade_is_declined(env, own):
+    variables, log = own
+    pid = started(env, variables)
+    env.run("list", "web", env=variables)
+    env.run("create", "web", "a", env={**variables, "PYTHONHASHSEED": "7"})  # another context: run alone
+    assert not any(ran_in(log))
+    env.run("create", "web", "b", env=variables)
+    served = ran_in(log)
+    assert served and all(served)
+    # an upgrade: a file it imported changes; the next command runs alone and the interpreter goes away
+    path = resident_module.__file__
+    st = os.stat(path)
+    try:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        env.run("create", "web", "c", env=variables)
+        assert not any(ran_in(log))
+        assert exited_within(pid, 10)
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert env.snapshot_names() == ["a", "b", "c"]
+
+
+def test_an_idle_resident_interpreter_goes_away(env, own):
+    variables, _ = own
+    pid = started(env, {**variables, "SNAPFW_RESIDENT": "1"})
+    assert exited_within(pid, 10)
