@@ -163,8 +163,10 @@ def _catalog_of(o, domain):
     # the driver (and the plugin manager) only when snapfw has never noted where its catalogs are
     state = connection.state_override(o.state_dir) or connection.known_state_dir(uri) or _session(o).state
     catalog = Catalog.open(state, create=False)
-    if catalog is not None and catalog.has_domain(domain):
-        return catalog
+    if catalog is not None:
+        o.closing.append(catalog.close)
+        if catalog.has_domain(domain):
+            return catalog
     from . import lifecycle
 
     lifecycle.ensure_domain(_session(o), domain)
@@ -175,8 +177,9 @@ def _session(o, as_json=False):
     from .lifecycle import Session
 
     reporter = _Reporter(as_json)
-    o.closing.append(reporter.close)
-    return Session(o.uri, o.state_dir, o.lock_timeout, reporter)
+    session = Session(o.uri, o.state_dir, o.lock_timeout, reporter)
+    o.closing += [reporter.close, session.close]
+    return session
 
 
 def _print_plan(plan, as_json, dry_run, result=None, session=None):

@@ -94,6 +94,12 @@ class Session:
         noted = os.path.exists(os.path.join(self.state, CATALOG_FILE))
         return Catalog.open(self.state if noted else self._confirmed_state())
 
+    def close(self):
+        """Close the catalog if it was opened: its last connection checkpoints and removes the WAL file, so
+        the catalog is one file again (a process may end without tearing its objects down)."""
+        if "catalog" in self.__dict__:
+            self.catalog.close()
+
     @functools.cached_property
     def host(self) -> Host:
         """Where disks that are not local files live ($SNAPFW_HOST): steps find it here again on repair."""
