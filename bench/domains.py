@@ -211,17 +211,27 @@ class LibvirtDomain:
 
 def libvirtd_rss_mib() -> float | None:
     """Resident memory of the running libvirtd (it does the work behind virsh, not counted in virsh's RSS)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    return _largest_rss_mib(lambda pid: _read(f"/proc/{pid}/comm").strip() == "libvirtd")
+
+
+def resident_rss_mib() -> float | None:
+    """Resident memory of snapfw's resident interpreter (snapfw.tools.resident: it runs the commands' workers,
+    not counted in a command's RSS); the largest if there are several."""
+    return _largest_rss_mib(lambda pid: "snapfw.resident" in _read(f"/proc/{pid}/cmdline"))
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def _largest_rss_mib(matches) -> float | None:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != "libvirtd":
-                    continue
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
+            if matches(pid):
+                found += [int(line.split()[1]) / 1024 for line in _read(f"/proc/{pid}/status").splitlines()
+                          if line.startswith("VmRSS:")]
         except OSError:
             continue
-    return None
+    return max(found, default=None)

@@ -244,6 +244,8 @@ def run(args) -> dict:
         if lv is not None:
             rss = domains.libvirtd_rss_mib()
             result["libvirtd_rss_mib"] = None if rss is None else round(rss, 1)
+        rss = domains.resident_rss_mib()
+        result["resident_rss_mib"] = None if rss is None else round(rss, 1)
     finally:
         if lv is not None:
             try:
@@ -409,6 +411,9 @@ def render(result) -> str:
     if result.get("libvirtd_rss_mib") is not None:
         out.append(f"(virsh is a client: libvirtd does the work and was {result['libvirtd_rss_mib']:.1f} MiB "
                    "resident at the end, not counted above)")
+    if result.get("resident_rss_mib") is not None:
+        out.append(f"(snapfw's commands were run by its resident interpreter, {result['resident_rss_mib']:.1f} MiB "
+                   "resident at the end, not counted above; SNAPFW_RESIDENT=0 times them without it)")
     pop = result["populate_s"]
     out += ["", "populating: snapfw " + ", ".join(f"{c}: {s:.1f} s" for c, s in pop["snapfw"].items())
             + ("; libvirt " + ", ".join(f"{c}: {s:.1f} s" for c, s in pop["libvirt"].items()) if pop["libvirt"]

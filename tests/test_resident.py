@@ -98,7 +98,7 @@ def _is_resident(pid: int) -> bool:
 
 def test_a_command_runs_in_the_resident_interpreter_as_it_would_alone(env, own):
     variables, log = own
-    pid = started(env, variables)
+    started(env, variables)
     outcomes = {}
     for mode in ("resident", "alone"):
         extra = {**variables, "SNAPFW_RESIDENT": "0"} if mode == "alone" else variables
