@@ -75,7 +75,12 @@ def started(env, variables) -> int:
 
 def _listening(pid: int) -> bool:
     """True once ``pid`` has a socket bound to a resident interpreter's address (/proc/net/unix)."""
-    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1])
+        except OSError:  # closed meanwhile
+            continue
     with open("/proc/net/unix") as f:
         rows = [line.split() for line in f]
     return any(len(row) == 8 and row[6] in inodes and row[7].startswith("@snapfw-resident-") for row in rows)
@@ -166,6 +171,12 @@ def test_another_context_or_an_upgrade_is_declined(env, own):
     pid = started(env, variables)
     env.run("list", "web", env=variables)
     env.run("create", "web", "a", env={**variables, "PYTHONHASHSEED": "7"})  # another context: run alone
+    assert not any(ran_in(log))
+    # started with SIGINT ignored (`snapfw ... &` in a script): it must keep ignoring Ctrl-C, so it runs alone
+    subprocess.run([sys.executable, "-m", "snapfw", "--connect", env.uri, "delete", "web", "a"], check=True,
+                   env={**os.environ, **variables}, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert not any(ran_in(log))
+    env.run("create", "web", "a", env={**variables, "LC_ALL": "C"})  # another locale
     assert not any(ran_in(log))
     env.run("create", "web", "b", env=variables)
     served = ran_in(log)

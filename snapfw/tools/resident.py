@@ -9,7 +9,8 @@ is carried from one command to the next.
 
 A command uses it only when all that a forked worker cannot take over from the command is the same (see
 :func:`context`: the interpreter, its path and flags, user and groups, namespaces and root, priority, CPUs,
-cgroup, limits, capabilities and the ``LD_*``/``PYTHON*`` variables); otherwise it runs itself. The
+cgroup, limits, capabilities, blocked and ignored signals, and the loader's, interpreter's and locale's
+variables); otherwise it runs itself. The
 resident interpreter exits after IDLE_SECONDS without a command, and once a file it imported has changed
 (an upgrade). SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to the command are passed on to its worker; a command
 killed outright (SIGKILL) has its worker killed the same way; the command ends with its worker's exit
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import _signal  # not `signal` and `socket`: building their enums costs a command more than it saves
 import _socket
@@ -34,7 +36,10 @@ HANDSHAKE_SECONDS = 5.0
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 _ACCEPTED, _DECLINED = b"+", b"-"
 _MAX_REQUEST = 1 << 20
-_STATUS_LINES = (b"Cap", b"NoNewPrivs", b"Seccomp")
+# of /proc/self/status: capabilities, privileges, the signals blocked
+_STATUS_LINES = (b"Cap", b"NoNewPrivs", b"Seccomp", b"SigBlk")
+# variables read once, as the interpreter starts: the loader's, the interpreter's, the locale
+_START_VARIABLES = ("LD_", "PYTHON", "LC_", "LANG")
 STALE = object()
 
 
@@ -53,9 +58,12 @@ def context() -> bytes:
     parts = [sys.executable, repr(sys.path), repr(sys.flags), repr((os.getuid(), os.getgid(), os.getgroups())),
              *(os.readlink(f"/proc/self/{link}") for link in ("ns/mnt", "ns/pid", "ns/user", "ns/uts", "root")),
              repr((os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)))),
-             *sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(("LD_", "PYTHON")))]
+             # a command started with SIGINT ignored (`snapfw ... &` in a script) keeps ignoring Ctrl-C
+             repr([_signal.getsignal(number) == _signal.SIG_IGN for number in FORWARDED]),
+             *sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(_START_VARIABLES))]
     return b"\0".join([*(p.encode("utf-8", "surrogateescape") for p in parts), status,
-                       read("/proc/self/cgroup"), read("/proc/self/limits"), read("/proc/self/attr/current")])
+                       read("/proc/self/cgroup"), read("/proc/self/limits"), read("/proc/self/attr/current"),
+                       read("/proc/self/oom_score_adj")])
 
 
 def _address(ctx: bytes) -> bytes:
@@ -158,7 +166,6 @@ def serve(address: bytes, main) -> None:
     SystemExit unwinds through it to the interpreter's own exit)."""
     import gc
     import select
-    import time
 
     listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
@@ -296,6 +303,7 @@ def _worker(close: list, fds: list[int], cwd: str, umask: int, argv: list[str], 
         os.umask(umask)
         os.environb.clear()
         os.environb.update(env)
+        time.tzset()  # TZ as the command has it
         sys.argv = argv
         sys.stdout.reconfigure(line_buffering=sys.stdout.isatty())
     except BaseException as e:  # noqa: BLE001 - nothing of the command has run: say why, fail
