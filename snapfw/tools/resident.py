@@ -105,13 +105,27 @@ def attach(argv: list[str], server: str) -> None:
     address = _address(ctx)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
+        sock.connect(address)
+    except OSError:
+        _start(address, server)
+        return
+    # from here a signal is for the worker: held until it runs, for the command itself if it is declined
+    held: list[int] | None = []
+
+    def forward(number, _frame):
+        if held is not None:
+            held.append(number)
+            return
         try:
-            sock.connect(address)
+            sock.send(bytes([number]))
         except OSError:
-            _start(address, server)
-            return
+            pass
+
+    caught = [n for n in FORWARDED if _signal.getsignal(n) != _signal.SIG_IGN]
+    previous = {number: _signal.signal(number, forward) for number in caught}
+    try:
         if not _peer_is_me(sock):
-            return
+            raise ConnectionRefusedError("another user's socket")
         umask = os.umask(0o077)
         os.umask(umask)
         request = _pack([ctx, os.fsencode(cwd), b"%d" % umask, b"%d" % len(argv), *map(os.fsencode, argv),
@@ -120,20 +134,18 @@ def attach(argv: list[str], server: str) -> None:
         sock.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                                   b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2)))])
         if sock.recv(1) != _ACCEPTED:
-            return
-    except OSError:  # too large, a standard stream closed, no answer in time: run here
+            raise ConnectionRefusedError("declined")
+    except OSError:  # another user's, too large, a standard stream closed, declined, no answer in time
         sock.close()
+        for number, handler in previous.items():
+            _signal.signal(number, handler)
+        for number in held:  # the command, run here, gets them now
+            os.kill(os.getpid(), number)
         return
     sock.settimeout(None)
-
-    def forward(number, _frame):
-        try:
-            sock.send(bytes([number]))
-        except OSError:
-            pass
-
-    for number in FORWARDED:
-        _signal.signal(number, forward)
+    for number in held:
+        sock.send(bytes([number]))
+    held = None
     reply = sock.recv(2)
     if len(reply) != 2:
         os.write(2, b"snapfw: the resident interpreter running this command ended without its status\n")
