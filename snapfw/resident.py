@@ -8,7 +8,7 @@ from . import cli, clone, commands, lifecycle, plugins, usage  # noqa: F401 - im
 from .tools import resident
 
 # what commands import only when they need it, imported here once for every worker
-LAZY = ("yaml", "libvirt", "libvirt_qemu", "json", "zlib", "hashlib", "shlex", "tempfile", "ctypes", "fcntl",
+LAZY = ("yaml", "libvirt", "libvirt_qemu", "json", "zlib", "hashlib", "shlex", "tempfile", "fcntl",
         "datetime", "concurrent.futures", "rich.console", "rich.progress", "rich.table", "pluggy",
         "snapfw.model", "snapfw.memory", *plugins.BUILTIN)
 

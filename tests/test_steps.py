@@ -57,3 +57,29 @@ def test_tags_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
         qemuimg.tags(path)
     with pytest.raises(ToolError):
         qemuimg.tags(str(tmp_path / "missing.qcow2"))
+
+
+def test_a_program_run_gets_its_limits_and_dies_with_snapfw(tmp_path):
+    """run(): an untrusted image's program gets the CPU and address-space limits (rule 9), and any program
+    gets SIGTERM when the process that ran it dies, even by SIGKILL (no orphan holding an image lock)."""
+    import signal
+    import sys
+    import time
+
+    from conftest import exited_within
+
+    from snapfw.tools.run import LIMIT_ADDRESS_SPACE, LIMIT_CPU_SECONDS, run
+
+    assert run(["sh", "-c", "ulimit -t; ulimit -v"], limited=True).split() == [
+        str(LIMIT_CPU_SECONDS), str(LIMIT_ADDRESS_SPACE // 1024)]
+    assert run(["sh", "-c", "ulimit -t"]).split() == ["unlimited"]
+    pidfile = tmp_path / "pid"
+    runner = subprocess.Popen([sys.executable, "-c", "from snapfw.tools.run import run; "
+                               f"run(['sh', '-c', 'echo $$ > {pidfile}; exec sleep 60'])"])
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    program = int(pidfile.read_text())
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    assert exited_within(program, 5), "the program outlived the process that ran it"
