@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 from . import domains, measure
 
@@ -136,6 +137,33 @@ def _allocated(path: str) -> int:
     return sum(e["length"] for e in json.loads(out) if e["depth"] == 0 and e["data"])
 
 
+def _settle(log, most: float = 30.0) -> None:
+    """Wait until the guests just started stop using the CPUs (their firmware's start: seconds of CPU under
+    TCG, and enough beside it to double every time measured then), at most ``most`` seconds: until all
+    QEMU processes together use under a tenth of a CPU over half a second."""
+    def cpu() -> int:
+        ticks = 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if "(qemu-system-" in stat:
+                fields = stat[stat.rindex(")") + 2:].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks
+
+    start, hz = time.monotonic(), os.sysconf("SC_CLK_TCK")
+    while time.monotonic() - start < most:
+        before = cpu()
+        time.sleep(0.5)
+        if (cpu() - before) / hz < 0.05:
+            log(f"bench: the guests idle after {time.monotonic() - start:.1f} s")
+            return
+    log(f"bench: warning: the guests still use the CPU after {most:.0f} s; timing anyway")
+
+
 def measure_live(conn, root: str, snapfw: list[str], virsh: list[str], env: dict, repeat: int, log) -> dict:
     """Create rounds on all four guests (interleaved, the first untimed), then ``repeat`` live deletes of a
     middle snapshot: snapfw's (qmp driver) against ``virsh blockcommit`` of a middle layer of each disk."""
@@ -146,6 +174,7 @@ def measure_live(conn, root: str, snapfw: list[str], virsh: list[str], env: dict
         q_snapfw, q_floor = Qemu(root, f"{domains.NAME_PREFIX}{os.getpid()}-q"), Qemu(root, f"{domains.NAME_PREFIX}{os.getpid()}-f")
         if conn is not None:
             lv_snapfw, lv_virsh = LibvirtGuest(conn, root, "lvs"), LibvirtGuest(conn, root, "lvv")
+        _settle(log)
         for rnd in range(repeat + 1 + repeat):  # enough snapshots for `repeat` deletes of a middle one
             name = f"l{rnd}"
             q_snapfw.write(rnd + 1, rnd * MIB % (15 * MIB))
@@ -271,6 +300,7 @@ def measure_memory(conn, root: str, snapfw: list[str], virsh: list[str], env: di
         if conn is not None:
             lv = LibvirtGuest(conn, root, "lvm", events=True)
             ls = LibvirtGuest(conn, root, "lsm", events=True)
+        _settle(log)
         for rnd in range(repeat + 1):
             name = f"m{rnd}"
             q.write(rnd + 1, rnd * MIB % (15 * MIB))
