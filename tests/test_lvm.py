@@ -272,3 +272,21 @@ class Conformance(BackendConformance):
 
 if os.environ.get(CONFORMANCE_ENV) == "1":
     TestConformance = Conformance
+
+
+def test_snapshot_lv_names_fit_what_lvm_holds():
+    """A snapshot name maps to an LV name LVM takes: `VG/LV` and the device-mapper name (each `-` doubled)
+    within its 127 characters, for long, odd and dash-filled names; distinct names never share an LV. Found
+    by the conformance kit on the guest: a 255-character name failed lvcreate ("Full LV name ... too long")."""
+    from snapfw_lvm import lv_name
+
+    from snapfw.tools.lvm import MAX_NAME
+
+    names = ["s1", "y" * 255, "y" * 254 + "z", "été " * 40, "-" * 200, "a_b", "a-b", "x" * 110]
+    for vg, origin in (("t4", "vms0-vm-vda"), ("vg-with-dashes", "web-disk-vda")):
+        mapped = [lv_name(vg, origin, n, suffix) for n in names for suffix in ("", ".new")]
+        assert len(set(mapped)) == len(mapped)
+        for lv in mapped:
+            assert len(f"{vg}/{lv}") <= MAX_NAME and len(vg) + vg.count("-") + 1 + len(lv) + lv.count("-") <= MAX_NAME
+            assert lv.startswith(f"{origin}.")
+    assert lv_name("t4", "web", "s1") == "web.s1"

@@ -50,17 +50,27 @@ THIN_POOL_LIMIT = 90.0  # percent of a thin pool's data or metadata space a new 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def lv_name(origin: str, snapshot: str, suffix: str = "") -> str:
-    """The LV holding ``snapshot`` of ``origin``: ``ORIGIN.NAME``. Characters LVM does not allow (and ``_``,
-    which starts its reserved suffixes) become ``-``; a name changed or cut that way ends in ``.`` and 8
-    hex digits of its sha256, so distinct snapshot names never share an LV."""
+def lv_name(vg: str, origin: str, snapshot: str, suffix: str = "") -> str:
+    """The LV holding ``snapshot`` of ``origin`` in volume group ``vg``: ``ORIGIN.NAME``. Characters LVM does
+    not allow (and ``_``, which starts its reserved suffixes) become ``-``; a name changed or cut that way
+    ends in ``.`` and 8 hex digits of its sha256, so distinct snapshot names never share an LV. Cut to what
+    LVM holds: ``VG/LV`` and the device-mapper name ``VG-LV`` (each ``-`` in either doubled) within its
+    NAME_LEN."""
+
+    def fits(slug: str) -> bool:
+        lv = f"{origin}.{slug}{suffix}"
+        return (len(vg) + 1 + len(lv) <= lvm.MAX_NAME
+                and len(vg) + vg.count("-") + 1 + len(lv) + lv.count("-") <= lvm.MAX_NAME)
+
     slug = re.sub(r"[^A-Za-z0-9+.-]", "-", snapshot)
-    room = lvm.MAX_NAME - len(origin) - 1 - len(suffix)
-    if slug != snapshot or len(slug) > room:
+    if slug != snapshot or not fits(slug):
         import hashlib  # here: every command loads this plugin, few need a digest
 
         digest = hashlib.sha256(snapshot.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-        slug = slug[:room - 9] + "." + digest
+        keep = len(slug)
+        while keep and not fits(f"{slug[:keep]}.{digest}"):
+            keep -= 1
+        slug = f"{slug[:keep]}.{digest}"
     return f"{origin}.{slug}{suffix}"
 
 
@@ -260,7 +270,7 @@ class LvmBackend(DiskBackend):
     def create(self, op, snapshot):
         host = op.host
         origin = self._origin(host, op.disk)
-        vg_name, name = origin["vg_name"], lv_name(origin["lv_name"], snapshot)
+        vg_name, name = origin["vg_name"], lv_name(origin["vg_name"], origin["lv_name"], snapshot)
         if lvm.lv(host, vg_name, name) is not None:
             raise Refused(f"disk {op.disk.target}: logical volume {vg_name}/{name} already exists")
         if _merging(origin):
@@ -316,7 +326,7 @@ class LvmBackend(DiskBackend):
             raise Refused(f"disk {op.disk.target}: {vg_name}/{origin} is open (something holds it, maybe a "
                           "running guest); a revert needs it closed")
         if record["kind"] == "thin":
-            fresh, old = lv_name(origin, snapshot, ".new"), lv_name(origin, snapshot, ".old")
+            fresh, old = lv_name(vg_name, origin, snapshot, ".new"), lv_name(vg_name, origin, snapshot, ".old")
             op.prepare += [CreateSnapshotLV(vg_name, name, fresh, active=True), RenameLV(vg_name, origin, old),
                            RenameLV(vg_name, fresh, origin)]
             op.finish.append(RemoveLV(vg_name, old))
