@@ -94,6 +94,9 @@ def main(args: list[str] | None = None, prog_name: str = "snapfw"):
 
 
 def run(args: list[str], prog_name: str = "snapfw"):
+    for stream in ("stdout", "stderr"):  # closed when snapfw started (`snapfw list web >&-`): as /dev/null
+        if getattr(sys, stream) is None:
+            setattr(sys, stream, open(os.devnull, "w"))
     parsed = plain(args)
     if parsed is None:
         from .usage import group

@@ -113,3 +113,17 @@ def test_closed_stdout_ends_quietly_on_both_readers(env):
                            stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
         os.close(write)
         assert (p.returncode, p.stderr) == (1, "")
+
+
+def test_a_stream_closed_at_start_is_as_dev_null_on_both_readers(env):
+    """`snapfw create web b >&-`: the command runs, its output goes nowhere, its status is its own (it was
+    an internal error); an error still goes to stderr, if that is open."""
+    env.make_domain("web")
+    for extra, name in (([], "b"), (["--lock-timeout", "5"], "c")):  # the plain form, then one click reads
+        p = subprocess.run([sys.executable, "-m", "snapfw", *extra, "--connect", env.uri, "create", "web", name],
+                           stderr=subprocess.PIPE, text=True, timeout=60, preexec_fn=lambda: os.close(1))
+        assert (p.returncode, p.stderr) == (0, "")
+        p = subprocess.run([sys.executable, "-m", "snapfw", *extra, "--connect", env.uri, "show", "web", "nosuch"],
+                           stderr=subprocess.PIPE, text=True, timeout=60, preexec_fn=lambda: os.close(1))
+        assert p.returncode == 2 and "no snapshot 'nosuch'" in p.stderr
+    assert env.snapshot_names() == ["b", "c"]

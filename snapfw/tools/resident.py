@@ -99,8 +99,10 @@ def attach(argv: list[str], server: str) -> None:
     if os.environ.get(ENV, "1").strip() == "0":
         return
     try:
+        for fd in (0, 1, 2):  # one closed (`snapfw ... >&-`) would be taken by the next file opened here
+            os.fstat(fd)
         ctx, cwd = context(), os.getcwd()
-    except OSError:  # a working directory removed, no /proc: run here
+    except OSError:  # a standard stream closed, the working directory removed, no /proc: run here
         return
     address = _address(ctx)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
