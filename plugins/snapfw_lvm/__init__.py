@@ -151,11 +151,14 @@ class CreateSnapshotLV(Step):
 
 @dataclass
 class RenameLV(Step):
-    """``vg/old`` becomes ``vg/new``; done and undone by looking at which of the two names exists."""
+    """``vg/old`` becomes ``vg/new``; done and undone by looking at which of the two names exists. A rename
+    into a name another LV held (``aside``: the name that LV was moved to by the step before) is undone only
+    while that LV is aside: otherwise ``new`` is still the other LV, and this rename never ran."""
 
     vg: str
     old: str
     new: str
+    aside: str | None = None
 
     def _names(self, ctx) -> set[str]:
         return {r["lv_name"] for r in lvm.lvs(ctx.host, self.vg)}
@@ -167,7 +170,7 @@ class RenameLV(Step):
 
     def undo(self, ctx):
         names = self._names(ctx)
-        if self.new in names and self.old not in names:
+        if self.new in names and self.old not in names and (self.aside is None or self.aside in names):
             lvm.lvm(ctx.host, ["lvrename", "-q", self.vg, self.new, self.old])
 
     def describe(self):
@@ -328,7 +331,7 @@ class LvmBackend(DiskBackend):
         if record["kind"] == "thin":
             fresh, old = lv_name(vg_name, origin, snapshot, ".new"), lv_name(vg_name, origin, snapshot, ".old")
             op.prepare += [CreateSnapshotLV(vg_name, name, fresh, active=True), RenameLV(vg_name, origin, old),
-                           RenameLV(vg_name, fresh, origin)]
+                           RenameLV(vg_name, fresh, origin, aside=old)]
             op.finish.append(RemoveLV(vg_name, old))
         else:
             op.finish += [MergeSnapshotLV(vg_name, name, origin),
