@@ -40,9 +40,18 @@ def own(env, tmp_path):
     variables = {"PYTHONSNAPFWTEST": str(tmp_path), "SNAPFW_RESIDENT": "30",
                  "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.make_domain("web")
-    yield variables, log
-    for pid in residents(str(tmp_path)):
-        os.kill(pid, signal.SIGTERM)
+    # the commands start with the signals they forward not ignored, whatever this test run was started with
+    # (`cmd &` in a script ignores SIGINT and SIGQUIT, nohup SIGHUP: then so do its commands and their
+    # resident interpreter, which is right for them, but not what these tests are about)
+    previous = {n: signal.signal(n, signal.default_int_handler if n == signal.SIGINT else signal.SIG_DFL)
+                for n in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        yield variables, log
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for pid in residents(str(tmp_path)):
+            os.kill(pid, signal.SIGTERM)
 
 
 def residents(marker: str) -> list[int]:
