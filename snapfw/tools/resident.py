@@ -10,11 +10,10 @@ is carried from one command to the next.
 A command uses it only when all that a forked worker cannot take over from the command is the same (see
 :func:`context`: the interpreter, its path and flags, user and groups, namespaces and root, priority, CPUs,
 cgroup, limits, capabilities, blocked and ignored signals, and the loader's, interpreter's and locale's
-variables); otherwise it runs itself. The
-resident interpreter exits after IDLE_SECONDS without a command, and once a file it imported has changed
-(an upgrade). SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to the command are passed on to its worker; a command
-killed outright (SIGKILL) has its worker killed the same way; the command ends with its worker's exit
-status, or dies of the same signal. ``SNAPFW_RESIDENT=0`` runs every command in its own interpreter;
+variables); otherwise it runs itself. The resident interpreter exits after IDLE_SECONDS without a command,
+and once a file it imported has changed (an upgrade). SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to the
+command are passed on to its worker; a command killed outright (SIGKILL) has its worker killed the same
+way; the command ends with its worker's exit status, or dies of the same signal. ``SNAPFW_RESIDENT=0`` runs every command in its own interpreter;
 ``SNAPFW_RESIDENT=N`` (seconds) sets how long the next resident interpreter started waits idle.
 
 The socket is an abstract one (no file to leave behind or to hold a mount busy), named by user and
@@ -176,8 +175,8 @@ def _start(address: bytes, server: str) -> None:
 # --- the resident interpreter's side --------------------------------------------------------------------------
 def serve(address: bytes, main) -> None:
     """Listen on ``address`` and run ``main(argv)`` in a forked worker per command, until idle or stale.
-    Call it once everything commands use is imported; in a worker it does not return (the command's
-    SystemExit unwinds through it to the interpreter's own exit)."""
+    Call it once everything commands use is imported; a worker never returns from it (it ends with its
+    command's status, see :func:`_run`)."""
     import gc
     import select
 
@@ -188,7 +187,7 @@ def serve(address: bytes, main) -> None:
         return
     listener.listen(64)
     ctx, stamps, idle = context(), _stamps(), _idle_seconds()
-    gc.freeze()  # what is imported stays out of every collection: a worker's collections touch none of its pages
+    gc.freeze()  # what is imported stays out of every collection: a worker's touch none of the shared pages
     workers: dict[int, tuple[int, object | None]] = {}  # pidfd -> (pid, the command's connection)
     watched: dict[object, int] = {}  # a command's connection -> its worker's pidfd
     idle_since = time.monotonic()
