@@ -13,8 +13,9 @@ cgroup, limits, capabilities, blocked and ignored signals, and the loader's, int
 variables); otherwise it runs itself. The resident interpreter exits after IDLE_SECONDS without a command,
 and once a file it imported has changed (an upgrade). SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to the
 command are passed on to its worker; a command killed outright (SIGKILL) has its worker killed the same
-way; the command ends with its worker's exit status, or dies of the same signal. ``SNAPFW_RESIDENT=0`` runs every command in its own interpreter;
-``SNAPFW_RESIDENT=N`` (seconds) sets how long the next resident interpreter started waits idle.
+way; the command ends with its worker's exit status, or dies of the same signal. ``SNAPFW_RESIDENT=0``
+runs every command in its own interpreter; ``SNAPFW_RESIDENT=N`` (seconds) sets how long the next
+resident interpreter started waits idle.
 
 The socket is an abstract one (no file to leave behind or to hold a mount busy), named by user and
 context; each end checks that the other is the same user (SO_PEERCRED) before anything is sent.
