@@ -19,7 +19,8 @@ _LINE_END = re.compile(r"[\r\n]")
 LIMIT_CPU_SECONDS = 30
 LIMIT_ADDRESS_SPACE = 2 << 30
 LIMIT_WALL_SECONDS = 60
-PACKAGE_HINT = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils", "setpriv": "util-linux", "prlimit": "util-linux"}
+PACKAGE_HINT = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils", "setpriv": "util-linux",
+                "prlimit": "util-linux"}
 
 
 def _wrapped(argv: list[str], limited: bool, wall: float | None) -> list[str]:
@@ -28,13 +29,14 @@ def _wrapped(argv: list[str], limited: bool, wall: float | None) -> list[str]:
     right after a crash would find the image "in use"), and, if ``limited``, prlimit; each execs the next.
     Wrappers, not a preexec function doing the same in the forked child: that forbids vfork, and every run
     would be a full fork of the interpreter (3 ms more per program with the resident interpreter's modules
-    loaded). SIGTERM, not SIGKILL: coreutils `timeout` passes it on to the program. A snapfw killed in the
+    loaded). SIGTERM, not SIGKILL: coreutils `timeout` passes it on to the program. The kernel sends it when
+    the forking thread ends, so programs are run from threads that outlive them. A snapfw killed in the
     instant between the fork and setpriv's prctl leaves that one program to run to its end (or its limit)."""
     full = ["setpriv", "--pdeathsig", "TERM", "--"]
     if limited:
         full += ["prlimit", f"--cpu={LIMIT_CPU_SECONDS}", f"--as={LIMIT_ADDRESS_SPACE}", "--"]
     # coreutils timeout: it kills the program (and only it) however snapfw waits for it
-    return full + (["timeout", "-k", "5", f"{wall:g}"] if wall else []) + argv
+    return full + (["timeout", "-k", "5", str(wall)] if wall else []) + argv
 
 
 def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float | None = None,
