@@ -8,9 +8,8 @@ from . import cli, clone, commands, lifecycle, plugins, usage  # noqa: F401 - im
 from .tools import resident
 
 # what commands import only when they need it, imported here once for every worker
-LAZY = ("yaml", "libvirt", "libvirt_qemu", "json", "zlib", "hashlib", "shlex", "tempfile", "fcntl",
-        "datetime", "concurrent.futures", "rich.console", "rich.progress", "rich.table", "pluggy",
-        "snapfw.model", "snapfw.memory", *plugins.BUILTIN)
+LAZY = ("yaml", "libvirt", "libvirt_qemu", "hashlib", "shlex", "tempfile", "concurrent.futures", "rich.console",
+        "rich.progress", "rich.table", "pluggy", *plugins.BUILTIN)
 
 
 def serve(address: bytes) -> None:

@@ -3,8 +3,8 @@ snapfw already behave exactly as commands run in their own: same output, exit st
 recovery; it declines what it cannot take over (another context, an upgrade) and goes away when idle.
 
 Each test gets a resident interpreter of its own: a PYTHON* variable is part of the context that names it.
-Which process ran a command is told by a `qemu-img` wrapper first on PATH that records its parent's parent
-(the resident interpreter's pid when a worker forked from it ran the command)."""
+Which process ran a command is told by a `qemu-img` wrapper first on PATH that records its ancestors (a
+resident interpreter among them when a worker forked from it ran the command)."""
 
 from __future__ import annotations
 
@@ -58,10 +58,9 @@ def residents(marker: str) -> list[int]:
     """The resident interpreters started with PYTHONSNAPFWTEST=marker."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if not _is_resident(int(pid)):
+            continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"snapfw.resident" not in f.read():
-                    continue
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if f"PYTHONSNAPFWTEST={marker}".encode() in f.read().split(b"\0"):
                     found.append(int(pid))

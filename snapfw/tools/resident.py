@@ -250,15 +250,8 @@ def _idle_seconds() -> float:
 
 def _stamps() -> dict[str, int]:
     """The modification time of every file imported so far: one changed means snapfw was upgraded."""
-    stamps = {}
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if path:
-            try:
-                stamps[path] = os.stat(path).st_mtime_ns
-            except OSError:
-                stamps[path] = -1
-    return stamps
+    paths = {getattr(module, "__file__", None) for module in list(sys.modules.values())}
+    return {path: _mtime(path) for path in paths if path}
 
 
 def _accept(listener, ctx: bytes, stamps: dict[str, int]):
