@@ -117,8 +117,8 @@ class Session:
 
 # --- reading the world ---------------------------------------------------------------------------------
 class Inspector:
-    """``qemu-img info --backing-chain`` once per file, refusing chains that leave the allowed roots,
-    that let qemu guess a backing format, or that disagree with the catalog."""
+    """``qemu-img info --backing-chain``'s view (:func:`qemuimg.chain`) once per file, refusing chains that
+    leave the allowed roots, that let qemu guess a backing format, or that disagree with the catalog."""
 
     def __init__(self, roots, files: dict[str, ImageFile], in_use=None, live=None):
         """``in_use(path)``, for reports only: called for an image a running QEMU holds, which is then
@@ -137,7 +137,7 @@ class Inspector:
         """The image and each file below it, top first."""
         if path not in self.cache:
             try:
-                chain = self.live.get(path) or qemuimg.info(path, fmt, chain=True)
+                chain = self.live.get(path) or qemuimg.chain(path, fmt)
             except ImageInUse:
                 if self.in_use is None:
                     raise

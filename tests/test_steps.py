@@ -59,6 +59,80 @@ def test_tags_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
         qemuimg.tags(str(tmp_path / "missing.qcow2"))
 
 
+def test_chains_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
+    """qemuimg.chain reads ordinary qcow2 and raw chains from their headers (each change inspects its disks
+    first): the same nodes as `qemu-img info --backing-chain`, key for key; everything else (a lock, a data
+    file, encryption, a loop, a missing file, no backing format) goes to qemu-img, which answers or refuses
+    as it always did."""
+    import fcntl
+    import struct
+
+    require("qemu-img")
+    from snapfw.errors import ImageInUse, ToolError
+    from snapfw.tools import qemuimg
+
+    def img(*args):
+        subprocess.run(["qemu-img", *args], check=True, cwd=tmp_path, capture_output=True)
+
+    (tmp_path / "sub").mkdir()
+    img("create", "-q", "-f", "raw", "base.raw", "3M")
+    img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.raw", "-F", "raw", "mid.qcow2")
+    for name in ("one", "twö", "x" * 250):
+        img("snapshot", "-c", name, "mid.qcow2")
+    img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,compression_type=zstd,cluster_size=2M",
+        "-b", "../mid.qcow2", "-F", "qcow2", "sub/top.qcow2", "5M")
+    img("bitmap", "--add", "sub/top.qcow2", "dirty")
+    img("create", "-q", "-f", "qcow2", "-b", str(tmp_path / "sub/top.qcow2"), "-F", "qcow2", "abs.qcow2")
+    img("snapshot", "-c", "t", "abs.qcow2")
+    calls = []
+    real_info = qemuimg.info
+    monkeypatch.setattr(qemuimg, "info", lambda *a, **k: calls.append(a) or real_info(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    read = []
+    for path, fmt in [("abs.qcow2", "qcow2"), (str(tmp_path / "abs.qcow2"), "qcow2"), ("sub/top.qcow2", "qcow2"),
+                      ("./sub/../mid.qcow2", "qcow2"), ("base.raw", "raw"), ("mid.qcow2", "raw")]:
+        ours = qemuimg.chain(path, fmt)
+        assert not calls, path
+        theirs = real_info(path, fmt, chain=True)
+        assert [n["filename"] for n in ours] == [n["filename"] for n in theirs], path
+        for mine, qemu in zip(ours, theirs):
+            assert mine == {k: qemu[k] for k in mine}, path
+            assert set(qemu) - set(mine) <= {"actual-size", "format-specific", "dirty-flag", "children"}, path
+        read.append(len(ours))
+    assert read == [4, 4, 3, 2, 1, 1]
+    assert {s["name"] for s in qemuimg.chain("mid.qcow2", "qcow2")[0]["snapshots"]} == {"one", "twö", "x" * 250}
+
+    def left_to_qemu_img(path, fmt="qcow2"):
+        calls.clear()
+        try:
+            return qemuimg.chain(path, fmt)
+        finally:
+            assert calls, path
+
+    img("create", "-q", "-f", "raw", "data.raw", "1M")
+    img("create", "-q", "-f", "qcow2", "-o", "data_file=data.raw", "data.qcow2", "1M")
+    assert left_to_qemu_img("data.qcow2")[0]["format-specific"]["data"]["data-file"] == "data.raw"
+    img("create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=x", "-o", "encrypt.format=luks,"
+        "encrypt.key-secret=s", "luks.qcow2", "1M")
+    left_to_qemu_img("luks.qcow2")
+    img("create", "-q", "-f", "qcow2", "a.qcow2", "1M")
+    img("create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2")
+    img("rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2")
+    with pytest.raises(ToolError):
+        left_to_qemu_img("b.qcow2")  # a loop
+    with pytest.raises(ToolError):
+        left_to_qemu_img("missing.qcow2")
+    with pytest.raises(ToolError):
+        left_to_qemu_img("nbd:localhost:1", "raw")
+    with open("sub/top.qcow2", "rb") as held:  # a QEMU that reads the middle file: qemu-img reads on
+        lock = struct.pack("@hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 100, 1, 0)
+        fcntl.fcntl(held, fcntl.F_OFD_SETLK, lock)
+        assert len(left_to_qemu_img("abs.qcow2")) == 4
+        fcntl.fcntl(held, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 101, 1, 0))
+        with pytest.raises(ImageInUse):  # one that writes it: refused, as before
+            left_to_qemu_img("abs.qcow2")
+
+
 def test_a_program_run_gets_its_limits_and_dies_with_snapfw(tmp_path):
     """run(): an untrusted image's program gets the CPU and address-space limits (rule 9), and any program
     gets SIGTERM when the process that ran it dies, even by SIGKILL (no orphan holding an image lock)."""

@@ -5,7 +5,9 @@ Each ``*_argv`` builder is what a plan shows in ``--dry-run``; the function of t
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import struct
 
 from ..errors import ToolError
@@ -64,35 +66,134 @@ def tags(path: str) -> set[str]:
     does not take for an ordinary qcow2 one (encrypted, damaged, missing) is left to ``qemu-img info``."""
     try:
         with open(path, "rb") as f:
-            return _read_tags(f)
+            return {s["name"] for s in _read_qcow2(f).get("snapshots", [])}
     except (OSError, ValueError, struct.error):
         return {s["name"] for s in info(path, "qcow2").get("snapshots", [])}
 
 
-def _read_tags(f) -> set[str]:
-    header = f.read(72)
+def chain(path: str, fmt: str) -> list[dict]:
+    """What ``qemu-img info --backing-chain`` says of ``path``, top first, read from the headers when every
+    file is an ordinary local qcow2 or raw image no other process holds (each change reads its disks'
+    chains first, and a qemu-img start is most of a small command's time); anything else (a lock, a
+    protocol or ``json:`` name, encryption, an external data file, a dirty or corrupt image, a loop, a
+    missing file) is left to qemu-img, which gives the error or the answer it always gave.
+
+    Each node has ``filename``, ``format``, ``virtual-size``, the ``backing-filename``,
+    ``full-backing-filename`` and ``backing-filename-format`` of a file that has one, and qcow2's
+    ``cluster-size``, ``dirty-flag`` and ``snapshots`` (each with qemu-img's keys) as qemu-img prints them.
+    """
+    try:
+        return _read_chain(path, fmt)
+    except (OSError, ValueError, struct.error):
+        return info(path, fmt, chain=True)
+
+
+_MAX_CHAIN = 256
+_INCOMPATIBLE_READ = 0b11000  # compression type, extended L2: headers read the same
+_EXT_END, _EXT_BACKING_FORMAT = 0, 0xE2792ACA
+_EXT_READ = {_EXT_BACKING_FORMAT, 0x6803F857, 0x23852875}  # and the feature names, bitmaps: nothing to read
+# QEMU's lock bytes (block/file-posix.c: 100 + permission, 200 + permission it does not share)
+_QEMU_LOCKS = struct.pack("@hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 100, 200, 0)
+
+
+def _read_chain(path: str, fmt: str) -> list[dict]:
+    nodes, seen = [], set()
+    while True:
+        if ":" in path or fmt not in ("qcow2", "raw") or len(nodes) >= _MAX_CHAIN:
+            raise ValueError("a name or format this reader leaves to qemu-img")
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            locked = fcntl.fcntl(f, fcntl.F_OFD_GETLK, _QEMU_LOCKS)
+            if struct.unpack_from("@h", locked)[0] != fcntl.F_UNLCK or (st.st_dev, st.st_ino) in seen:
+                raise ValueError("a lock or a loop: qemu-img tells which")
+            seen.add((st.st_dev, st.st_ino))
+            if fmt == "raw":  # QEMU counts whole 512-byte sectors
+                size = -(-f.seek(0, os.SEEK_END) // 512) * 512
+                return nodes + [{"filename": path, "format": "raw", "virtual-size": size}]
+            node = {"filename": path, "format": "qcow2", **_read_qcow2(f, whole=True)}
+        nodes.append(node)
+        if "backing-filename" not in node:
+            return nodes
+        # QEMU's path_combine: a relative name is taken from the directory of the image naming it
+        name = node["backing-filename"]
+        path = name if name.startswith("/") or "/" not in path else path[:path.rindex("/") + 1] + name
+        node["full-backing-filename"], fmt = path, node["backing-filename-format"]
+
+
+def _read_qcow2(f, whole: bool = False) -> dict:
+    """The header's facts (``whole``) and the snapshot table of an ordinary qcow2 file, as qemu-img names
+    them; ValueError for anything else, within QEMU's own bounds on what it reads."""
+    header = f.read(104)
     if len(header) < 72 or header[:4] != QCOW2_MAGIC:
         raise ValueError("not a qcow2 header")
-    version, crypt = struct.unpack(">I", header[4:8])[0], struct.unpack(">I", header[32:36])[0]
-    count, offset = struct.unpack(">IQ", header[60:72])
+    version, backing_offset, backing_size, cluster_bits, size, crypt = struct.unpack_from(">IQIIQI", header, 4)
+    count, offset = struct.unpack_from(">IQ", header, 60)
     if version not in (2, 3) or crypt or count > _MAX_SNAPSHOTS or (count and (not offset or offset % 8)):
         raise ValueError("a qcow2 header this reader leaves to qemu-img")
+    facts = {}
+    if whole:
+        incompatible, header_length = (0, 72) if version == 2 else struct.unpack_from(">Q20xI", header, 72)
+        if incompatible & ~_INCOMPATIBLE_READ or not 9 <= cluster_bits <= 21 or backing_size > 1023:
+            raise ValueError("a qcow2 file this reader leaves to qemu-img")
+        facts = {"virtual-size": size, "cluster-size": 1 << cluster_bits, "dirty-flag": False}
+        backing_format = _backing_format(f, header_length, 1 << cluster_bits)
+        if backing_offset:
+            f.seek(backing_offset)
+            name = f.read(backing_size).decode()
+            if len(name) != backing_size or not name or backing_format is None:
+                raise ValueError("a backing file this reader leaves to qemu-img")
+            facts.update({"backing-filename": name, "backing-filename-format": backing_format})
+    if count:
+        facts["snapshots"] = _read_snapshots(f, count, offset)
+    return facts
+
+
+def _backing_format(f, at: int, cluster: int) -> str | None:
+    """The backing format header extension, if any; the extensions end within the first cluster, and
+    any this reader does not know (a data file's, encryption's) leave the image to qemu-img."""
+    f.seek(at)
+    found = None
+    while at + 8 <= cluster:
+        kind, length = struct.unpack(">II", f.read(8))
+        if kind == _EXT_END:
+            return found
+        at += 8 + length + -length % 8
+        if kind not in _EXT_READ or at > cluster:
+            break
+        data = f.read(length + -length % 8)
+        if len(data) < length:
+            break
+        if kind == _EXT_BACKING_FORMAT:
+            found = data[:length].decode()
+    raise ValueError("header extensions this reader leaves to qemu-img")
+
+
+def _read_snapshots(f, count: int, offset: int) -> list[dict]:
     f.seek(offset)
-    names, size = set(), 0
+    snapshots, size = [], 0
     for _ in range(count):
         entry = f.read(40)
-        id_size, name_size = struct.unpack(">HH", entry[12:16])
-        extra = struct.unpack(">I", entry[36:40])[0]
+        if len(entry) < 40:
+            raise ValueError("a truncated snapshot table")
+        id_size, name_size, date_sec, date_nsec, clock, vm_state, extra = struct.unpack_from(">HHIIQII", entry, 12)
         length = 40 + extra + id_size + name_size
         padding = -length % 8  # before the next entry: the last one may end the file without it
         size += length + padding
         if extra > _MAX_SNAPSHOT_EXTRA or size > _MAX_SNAPSHOT_TABLE:
             raise ValueError("a snapshot table out of QEMU's bounds")
         rest = f.read(length + padding - 40)
-        if len(entry) < 40 or len(rest) < length - 40:
+        if len(rest) < length - 40:
             raise ValueError("a truncated snapshot table")
-        names.add(rest[extra + id_size:extra + id_size + name_size].decode("utf-8", "surrogateescape"))
-    return names
+        if extra >= 8:
+            vm_state = struct.unpack_from(">Q", rest)[0]
+        snapshot = {"id": rest[extra:extra + id_size].decode("utf-8", "surrogateescape"),
+                    "name": rest[extra + id_size:extra + id_size + name_size].decode("utf-8", "surrogateescape"),
+                    "vm-state-size": vm_state, "date-sec": date_sec, "date-nsec": date_nsec,
+                    "vm-clock-sec": clock // 10**9, "vm-clock-nsec": clock % 10**9}
+        if extra >= 24 and (icount := struct.unpack_from(">q", rest, 16)[0]) != -1:
+            snapshot["icount"] = icount
+        snapshots.append(snapshot)
+    return snapshots
 
 
 def create_overlay_argv(path: str, backing: str, backing_fmt: str) -> list[str]:
