@@ -374,7 +374,7 @@ class Catalog:
                     self._db.execute("ROLLBACK")
             raise
 
-    # journal: each call is its own fsynced transaction, written before the step it announces
+    # journal: each call is its own fsynced transaction (plan.execute says what it marks when)
     def begin_plan(self, plan_id: str, domain: str, operation: str, steps: dict, started=()):
         """Journal a plan; ``started``: indexes of prepare steps marked started with it, in its transaction."""
         with self.write():

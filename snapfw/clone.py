@@ -37,6 +37,7 @@ class CreateOverlays(Step):
     work]`` each), their ``qemu-img create`` runs side by side: each run is mostly qemu-img starting, so a
     clone of N disks costs about one. Undo undoes each (idempotent, as theirs)."""
 
+    programs = (qemuimg.QEMU_IMG,)
     overlays: list
 
     def _each(self) -> list[CreateOverlay]:
@@ -64,6 +65,7 @@ class CopyImage(Step):
     ``tag``. Written under ``work`` (a hidden name journaled with the plan) and linked to ``path``;
     ``work`` stays until the plan's finish removes it, so an undo can always prove ``path`` is this copy."""
 
+    programs = (qemuimg.QEMU_IMG,)
     path: str
     source: str
     source_format: str
@@ -135,6 +137,7 @@ class StreamBase(Step):
     """Copy into ``path`` everything it reads through shared base ``base``; it then has no backing file.
     Undo relinks it (the data it got is what the base holds)."""
 
+    programs = (qemuimg.QEMU_IMG,)
     path: str
     format: str
     base: str

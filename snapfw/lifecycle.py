@@ -28,6 +28,7 @@ from .plan import Plan, execute, recover
 from .steps import DefineDomain, DeleteTag, RemoveFile
 from .tools import procs, qemuimg
 from .tools.host import Host, open_host
+from .tools.run import require
 
 
 class Reporter:
@@ -490,6 +491,8 @@ class Operation:
         the plan made, for the warning of a post hook that fails. ``mirror``: the plan makes a mirrored
         snapshot (the tree may have some already)."""
         plugins.hook().snapfw_plan_built(operation=self.operation, domain=self.domain, plan=plan)
+        for program in sorted({p for _phase, step in plan.steps() for p in step.programs}):
+            require(program)
         self._refuse_held(plan)
         if dry_run:
             return plan

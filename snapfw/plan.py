@@ -51,6 +51,9 @@ class Step:
     pauses: bool = False
     seconds: float = 0.0
     held_seconds: float | None = None
+    # the programs this step (or its undo) runs on this machine: the core checks they are installed before
+    # anything runs, as one missing would fail an undo, or a committed plan's finish, halfway
+    programs: tuple[str, ...] = ()
 
     def do(self, ctx) -> None:
         raise NotImplementedError
@@ -104,7 +107,7 @@ class Plan:
     finish: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # True when every prepare step's undo is harmless if its do never ran (clones' steps): the journal
-    # marks them all started with the plan, in its one transaction, instead of two transactions per step
+    # marks them all started with the plan, in its one transaction, instead of one transaction per step
     journal_at_once: bool = False
 
     def steps(self):
@@ -150,14 +153,19 @@ def _fault(phase: str, idx: int):
 
 
 def execute(plan: Plan, catalog, ctx) -> None:
-    """Run ``plan``: journal, prepare, commit, finish. On failure before the commit, undo and re-raise."""
+    """Run ``plan``: journal, prepare, commit, finish. On failure before the commit, undo and re-raise.
+
+    The journal holds what recovery reads, each mark its own fsynced transaction: a prepare step is
+    marked started before it runs (the first one with the plan: nothing runs between them), so an
+    interrupted plan undoes exactly those; a finish step is marked done once it ran, so a committed
+    plan redoes the others."""
     global _plans_run
     _plans_run += 1
     plan_id = os.urandom(16).hex()  # uuid4's randomness, without importing uuid (and platform)
     catalog.begin_plan(plan_id, plan.domain, plan.operation,
                        {"format": JOURNAL_FORMAT, "prepare": [s.to_json() for s in plan.prepare],
                         "finish": [s.to_json() for s in plan.finish]},
-                       range(len(plan.prepare)) if plan.journal_at_once else ())
+                       range(len(plan.prepare) if plan.journal_at_once else min(1, len(plan.prepare))))
     started, windows = [], []  # windows: (holding step, its start, its deadline), innermost last
     try:
         for i, step in enumerate(plan.prepare):
@@ -167,7 +175,7 @@ def execute(plan: Plan, catalog, ctx) -> None:
                 hold = late[0]
                 raise Refused(f"'{hold.describe()}' passed its deadline of {hold.seconds:g} s before "
                               f"'{step.describe()}'; the guest is released and the snapshot undone")
-            if not plan.journal_at_once:
+            if i and not plan.journal_at_once:  # the first is marked with the plan
                 catalog.mark_step(plan_id, "prepare", i, "started")
             started.append(step)
             ctx.step(step)
@@ -187,8 +195,6 @@ def execute(plan: Plan, catalog, ctx) -> None:
             elif step.releases and windows:
                 hold, since, _ = windows.pop()
                 hold.held_seconds = time.monotonic() - since
-            if not plan.journal_at_once:
-                catalog.mark_step(plan_id, "prepare", i, "done")
         _fault("commit", 0)
         with catalog.write() as changes:
             for change in plan.changes:
@@ -241,7 +247,6 @@ def _finish(plan_id, steps, catalog, ctx, already_done):
             continue
         try:
             _fault("finish", i)
-            catalog.mark_step(plan_id, "finish", i, "started")
             ctx.step(step)
             step.do(ctx)
             catalog.mark_step(plan_id, "finish", i, "done")

@@ -23,17 +23,8 @@ _versions: dict[str, str] = {}  # plugin name -> version of the distribution tha
 
 @functools.cache
 def get_plugin_manager():
-    import pluggy
-
-    from . import __version__, hookspecs
-
-    pm = pluggy.PluginManager("snapfw")
-    pm.add_hookspecs(hookspecs)
-    disabled = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
-    for name in BUILTIN:
-        if name not in disabled:
-            pm.register(importlib.import_module(name), name)
-            _versions[name] = __version__
+    disabled = frozenset(n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip())
+    pm = with_builtins(disabled)
     for name, value, version in entry_points():
         if name in disabled or pm.has_plugin(name):
             continue
@@ -44,6 +35,23 @@ def get_plugin_manager():
             continue
         if version is not None:
             _versions[name] = version
+    return pm
+
+
+@functools.cache
+def with_builtins(disabled: frozenset = frozenset()):
+    """A plugin manager holding the hook specifications and the built-in plugins but ``disabled``: the
+    same for every command, so the resident interpreter makes it before it forks a worker per command."""
+    import pluggy
+
+    from . import __version__, hookspecs
+
+    pm = pluggy.PluginManager("snapfw")
+    pm.add_hookspecs(hookspecs)
+    for name in BUILTIN:
+        if name not in disabled:
+            pm.register(importlib.import_module(name), name)
+            _versions[name] = __version__
     return pm
 
 
@@ -114,7 +122,7 @@ def _load(value: str):
 
 def reset():
     """Forget the loaded plugins, so the next use loads them again (for tests that add or block plugins)."""
-    for cached in (get_plugin_manager, disk_backends, hypervisor_drivers, memory_backends):
+    for cached in (with_builtins, get_plugin_manager, disk_backends, hypervisor_drivers, memory_backends):
         cached.cache_clear()
     _versions.clear()
 

@@ -18,4 +18,5 @@ def serve(address: bytes) -> None:
             importlib.import_module(name)
         except ImportError:  # not installed here (libvirt-python on a machine without libvirt): imported by
             pass             # no command either
+    plugins.with_builtins()
     resident.serve(address, cli.run)

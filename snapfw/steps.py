@@ -86,6 +86,7 @@ class CreateOverlay(Step):
     until it is whole, by being the same file as ``work`` once linked.
     """
 
+    programs = (qemuimg.QEMU_IMG,)
     path: str
     backing: str
     backing_format: str
@@ -126,6 +127,7 @@ class CreateOverlay(Step):
 class CreateTag(Step):
     """An internal snapshot (tag) inside a qcow2 file."""
 
+    programs = (qemuimg.QEMU_IMG,)
     path: str
     tag: str
 
@@ -150,6 +152,7 @@ class CreateTag(Step):
 class ApplyTag(Step):
     """Revert a qcow2 file to a tag, first saving its current state as ``keep`` so undo can restore it."""
 
+    programs = (qemuimg.QEMU_IMG,)
     path: str
     tag: str
     keep: str
@@ -177,6 +180,7 @@ class ApplyTag(Step):
 
 @dataclass
 class DeleteTag(Step):
+    programs = (qemuimg.QEMU_IMG,)
     path: str
     tag: str
 
@@ -200,6 +204,7 @@ class DeleteTag(Step):
 class Commit(Step):
     """Write ``top``'s data into its backing file (which then reads as ``top`` did)."""
 
+    programs = (qemuimg.QEMU_IMG,)
     top: str
     top_format: str
     base: str
@@ -223,6 +228,7 @@ class Commit(Step):
 class Rebase(Step):
     """Point ``path`` at a new backing file; safe mode first copies what the old chain supplied."""
 
+    programs = (qemuimg.QEMU_IMG,)
     path: str
     format: str
     backing: str | None

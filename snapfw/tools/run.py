@@ -39,6 +39,15 @@ def _wrapped(argv: list[str], limited: bool, wall: float | None) -> list[str]:
     return full + (["timeout", "-k", "5", str(wall)] if wall else []) + argv
 
 
+def require(program: str, argv: list[str] | None = None, limited: bool = False) -> None:
+    """ToolError naming the package to install if ``program``, or a program :func:`run` runs it under, is
+    not on PATH (``argv``: what would run it)."""
+    for needed in (program, "setpriv", *(["prlimit"] if limited else [])):
+        if shutil.which(needed) is None:
+            pkg = PACKAGE_HINT.get(needed)
+            raise ToolError(f"{needed} not found" + (f" (install {pkg})" if pkg else ""), argv or [program])
+
+
 def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float | None = None,
         env: dict | None = None) -> str:
     """Run ``argv`` and return its stdout as text.
@@ -47,10 +56,7 @@ def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float
     ``progress`` receives percentages parsed from ``qemu-img -p`` output as they arrive.
     ``env``: variables added to its environment.
     """
-    for program in (argv[0], "setpriv", *(["prlimit"] if limited else [])):
-        if shutil.which(program) is None:
-            pkg = PACKAGE_HINT.get(program)
-            raise ToolError(f"{program} not found" + (f" (install {pkg})" if pkg else ""), argv)
+    require(argv[0], argv, limited)
     wall = timeout or (LIMIT_WALL_SECONDS if limited else None)
     child = subprocess.Popen(_wrapped(argv, limited, wall), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env={**os.environ, "LC_ALL": "C", **(env or {})})
