@@ -72,7 +72,8 @@ def test_chains_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
     from snapfw.tools import qemuimg
 
     def img(*args):
-        subprocess.run(["qemu-img", *args], check=True, cwd=tmp_path, capture_output=True)
+        r = subprocess.run(["qemu-img", *args], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
 
     (tmp_path / "sub").mkdir()
     img("create", "-q", "-f", "raw", "base.raw", "3M")
@@ -112,9 +113,10 @@ def test_chains_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
     img("create", "-q", "-f", "raw", "data.raw", "1M")
     img("create", "-q", "-f", "qcow2", "-o", "data_file=data.raw", "data.qcow2", "1M")
     assert left_to_qemu_img("data.qcow2")[0]["format-specific"]["data"]["data-file"] == "data.raw"
-    img("create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=x", "-o", "encrypt.format=luks,"
-        "encrypt.key-secret=s", "luks.qcow2", "1M")
-    left_to_qemu_img("luks.qcow2")
+    # (AES, not LUKS: LUKS times its key derivation, which fails on a loaded machine)
+    img("create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=x", "-o", "encrypt.format=aes,"
+        "encrypt.key-secret=s", "aes.qcow2", "1M")
+    assert left_to_qemu_img("aes.qcow2")[0]["encrypted"]
     img("create", "-q", "-f", "qcow2", "a.qcow2", "1M")
     img("create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2")
     img("rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2")

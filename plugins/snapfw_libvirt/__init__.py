@@ -1,8 +1,9 @@
 """The ``libvirt`` driver: the domains of a local libvirt QEMU connection, ``qemu:///system`` (libvirt-python).
 
 A domain's disks come from its domain XML: the live XML while it runs (with libvirt's ``<backingStore>``
-chain, which inspection reads instead of opening an image the guest holds), the persistent XML when shut
-off. ``define`` rewrites the persistent XML's disk sources. Live snapshots: external disks through one
+chain, which inspection reads instead of having qemu-img open an image the guest holds; each file's
+internal snapshots from its own snapshot table, an advisory read as rule 1 allows), the persistent XML
+when shut off. ``define`` rewrites the persistent XML's disk sources. Live snapshots: external disks through one
 ``snapshotCreateXML`` (DISK_ONLY | ATOMIC | NO_METADATA); internal ones through QEMU's own
 ``blockdev-snapshot-internal-sync``, for which libvirt has no API, sent through libvirt's monitor
 passthrough (``virDomainQemuMonitorCommand``) in one ``transaction``; a domain with both kinds is paused
@@ -49,6 +50,7 @@ from snapfw.api import (
     UnknownDomain,
     check_name,
     hookimpl,
+    qemuimg,
     remove_overlay,
 )
 
@@ -199,7 +201,6 @@ class LibvirtDriver(HypervisorDriver):
                                "using virsh for this domain, or drop that metadata first (virsh snapshot-delete "
                                "--metadata)")
         xml = self._xml(dom, live=running)
-        qemu = self._blocks(dom) if running else {}
         disks, chains, roots, notes = [], {}, [], []
         for el in xml.findall("devices/disk"):
             target = el.find("target").get("dev")
@@ -216,30 +217,21 @@ class LibvirtDriver(HypervisorDriver):
                 raise NotSupported(f"disk {target} is {fmt or 'of no declared format'}, not one of "
                                    f"{', '.join(FORMATS)}; snapfw cannot snapshot it")
             path = el.find("source").get("file")
-            node = None
             if running:
                 chain = _chain(el, fmt, target)
-                alias = el.find("alias").get("name")
-                inserted = qemu.get(alias)
-                if inserted is None:
-                    raise Inconsistent(f"disk {target} ({alias}) is in libvirt's live XML but not in QEMU")
-                tags = {}
-                image = inserted["image"]
-                while image:
-                    tags[image["filename"]] = image.get("snapshots", [])
-                    image = image.get("backing-image")
-                for entry in chain:
-                    if tags.get(entry["filename"]):
-                        entry["snapshots"] = tags[entry["filename"]]
                 for i, entry in enumerate(chain):
+                    # each file's snapshot table as QEMU wrote it (it writes it at once, and only for the
+                    # snapshot commands snapfw sends under the domain's lock): libvirt's XML lists no tags,
+                    # and its monitor passthrough costs more than the headers
+                    if entry["format"] == "qcow2" and (tags := qemuimg.snapshots(entry["filename"], shared=True)):
+                        entry["snapshots"] = tags
                     chains[entry["filename"]] = chain[i:]
                     roots.append(os.path.dirname(entry["filename"]))
-                node = inserted["node-name"]
             roots.append(os.path.dirname(path))
             for store in el.iter("backingStore"):  # a persistent XML may name a chain too
                 if store.find("source") is not None and store.find("source").get("file"):
                     roots.append(os.path.dirname(store.find("source").get("file")))
-            disks.append(Disk(target, path, fmt, node=node))
+            disks.append(Disk(target, path, fmt))
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
         with _calls("XMLDesc"):
             definition = {"xml": dom.XMLDesc(flags)}  # kept with each snapshot, put back by a revert
@@ -550,7 +542,8 @@ class LibvirtDriver(HypervisorDriver):
             if pause:
                 with _calls("resume"):
                     dom.resume()
-        # libvirt writes the new overlays into the persistent XML of a persistent domain; make sure of it
+        # libvirt writes the new overlays into the persistent XML of a persistent domain, with a
+        # <backingStore> that a later merge would leave stale: written again at once, without it
         self._set_sources(dom, {a["target"]: (a["overlay"], "qcow2") for a in external})
 
     # --- what the live steps will call (--dry-run) ------------------------------------------------------
@@ -562,13 +555,14 @@ class LibvirtDriver(HypervisorDriver):
         external = [a for a in actions if a["kind"] == EXTERNAL]
         calls = []
         if internal:
-            commands = _internal_transaction(internal, {a["target"]: a["node"] for a in internal})
+            commands = _internal_transaction(internal, {a["target"]: self._node(self._lookup(domain), a["target"])
+                                                        ["node-name"] for a in internal})
             calls.append(f"qemuMonitorCommand {json.dumps({'execute': 'transaction', 'arguments': commands})}")
         if external:
             active = self._live_sources(self._lookup(domain))
             calls.append(f"snapshotCreateXML {_snapshot_xml(external, active)} "
                          "flags=DISK_ONLY|ATOMIC|NO_METADATA")
-            calls.append("defineXML, only if the persistent XML does not name the new overlays")
+            calls.append("defineXML, only if the persistent XML does not name the new overlays alone")
         if internal and external:
             return (["suspend", *calls[:2], "resume (in finally: also when a call fails)", *calls[2:]],
                     "paused from suspend to resume: as long as the two calls take (milliseconds here); "

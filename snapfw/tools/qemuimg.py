@@ -59,16 +59,22 @@ def info(path: str, fmt: str, chain: bool = False, limited: bool = True, shared:
     return data
 
 
-def tags(path: str) -> set[str]:
-    """The names of qcow2 file ``path``'s internal snapshots, read from its snapshot table as qemu-img
-    reads it, without starting qemu-img: a tag step looks for its tag before each run (to be run again
-    after a crash), and a program start cost more than reading a few hundred bytes. An image this reader
-    does not take for an ordinary qcow2 one (encrypted, damaged, missing) is left to ``qemu-img info``."""
+def snapshots(path: str, shared: bool = False) -> list[dict]:
+    """qcow2 file ``path``'s internal snapshots as ``qemu-img info`` lists them, read from its snapshot
+    table without starting qemu-img: a tag step looks for its tag before each run (to be run again after
+    a crash), and a program start costs more than reading a few hundred bytes. An image this reader does
+    not take for an ordinary qcow2 one (encrypted, damaged, missing) is left to ``qemu-img info``.
+    ``shared``: a running QEMU may hold the file; the answer is advisory then (rule 1), as with ``-U``."""
     try:
         with open(path, "rb") as f:
-            return {s["name"] for s in _read_qcow2(f).get("snapshots", [])}
+            return _read_qcow2(f).get("snapshots", [])
     except (OSError, ValueError, struct.error):
-        return {s["name"] for s in info(path, "qcow2").get("snapshots", [])}
+        return info(path, "qcow2", shared=shared).get("snapshots", [])
+
+
+def tags(path: str) -> set[str]:
+    """The names of :func:`snapshots`."""
+    return {s["name"] for s in snapshots(path)}
 
 
 def chain(path: str, fmt: str) -> list[dict]:
