@@ -39,7 +39,7 @@ def get_plugin_manager():
 
 
 @functools.cache
-def with_builtins(disabled: frozenset = frozenset()):
+def with_builtins(disabled: frozenset):
     """A plugin manager holding the hook specifications and the built-in plugins but ``disabled``: the
     same for every command, so the resident interpreter makes it before it forks a worker per command."""
     import pluggy

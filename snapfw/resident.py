@@ -18,5 +18,5 @@ def serve(address: bytes) -> None:
             importlib.import_module(name)
         except ImportError:  # not installed here (libvirt-python on a machine without libvirt): imported by
             pass             # no command either
-    plugins.with_builtins()
+    plugins.with_builtins(frozenset())  # as get_plugin_manager asks for it when none is disabled
     resident.serve(address, cli.run)

@@ -310,3 +310,19 @@ def test_a_stale_note_of_where_catalogs_live_never_decides_where_a_change_goes(e
     assert connection.known_state_dir(uri) == f"{env.dir}-state"
     listed = env.run("--connect", uri, "list", "web", "--json", env=plugin_env(site, "elsewhere")).stdout
     assert [s["name"] for s in json.loads(listed)] == ["s1"]
+
+
+def test_the_built_in_plugins_are_registered_once_for_every_command(monkeypatch):
+    """The resident interpreter makes the manager with the built-in plugins before it forks a worker per
+    command (snapfw.resident); a command that disables none takes that one, and a third party's entry
+    points join it there."""
+    from snapfw import plugins
+
+    monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
+    plugins.reset()
+    try:
+        made = plugins.with_builtins(frozenset())  # as snapfw.resident.serve makes it
+        assert plugins.get_plugin_manager() is made
+        assert {name for name, _ in plugins.loaded()} >= set(plugins.BUILTIN)
+    finally:
+        plugins.reset()
