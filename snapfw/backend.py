@@ -274,6 +274,12 @@ class HypervisorDriver:
     def domain(self, name: str) -> Domain:
         raise NotImplementedError
 
+    def disk_files(self, name: str) -> list[tuple[str, str]]:
+        """(target, file) of each disk of domain ``name``: all that the check that no two domains share an
+        image needs of every other domain, for each change. The default reads the whole domain; a driver
+        whose :meth:`domain` asks more of its hypervisor overrides it (the same disks, or the same error)."""
+        return [(d.target, d.path) for d in self.domain(name).disks]
+
     def domain_state(self, name: str) -> str:
         """"running", "paused" or "shut off" (``snapfw domains``). The default reads the whole domain; a
         driver overrides it to tell the state also of a domain snapfw cannot snapshot."""

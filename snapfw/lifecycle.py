@@ -130,6 +130,7 @@ class Inspector:
         self.in_use = in_use
         self.live = live or {}
         self.cache: dict[str, list[dict]] = {}
+        self.folders: dict[str, str] = {}  # folder -> its real path: a chain's files share a few
 
     def __call__(self, path: str, fmt: str) -> dict:
         return self.chain(path, fmt)[0]
@@ -150,7 +151,13 @@ class Inspector:
         return self.cache[path]
 
     def _inside(self, name: str) -> bool:
-        real = os.path.realpath(name)
+        folder, base = os.path.split(name)
+        if base in ("", ".", "..") or os.path.islink(name):
+            real = os.path.realpath(name)
+        else:  # realpath's answer, resolving each folder once
+            if folder not in self.folders:
+                self.folders[folder] = os.path.realpath(folder or os.curdir)
+            real = os.path.join(self.folders[folder], base)
         return any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.roots)
 
     def _check_node(self, top: str, node: dict):
@@ -226,13 +233,14 @@ class ImageUsers:
         self.uses: dict = {}
         for name in driver.list_domains():
             try:
-                domain = (read or {}).get(name) or driver.domain(name)
+                disks = ([(d.target, d.path) for d in read[name].disks] if name in (read or {})
+                         else driver.disk_files(name))
             except SnapfwError as e:
                 if unreadable is not None:
                     unreadable(name, e)
                 continue
-            for disk in domain.disks:
-                self._add(disk.path, name, disk.target, RUNS_ON)
+            for target, path in disks:
+                self._add(path, name, target, RUNS_ON)
         for name, f in placements:
             self._add(f.path, name, f.target, RECORDS)
             if f.backing:

@@ -200,23 +200,8 @@ class LibvirtDriver(HypervisorDriver):
                                "snapfw did not make: snapfw does not take over libvirt's snapshot metadata; keep "
                                "using virsh for this domain, or drop that metadata first (virsh snapshot-delete "
                                "--metadata)")
-        xml = self._xml(dom, live=running)
         disks, chains, roots, notes = [], {}, [], []
-        for el in xml.findall("devices/disk"):
-            target = el.find("target").get("dev")
-            device, kind = el.get("device", "disk"), el.get("type", "file")
-            if _read_only(el):
-                notes.append(f"disk {target} ({device}, {_source(el)}) is read-only: snapfw leaves it out")
-                continue
-            if device != "disk" or kind != "file" or el.find("source") is None or not el.find("source").get("file"):
-                raise NotSupported(f"disk {target} is a {kind} {device} ({_source(el)}), not a file; snapfw "
-                                   "cannot snapshot it")
-            driver = el.find("driver")
-            fmt = driver.get("type") if driver is not None else None
-            if fmt not in FORMATS:
-                raise NotSupported(f"disk {target} is {fmt or 'of no declared format'}, not one of "
-                                   f"{', '.join(FORMATS)}; snapfw cannot snapshot it")
-            path = el.find("source").get("file")
+        for el, target, path, fmt in _file_disks(self._xml(dom, live=running), notes):
             if running:
                 chain = _chain(el, fmt, target)
                 for i, entry in enumerate(chain):
@@ -238,6 +223,12 @@ class LibvirtDriver(HypervisorDriver):
         return Domain(name, disks, running=running, allowed_roots=tuple(dict.fromkeys(roots)),
                       state=state, live_chains=chains, pid=self._pid(name) if running else None,
                       notes=notes, stream_below_active=False, definition=definition)
+
+    def disk_files(self, name: str) -> list[tuple[str, str]]:
+        """From the domain XML alone (the live one while it runs): no snapshot records, no image headers."""
+        dom = self._lookup(name)
+        return [(target, path) for _el, target, path, _fmt in
+                _file_disks(self._xml(dom, live=_state(dom) != "shut off"))]
 
     def _pid(self, name: str) -> int | None:
         """The QEMU process of running domain ``name``, from the pid file libvirt keeps in its run
@@ -994,6 +985,27 @@ def _snapshot_xml(external: list[dict], active: dict[str, str], memory: str | No
     others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in active if t not in {a["target"] for a in external})
     state = f"<memory snapshot='external' file={_attr(memory)}/>" if memory else ""
     return f"<domainsnapshot>{state}<disks>{specs}{others}</disks></domainsnapshot>"
+
+
+def _file_disks(xml: ET.Element, notes: list[str] | None = None):
+    """(element, target, file, format) of each disk of domain XML ``xml`` but read-only ones (said in
+    ``notes``); NotSupported for one snapfw cannot snapshot (not a file, or of a format it does not know)."""
+    for el in xml.findall("devices/disk"):
+        target = el.find("target").get("dev")
+        device, kind = el.get("device", "disk"), el.get("type", "file")
+        if _read_only(el):
+            if notes is not None:
+                notes.append(f"disk {target} ({device}, {_source(el)}) is read-only: snapfw leaves it out")
+            continue
+        if device != "disk" or kind != "file" or el.find("source") is None or not el.find("source").get("file"):
+            raise NotSupported(f"disk {target} is a {kind} {device} ({_source(el)}), not a file; snapfw "
+                               "cannot snapshot it")
+        driver = el.find("driver")
+        fmt = driver.get("type") if driver is not None else None
+        if fmt not in FORMATS:
+            raise NotSupported(f"disk {target} is {fmt or 'of no declared format'}, not one of "
+                               f"{', '.join(FORMATS)}; snapfw cannot snapshot it")
+        yield el, target, el.find("source").get("file"), fmt
 
 
 def _read_only(disk: ET.Element) -> bool:
