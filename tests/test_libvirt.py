@@ -177,6 +177,15 @@ def lv(tmp_path, guest):
     return LibvirtEnv(tmp_path, guest)
 
 
+def same_disk_files(name: str):
+    """What every change reads of the other domains (disk_files, from the XML alone) is what the domain
+    itself reads as (domain), shut off and running."""
+    from snapfw_libvirt import LibvirtDriver
+
+    driver = LibvirtDriver(URI)
+    assert driver.disk_files(name) == [(d.target, d.path) for d in driver.domain(name).disks]
+
+
 def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
     name = guest.name
     original = lv.domain()
@@ -184,6 +193,7 @@ def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
     lv.gen(1)
     r = lv.run("create", name, "s1")
     assert "disk sda (cdrom, no source) is read-only: snapfw leaves it out" in r.stdout
+    same_disk_files(name)
     after1 = lv.domain()
     assert after1["vda"] == original["vda"] and after1["vdb"][0] != original["vdb"][0]
     lv.gen(2)
@@ -198,6 +208,7 @@ def test_offline_then_live_create_on_a_libvirt_domain(lv, guest, tmp_path):
     # --- running: libvirt starts on the chain snapfw defined; live snapshots of both kinds
     guest.start()
     frozen1 = lv.domain()  # the chain snapfw defined offline, as libvirt runs it
+    same_disk_files(name)
     lv.gen(4)
     lv.run("create", name, "l1", "--disk", "vda=external", "--disk", "vdb=external")  # one snapshotCreateXML
     after_l1 = lv.domain()
