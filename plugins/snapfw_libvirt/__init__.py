@@ -138,6 +138,7 @@ class LibvirtDriver(HypervisorDriver):
     @property
     def conn(self):
         if self._conn is None:
+            _run_event_loop()
             with _calls(f"connect to {self.uri}"):
                 self._conn = _libvirt().open(self.uri)
         return self._conn
@@ -785,7 +786,7 @@ class LibvirtMemory(MemoryBackend):
         """libvirt's call runs until the image is written and takes no deadline (``deadline`` is not
         kept); a crash leaves the job running in libvirtd, which :meth:`abort` ends. The pause is timed by
         the domain's lifecycle events (suspended, then resumed), as libvirtd relays QEMU's STOP and RESUME."""
-        with _lifecycle_events(driver.uri, domain) as events:
+        with _lifecycle_events(driver.conn, driver._lookup(domain)) as events:
             driver.live_snapshot(domain, actions, memory=path)
         return _paused_seconds(events)
 
@@ -839,28 +840,34 @@ class LibvirtMemory(MemoryBackend):
 _event_loop = None  # the thread that runs libvirt's default event loop, once started
 
 
-@contextlib.contextmanager
-def _lifecycle_events(uri: str, domain: str):
-    """The lifecycle events of ``domain`` while the block runs, as [(event, monotonic time received)], on
-    a connection of their own (libvirt delivers events only to connections opened after its event loop
-    was registered)."""
+def _run_event_loop() -> None:
+    """Register libvirt's default event loop and run it in a thread, once per process, before the first
+    connection opens: libvirt delivers events (they time a memory snapshot's pause) only to connections
+    opened after it was registered, and the running loop also answers libvirtd's keepalive."""
     global _event_loop
+    if _event_loop is not None:
+        return
     import threading
 
     libvirt = _libvirt()
-    if _event_loop is None:
-        libvirt.virEventRegisterDefaultImpl()
+    libvirt.virEventRegisterDefaultImpl()
 
-        def loop():
-            while True:
-                libvirt.virEventRunDefaultImpl()
+    def loop():
+        while True:
+            libvirt.virEventRunDefaultImpl()
 
-        _event_loop = threading.Thread(target=loop, name="libvirt events", daemon=True)
-        _event_loop.start()
+    _event_loop = threading.Thread(target=loop, name="libvirt events", daemon=True)
+    _event_loop.start()
+
+
+@contextlib.contextmanager
+def _lifecycle_events(conn, dom):
+    """The lifecycle events of domain ``dom`` while the block runs, as [(event, monotonic time received)],
+    on the driver's connection ``conn``."""
+    libvirt = _libvirt()
     events = []
-    with _calls(f"connect to {uri} (events)"):
-        conn = libvirt.open(uri)
-        callback = conn.domainEventRegisterAny(conn.lookupByName(domain), libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+    with _calls("domainEventRegisterAny"):
+        callback = conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                                lambda c, d, event, detail, o: events.append((event, time.monotonic())),
                                                None)
     try:
@@ -872,8 +879,6 @@ def _lifecycle_events(uri: str, domain: str):
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             conn.domainEventDeregisterAny(callback)
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
 
 
 def _paused_seconds(events: list) -> float | None:
