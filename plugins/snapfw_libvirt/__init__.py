@@ -237,8 +237,8 @@ class LibvirtDriver(HypervisorDriver):
         folder = ("/run/libvirt/qemu" if self.uri.partition("://")[2].startswith("/system") else
                   os.path.join(os.environ.get("XDG_RUNTIME_DIR", ""), "libvirt", "qemu", "run"))
         try:
-            with open(os.path.join(folder, f"{name}.pid"), encoding="ascii") as f:
-                return int(f.read().strip())
+            with open(os.path.join(folder, f"{name}.pid"), "rb") as f:  # bytes: no codec to load in a worker
+                return int(f.read())
         except (OSError, ValueError):
             return None
 
