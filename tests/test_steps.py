@@ -124,6 +124,12 @@ def test_chains_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
         left_to_qemu_img("b.qcow2")  # a loop
     with pytest.raises(ToolError):
         left_to_qemu_img("missing.qcow2")
+    img("create", "-q", "-f", "qcow2", "short.qcow2", "1M")
+    with open("short.qcow2", "r+b") as f:  # a v3 header that says it is shorter than v3's fields
+        f.seek(100)
+        f.write((72).to_bytes(4, "big"))
+    with pytest.raises(ToolError):
+        left_to_qemu_img("short.qcow2")
     with pytest.raises(ToolError):
         left_to_qemu_img("nbd:localhost:1", "raw")
     with open("sub/top.qcow2", "rb") as held:  # a QEMU that reads the middle file: qemu-img reads on

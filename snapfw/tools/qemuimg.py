@@ -139,7 +139,8 @@ def _read_qcow2(f, whole: bool = False) -> dict:
     facts = {}
     if whole:
         incompatible, header_length = (0, 72) if version == 2 else struct.unpack_from(">Q20xI", header, 72)
-        if incompatible & ~_INCOMPATIBLE_READ or not 9 <= cluster_bits <= 21 or backing_size > 1023:
+        if (incompatible & ~_INCOMPATIBLE_READ or not 9 <= cluster_bits <= 21 or backing_size > 1023
+                or header_length < (72 if version == 2 else 104) or header_length % 8):
             raise ValueError("a qcow2 file this reader leaves to qemu-img")
         facts = {"virtual-size": size, "cluster-size": 1 << cluster_bits, "dirty-flag": False}
         backing_format = _backing_format(f, header_length, 1 << cluster_bits)
