@@ -65,6 +65,7 @@ def test_chains_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
     file, encryption, a loop, a missing file, no backing format) goes to qemu-img, which answers or refuses
     as it always did."""
     import fcntl
+    import signal
     import struct
 
     require("qemu-img")
@@ -124,6 +125,31 @@ def test_chains_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
         left_to_qemu_img("b.qcow2")  # a loop
     with pytest.raises(ToolError):
         left_to_qemu_img("missing.qcow2")
+    os.mkfifo("pipe.qcow2")  # left to qemu-img (and its time limit) without blocking on the open
+
+    def refused(path, fmt, **_):
+        calls.append(path)
+        raise ToolError("qemu-img, not run here", ["qemu-img"])
+
+    class Blocked(BaseException):  # not an OSError, which the reader would take for a reason to fall back
+        pass
+
+    def blocked(*_):
+        raise Blocked("the read blocked on the FIFO")
+
+    with monkeypatch.context() as m:
+        m.setattr(qemuimg, "info", refused)
+        calls.clear()
+        previous = signal.signal(signal.SIGALRM, blocked)
+        signal.alarm(5)
+        try:
+            for read in (lambda: qemuimg.chain("pipe.qcow2", "qcow2"), lambda: qemuimg.tags("pipe.qcow2")):
+                with pytest.raises(ToolError, match="not run here"):
+                    read()
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        assert calls == ["pipe.qcow2", "pipe.qcow2"]
     img("create", "-q", "-f", "qcow2", "short.qcow2", "1M")
     with open("short.qcow2", "r+b") as f:  # a v3 header that says it is shorter than v3's fields
         f.seek(100)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import struct
 
 from ..errors import ToolError
@@ -66,7 +67,7 @@ def snapshots(path: str, shared: bool = False) -> list[dict]:
     not take for an ordinary qcow2 one (encrypted, damaged, missing) is left to ``qemu-img info``.
     ``shared``: a running QEMU may hold the file; the answer is advisory then (rule 1), as with ``-U``."""
     try:
-        with open(path, "rb") as f:
+        with _open_image(path) as f:
             return _read_qcow2(f).get("snapshots", [])
     except (OSError, ValueError, struct.error):
         return info(path, "qcow2", shared=shared).get("snapshots", [])
@@ -107,7 +108,7 @@ def _read_chain(path: str, fmt: str) -> list[dict]:
     while True:
         if ":" in path or fmt not in ("qcow2", "raw") or len(nodes) >= _MAX_CHAIN:
             raise ValueError("a name or format this reader leaves to qemu-img")
-        with open(path, "rb") as f:
+        with _open_image(path) as f:
             st = os.fstat(f.fileno())
             locked = fcntl.fcntl(f, fcntl.F_OFD_GETLK, _QEMU_LOCKS)
             if struct.unpack_from("@h", locked)[0] != fcntl.F_UNLCK or (st.st_dev, st.st_ino) in seen:
@@ -124,6 +125,17 @@ def _read_chain(path: str, fmt: str) -> list[dict]:
         name = node["backing-filename"]
         path = name if name.startswith("/") or "/" not in path else path[:path.rindex("/") + 1] + name
         node["full-backing-filename"], fmt = path, node["backing-filename-format"]
+
+
+def _open_image(path: str):
+    """``path`` opened for reading if it is a regular file or a block device; ValueError for anything
+    else (a FIFO would block the open, and the read, with no limit: qemu-img runs with one)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file or a block device")
+    return os.fdopen(fd, "rb")
 
 
 def _read_qcow2(f, whole: bool = False) -> dict:
