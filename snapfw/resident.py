@@ -12,11 +12,16 @@ LAZY = ("yaml", "libvirt", "libvirt_qemu", "hashlib", "shlex", "tempfile", "conc
         "rich.progress", "rich.table", "pluggy", *plugins.BUILTIN)
 
 
-def serve(address: bytes) -> None:
+def preload() -> None:
+    """What every worker takes over from the resident interpreter, done once before the first fork."""
     for name in LAZY:
         try:
             importlib.import_module(name)
         except ImportError:  # not installed here (libvirt-python on a machine without libvirt): imported by
             pass             # no command either
     plugins.with_builtins(frozenset())  # as get_plugin_manager asks for it when none is disabled
+
+
+def serve(address: bytes) -> None:
+    preload()
     resident.serve(address, cli.run)

@@ -316,13 +316,15 @@ def test_the_built_in_plugins_are_registered_once_for_every_command(monkeypatch)
     """The resident interpreter makes the manager with the built-in plugins before it forks a worker per
     command (snapfw.resident); a command that disables none takes that one, and a third party's entry
     points join it there."""
-    from snapfw import plugins
+    from snapfw import plugins, resident
 
     monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
     plugins.reset()
     try:
-        made = plugins.with_builtins(frozenset())  # as snapfw.resident.serve makes it
-        assert plugins.get_plugin_manager() is made
+        resident.preload()  # what the resident interpreter does before it forks
+        assert plugins.with_builtins.cache_info().currsize == 1
+        plugins.get_plugin_manager()  # what a worker's command does: no second manager
+        assert plugins.with_builtins.cache_info()[:4] == (1, 1, None, 1)  # hits, misses, maxsize, currsize
         assert {name for name, _ in plugins.loaded()} >= set(plugins.BUILTIN)
     finally:
         plugins.reset()

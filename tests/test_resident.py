@@ -199,19 +199,14 @@ def test_an_idle_resident_interpreter_goes_away(env, own):
 
 
 def test_a_worker_imports_nothing_for_the_everyday_commands(env):
-    """What the resident interpreter imports before it forks (snapfw.resident: its modules, LAZY, the
+    """What the resident interpreter does before it forks (snapfw.resident.preload: its modules, LAZY, the
     built-in plugins' manager) is all that list, show, create, revert and delete import: a module one of
     them imports first in the worker costs every command that loads it (a codec alone took 1 ms)."""
     env.make_domain("web")
     program = f"""if True:
-        import importlib, json, os, sys
+        import json, os, sys
         import snapfw.resident as preload
-        for name in preload.LAZY:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                pass
-        preload.plugins.with_builtins(frozenset())
+        preload.preload()
         found = {{}}
         for args in {[["create", "web", "s1"], ["create", "web", "s2"], ["list", "web"], ["show", "web", "s1"],
                       ["revert", "web", "s1"], ["delete", "web", "s2"]]!r}:
