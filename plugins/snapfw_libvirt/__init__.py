@@ -499,6 +499,13 @@ class LibvirtDriver(HypervisorDriver):
             raise Inconsistent(f"disk {target} is gone from the running domain")
         return inserted
 
+    def _node_names(self, dom) -> dict[str, str]:
+        """target -> QEMU's node name of each disk of running ``dom`` (what its internal snapshots name)."""
+        nodes = self._blocks(dom)
+        aliases = {el.find("target").get("dev"): el.find("alias").get("name")
+                   for el in self._xml(dom, live=True).findall("devices/disk")}
+        return {t: nodes[alias]["node-name"] for t, alias in aliases.items() if alias in nodes}
+
     def live_snapshot(self, domain: str, actions: list[dict], memory: str | None = None) -> None:
         """With ``memory`` (LibvirtMemory's live kind, external actions only): libvirt's live external
         snapshot, which copies the memory into that file while the guest runs, pauses it for the last pass
@@ -519,11 +526,7 @@ class LibvirtDriver(HypervisorDriver):
                 dom.suspend()
         try:
             if internal:  # first: undoing a tag is cheap, undoing an overlay is a commit
-                nodes = self._blocks(dom)
-                aliases = {el.find("target").get("dev"): el.find("alias").get("name")
-                           for el in self._xml(dom, live=True).findall("devices/disk")}
-                self._monitor(dom, "transaction", _internal_transaction(
-                    internal, {t: nodes[alias]["node-name"] for t, alias in aliases.items() if alias in nodes}))
+                self._monitor(dom, "transaction", _internal_transaction(internal, self._node_names(dom)))
             if external or memory:
                 flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                          | (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE if memory
@@ -547,8 +550,7 @@ class LibvirtDriver(HypervisorDriver):
         external = [a for a in actions if a["kind"] == EXTERNAL]
         calls = []
         if internal:
-            commands = _internal_transaction(internal, {a["target"]: self._node(self._lookup(domain), a["target"])
-                                                        ["node-name"] for a in internal})
+            commands = _internal_transaction(internal, self._node_names(self._lookup(domain)))
             calls.append(f"qemuMonitorCommand {json.dumps({'execute': 'transaction', 'arguments': commands})}")
         if external:
             active = self._live_sources(self._lookup(domain))
