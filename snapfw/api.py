@@ -56,7 +56,8 @@ from .live import (
 from .model import FORMATS, Disk, DiskRecord, Domain, ImageFile, MemoryRecord, Snapshot, Tree
 from .names import check_name, fit_file_name
 from .plan import Plan, Step
-from .steps import ApplyTag, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile, remove_overlay
+from .steps import (ApplyTag, ApplyTagForward, Commit, CreateOverlay, CreateTag, DeleteTag, Rebase, RemoveFile,
+                    remove_overlay)
 from .tools import lvm, qemuimg
 from .tools.host import Host
 from .tools.qga import GuestAgent
@@ -65,6 +66,7 @@ from .tools.run import run
 
 __all__ = [
     "ApplyTag",
+    "ApplyTagForward",
     "BadInput",
     "CAPABILITIES",
     "CatalogError",

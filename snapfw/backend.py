@@ -92,6 +92,9 @@ class DiskOp:
         self.finish: list = []
         self.notes: list[str] = []
         self.define_after_finish = False  # the active file changes only once finish steps have run
+        # the operation changes this disk only: a change it cannot undo cheaply may be a finish step (after
+        # the commit, finished by `check --repair` if it fails), as there is no other disk to keep in step
+        self.alone = False
         # a running domain: the backend appends live actions (snapfw.live) here instead of prepare steps
         self.live: list[dict] = []
         # create: the steps that take this disk's snapshot on the host (not the hypervisor's action); on a

@@ -104,8 +104,12 @@ def _known_state_dirs() -> dict[str, str | None]:
 def read_cache(name: str):
     """The JSON document ``name`` in cache_home(), or None if it is missing or unreadable."""
     try:
-        with open(os.path.join(cache_home(), name), encoding="utf-8") as f:
-            return json.load(f)
+        fd = os.open(os.path.join(cache_home(), name), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:  # bytes, not a text-mode file object: every command reads two or three of these
+        with os.fdopen(fd, "rb") as f:
+            return json.loads(f.read())
     except (OSError, ValueError):
         return None
 

@@ -420,6 +420,8 @@ class Operation:
                 before.files = {}  # first snapshot of this disk: its image is new to the catalog
             self.befores[disk.target] = before
             self.ops.append(self._op(disk, graph))
+        for op in self.ops:
+            op.alone = len(self.ops) == 1
         return self.ops
 
     def _start_remote(self, disk: Disk, backend):

@@ -54,6 +54,9 @@ class Step:
     # the programs this step (or its undo) runs on this machine: the core checks they are installed before
     # anything runs, as one missing would fail an undo, or a committed plan's finish, halfway
     programs: tuple[str, ...] = ()
+    # set on a finish step that `check --repair` runs again after a crash: its first run may have been cut
+    # short halfway, which a step that cannot tell from what it finds (applying a qcow2 tag) cleans up then
+    resumed: bool = False
 
     def do(self, ctx) -> None:
         raise NotImplementedError
@@ -157,8 +160,8 @@ def execute(plan: Plan, catalog, ctx) -> None:
 
     The journal holds what recovery reads, each mark its own fsynced transaction: a prepare step is
     marked started before it runs (the first one with the plan: nothing runs between them), so an
-    interrupted plan undoes exactly those; a finish step is marked done once it ran, so a committed
-    plan redoes the others."""
+    interrupted plan undoes exactly those; a finish step is marked done once it ran (the last one by
+    clearing the entry), so a committed plan redoes the others."""
     global _plans_run
     _plans_run += 1
     plan_id = os.urandom(16).hex()  # uuid4's randomness, without importing uuid (and platform)
@@ -249,7 +252,8 @@ def _finish(plan_id, steps, catalog, ctx, already_done):
             _fault("finish", i)
             ctx.step(step)
             step.do(ctx)
-            catalog.mark_step(plan_id, "finish", i, "done")
+            if i < len(steps) - 1:  # the last one's mark is the journal entry's removal, which follows
+                catalog.mark_step(plan_id, "finish", i, "done")
         except (Exception, KeyboardInterrupt) as e:
             why = "was interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({e})"
             raise Inconsistent(f"the change is recorded, but finishing it {why} at '{step.describe()}': "
@@ -279,6 +283,8 @@ def recover(catalog, ctx, plan: dict) -> str:
     if plan["state"] == "committed":
         steps = _journaled(plan, "finish")
         done = {i for (ph, i), st in marks.items() if ph == "finish" and st == "done"}
+        for step in steps:
+            step.resumed = True
         _finish(plan["id"], steps, catalog, ctx, done)
         _forget(catalog, plan["id"], "finished")
         return f"finished {plan['operation']} of {plan['domain']}"

@@ -179,6 +179,31 @@ class ApplyTag(Step):
 
 
 @dataclass
+class ApplyTagForward(Step):
+    """Revert a qcow2 file to a tag for good: a finish step, for a revert that has no other disk to keep in
+    step with. Applying a tag again leaves what applying it once does, so after a crash `check --repair`
+    applies it again, then releases the clusters a run cut short left counted."""
+
+    programs = (qemuimg.QEMU_IMG,)
+    path: str
+    tag: str
+
+    def do(self, ctx):
+        qemuimg.snapshot("-a", self.path, self.tag)
+        if self.resumed:
+            _release_leaks(self.path)
+
+    def writes(self):
+        return [self.path]
+
+    def describe(self):
+        return f"revert {self.path} to internal snapshot {self.tag!r}"
+
+    def argv(self):
+        return qemuimg.snapshot_argv("-a", self.path, self.tag)
+
+
+@dataclass
 class DeleteTag(Step):
     programs = (qemuimg.QEMU_IMG,)
     path: str

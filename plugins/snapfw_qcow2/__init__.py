@@ -6,6 +6,11 @@ reads through its file. While the domain runs, a tag in the disk's active file i
 hypervisor (``LiveDeleteTag``: QEMU holds that file read-write, rule 1); tags in files of other branches
 keep ``qemu-img snapshot -d``. Overlays that hold only the active state go with it: the revert discards that
 state, the core removes them after the commit, and a failure before the commit restores what they read.
+
+A revert of several disks keeps each file's current state as a tag of its own until every disk is
+reverted, so that a failure on one puts them all back. A revert of one disk has nothing to keep in step:
+it applies the tag after the commit, one ``qemu-img snapshot -a`` rather than three, and a failure or crash
+there is finished by ``check --repair`` (the state it discards is the one the user asked to discard).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from snapfw.api import (
     OFFLINE_DELETE,
     OFFLINE_REVERT,
     ApplyTag,
+    ApplyTagForward,
     CreateTag,
     DeleteTag,
     DiskBackend,
@@ -66,9 +72,12 @@ class InternalBackend(DiskBackend):
             op.notes.append(f"{', '.join(discarded)} read through {path} but hold only the state this revert "
                             "discards: removed once it is done")
         op.inspect(path, g.format(path))
-        keep = f"snapfw-revert-{os.urandom(6).hex()}"
-        op.prepare.append(ApplyTag(path, record["tag"], keep))
-        op.finish.append(DeleteTag(path, keep))
+        if op.alone:  # the state it discards is the user's to discard: once recorded, the revert goes on
+            op.finish.append(ApplyTagForward(path, record["tag"]))
+        else:  # each disk keeps its state until all are reverted, so that a failure puts every one back
+            keep = f"snapfw-revert-{os.urandom(6).hex()}"
+            op.prepare.append(ApplyTag(path, record["tag"], keep))
+            op.finish.append(DeleteTag(path, keep))
         g.active, g.active_format = path, g.format(path)
 
     def delete(self, op, snapshot, record):

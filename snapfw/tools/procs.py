@@ -26,8 +26,7 @@ def qemu_holders(paths) -> dict[str, list[tuple[int, str]]]:
         return out
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-                program = f.read().strip()
+            program = _comm(pid)
             if not program.startswith(PREFIX):
                 continue
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -44,3 +43,13 @@ def qemu_holders(paths) -> dict[str, list[tuple[int, str]]]:
                 seen.add(path)
                 out.setdefault(path, []).append((int(pid), program))
     return out
+
+
+def _comm(pid: str) -> str:
+    """The process's program name: read with plain system calls, as every process's is read for each
+    change (a text-mode file object for each cost three times as much)."""
+    fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY)
+    try:
+        return os.read(fd, 64).decode("utf-8", "replace").strip()
+    finally:
+        os.close(fd)
