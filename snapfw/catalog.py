@@ -377,13 +377,8 @@ class Catalog:
     # journal: each call is its own fsynced transaction (plan.execute says what it marks when)
     def begin_plan(self, plan_id: str, domain: str, operation: str, steps: dict, started=()):
         """Journal a plan; ``started``: indexes of prepare steps marked started with it, in its transaction."""
-        with self.write():
-            now = time.time()
-            self._q("INSERT INTO plans(id, domain, operation, state, created, steps) VALUES (?,?,?,?,?,?)",
-                    (plan_id, domain, operation, "running", now, json.dumps(steps)))
-            for idx in started:
-                self._q("INSERT INTO journal(plan_id, phase, idx, state, at) VALUES (?,?,?,?,?)",
-                        (plan_id, "prepare", idx, "started", now))
+        with self.write() as changes:
+            changes.add_plan(plan_id, domain, operation, steps, "running", started)
 
     def mark_step(self, plan_id: str, phase: str, idx: int, state: str):
         with self.write():
@@ -417,6 +412,14 @@ class Changes:
         if not row:
             raise UnknownSnapshot(f"domain {domain!r} has no snapshot {name!r}")
         return row[0]
+
+    def add_plan(self, plan_id: str, domain: str, operation: str, steps: dict, state: str, started=()):
+        now = time.time()
+        self._q("INSERT INTO plans(id, domain, operation, state, created, steps) VALUES (?,?,?,?,?,?)",
+                (plan_id, domain, operation, state, now, json.dumps(steps)))
+        for idx in started:
+            self._q("INSERT INTO journal(plan_id, phase, idx, state, at) VALUES (?,?,?,?,?)",
+                    (plan_id, "prepare", idx, "started", now))
 
     def forget_plan(self, plan_id: str):
         self._q("DELETE FROM plans WHERE id = ?", (plan_id,))

@@ -161,14 +161,16 @@ def execute(plan: Plan, catalog, ctx) -> None:
     The journal holds what recovery reads, each mark its own fsynced transaction: a prepare step is
     marked started before it runs (the first one with the plan: nothing runs between them), so an
     interrupted plan undoes exactly those; a finish step is marked done once it ran (the last one by
-    clearing the entry), so a committed plan redoes the others."""
+    clearing the entry), so a committed plan redoes the others. A plan with nothing to prepare is
+    journaled by its commit, for its finish steps."""
     global _plans_run
     _plans_run += 1
     plan_id = os.urandom(16).hex()  # uuid4's randomness, without importing uuid (and platform)
-    catalog.begin_plan(plan_id, plan.domain, plan.operation,
-                       {"format": JOURNAL_FORMAT, "prepare": [s.to_json() for s in plan.prepare],
-                        "finish": [s.to_json() for s in plan.finish]},
-                       range(len(plan.prepare) if plan.journal_at_once else min(1, len(plan.prepare))))
+    steps = {"format": JOURNAL_FORMAT, "prepare": [s.to_json() for s in plan.prepare],
+             "finish": [s.to_json() for s in plan.finish]}
+    if plan.prepare:
+        catalog.begin_plan(plan_id, plan.domain, plan.operation, steps,
+                           range(len(plan.prepare) if plan.journal_at_once else 1))
     started, windows = [], []  # windows: (holding step, its start, its deadline), innermost last
     try:
         for i, step in enumerate(plan.prepare):
@@ -202,12 +204,14 @@ def execute(plan: Plan, catalog, ctx) -> None:
         with catalog.write() as changes:
             for change in plan.changes:
                 change(changes)
-            if plan.finish:
+            if plan.finish and plan.prepare:
                 changes.set_plan_state(plan_id, "committed")
-            else:  # nothing left to finish: the journal entry goes with the commit
+            elif plan.finish:
+                changes.add_plan(plan_id, plan.domain, plan.operation, steps, "committed")
+            elif plan.prepare:  # nothing left to finish: the journal entry goes with the commit
                 changes.forget_plan(plan_id)
     except BaseException as failure:
-        _undo(started, ctx, plan_id, catalog, failure)
+        _undo(started, ctx, plan_id if plan.prepare else None, catalog, failure)
         raise
     if plan.finish:
         _finish(plan_id, plan.finish, catalog, ctx, set())
@@ -232,7 +236,8 @@ def _reason(failure: BaseException) -> str:
 
 def _undo(started, ctx, plan_id, catalog, failure):
     """Undo the started steps in reverse, releasing every hold on the guest first (resume, thaw): the
-    guest runs again while the rest is undone; a hold's undo is idempotent, so running it again is no harm."""
+    guest runs again while the rest is undone; a hold's undo is idempotent, so running it again is no harm.
+    Then clear the plan's journal entry (``plan_id``; None: it has none)."""
     holds = [s for s in reversed(started) if s.holds]
     for i, step in enumerate(holds + [s for s in reversed(started) if not s.holds]):
         try:
@@ -241,7 +246,8 @@ def _undo(started, ctx, plan_id, catalog, failure):
         except Exception as e:
             raise Inconsistent(f"{_reason(failure)}; and undoing '{step.describe()}' failed too ({e}): "
                                "run `snapfw check --repair`") from failure
-    _forget(catalog, plan_id, "rolled back", failure)
+    if plan_id is not None:
+        _forget(catalog, plan_id, "rolled back", failure)
 
 
 def _finish(plan_id, steps, catalog, ctx, already_done):

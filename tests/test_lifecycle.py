@@ -407,7 +407,9 @@ def test_failure_at_every_step_boundary(tmp_path, operation, action):
             assert ("was interrupted" if committed else "interrupted") in r.stderr, (fault, r.stderr)
         if action != "kill":
             assert ("check --repair" in r.stderr) == committed, (fault, r.stderr)
-        if action != "kill" and not committed:
+        if (action != "kill" or not n_prepare) and not committed:
+            # raised (and undone), or killed before anything ran: a plan with nothing to prepare is journaled
+            # by its commit, so there is nothing to repair, and nothing blocks the next change
             assert env.run("check").stdout.strip() == "No problems found."
         else:
             assert env.run("check", check=False).returncode == 1
