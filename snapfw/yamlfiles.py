@@ -13,8 +13,7 @@ import json
 from . import connection
 from .errors import BadInput
 
-CACHE = "yaml-documents.json"  # in connection.cache_home()
-CACHED = 256  # documents remembered: every file of a directory of domains, and then some
+SLOTS = 256  # cache files of one document each, by a hash of its path: every file of a directory of domains
 
 
 def load(path: str, what: str = ""):
@@ -22,8 +21,8 @@ def load(path: str, what: str = ""):
     caller to word; BadInput naming the line for text that is not plain YAML (tags like !!python/...)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    entry = _documents().get(path)
-    if isinstance(entry, list) and len(entry) == 2 and entry[0] == text:
+    entry = _cached(path)
+    if entry is not None and entry[0] == text:
         return json.loads(json.dumps(entry[1]))  # the caller's own copy: it may change it
     import yaml
 
@@ -46,15 +45,13 @@ def remember(path: str, text: str, document) -> None:
         return
     if kept != document:
         return
-    others = [(p, e) for p, e in _documents().items() if p != path]
-    _read.clear()
-    _read.update([(path, [text, kept]), *others[:CACHED - 1]])
-    global _unwritten
-    if not _unwritten:  # written once, as the process ends: `clone --count N` writes N domain files
+    _read[path] = _unwritten[path] = [text, kept]
+    global _exit_registered
+    if not _exit_registered:  # written once, as the process ends: `clone --count N` writes N domain files
         import atexit
 
         atexit.register(_write)
-        _unwritten = True
+        _exit_registered = True
 
 
 def dump(document) -> str:
@@ -65,19 +62,28 @@ def dump(document) -> str:
     return yaml.dump(document, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
 
 
-_read: dict = {}  # the cache as this process knows it: read once, kept as written
-_unwritten = False  # whether _read has documents the cache file has not
+_read: dict = {}  # path -> [text, document] as this process read or wrote it; None: not in the cache
+_unwritten: dict = {}  # path -> [text, document] the cache does not have yet
+_exit_registered = False
+
+
+def _slot(path: str) -> str:
+    """The cache file of ``path``'s document; paths that share one take turns in it."""
+    import zlib
+
+    return f"yaml-{zlib.crc32(path.encode('utf-8', 'surrogateescape')) % SLOTS:02x}.json"
+
+
+def _cached(path: str) -> list | None:
+    """[text, document] of ``path`` from the cache, read once per process: its slot only, not every
+    document remembered (a directory of many domains made one file that every command parsed whole)."""
+    if path not in _read:
+        entry = connection.read_cache(_slot(path))
+        _read[path] = entry[1:] if isinstance(entry, list) and len(entry) == 3 and entry[0] == path else None
+    return _read[path]
 
 
 def _write():
-    global _unwritten
-    connection.write_cache(CACHE, {"documents": _read})
-    _unwritten = False
-
-
-def _documents() -> dict:
-    if not _read:
-        cached = connection.read_cache(CACHE)
-        documents = cached.get("documents") if isinstance(cached, dict) else None
-        _read.update(documents if isinstance(documents, dict) else {})
-    return _read
+    for path, entry in _unwritten.items():
+        connection.write_cache(_slot(path), [path, *entry])
+    _unwritten.clear()

@@ -112,6 +112,24 @@ def test_an_unchanged_domain_file_is_not_parsed_again(env):
     assert r.returncode != 0 and "db-vdX.qcow2" in r.stderr
 
 
+def test_yaml_documents_sharing_a_cache_slot_are_each_read_right(tmp_path, monkeypatch):
+    """The cache keeps each document in a slot of its own, by a hash of its path (a command reads only the
+    slots of its files); two paths in one slot take turns in it, each read as its own text says."""
+    from snapfw import yamlfiles
+
+    monkeypatch.setattr(yamlfiles, "SLOTS", 1)
+    paths = [tmp_path / "a.yaml", tmp_path / "b.yaml"]
+    for n, p in enumerate(paths):
+        p.write_text(f"disks: [{{target: vd{n}}}]\n")
+    for _ in range(2):  # the second time from the cache, as far as the slot holds
+        for n, p in enumerate(paths):
+            assert yamlfiles.load(str(p)) == {"disks": [{"target": f"vd{n}"}]}
+        yamlfiles._write()
+        monkeypatch.setattr(yamlfiles, "_read", {})
+    held = [p for p in paths if yamlfiles._cached(str(p)) is not None]
+    assert len(held) == 1 and yamlfiles._cached(str(held[0]))[0] == held[0].read_text()
+
+
 def test_usage_errors_are_one_line(env):
     env.make_domain("web")
     r = env.run("create", "web", "s1", "--disk", "vda", check=False)
