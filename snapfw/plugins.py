@@ -58,20 +58,28 @@ def with_builtins(disabled: frozenset):
 def entry_points() -> list[tuple[str, str, str | None]]:
     """(name, ``module:attr``, distribution version) of each ``snapfw`` entry point, in importlib.metadata's
     order. Scanning every installed distribution costs more than all of snapfw's own start-up, so what it
-    found is cached, keyed by the installed distributions (:func:`_installed`); any change scans again."""
-    key = _installed()
+    found is cached, keyed by the installed distributions (:func:`_installed`); any change scans again.
+    Before that key is even made (it lists every folder of the path), the cache's quick check of it
+    (:func:`_unchanged`) answers for an unchanged path."""
     cache = _cache_name()
     cached = connection.read_cache(cache)
     scans = cached.get("scans") if isinstance(cached, dict) else None
-    scans = [s for s in scans if isinstance(s, dict)] if isinstance(scans, list) else []
+    scans = [s for s in scans if isinstance(s, dict) and isinstance(s.get("entry_points"), list)] \
+        if isinstance(scans, list) else []
     for scan in scans:
-        if scan.get("key") == key and isinstance(scan.get("entry_points"), list):
+        if _unchanged(scan.get("quick")):
             return [tuple(ep) for ep in scan["entry_points"]]
-    from importlib.metadata import entry_points as scan_group
+    key, quick = _installed()
+    same = next((s for s in scans if s.get("key") == key), None)
+    if same is not None:  # the distributions are as they were: only the quick check is renewed
+        found = [tuple(ep) for ep in same["entry_points"]]
+    else:
+        from importlib.metadata import entry_points as scan_group
 
-    found = [(ep.name, ep.value, ep.dist.version if ep.dist is not None else None)
-             for ep in scan_group(group=ENTRY_POINT_GROUP)]
-    connection.write_cache(cache, {"scans": [{"key": key, "entry_points": found}, *scans][:CACHED_SCANS]})
+        found = [(ep.name, ep.value, ep.dist.version if ep.dist is not None else None)
+                 for ep in scan_group(group=ENTRY_POINT_GROUP)]
+    connection.write_cache(cache, {"scans": [{"key": key, "quick": quick, "entry_points": found},
+                                             *(s for s in scans if s is not same)][:CACHED_SCANS]})
     return found
 
 
@@ -85,22 +93,39 @@ def _cache_name() -> str:
     return f"entry-points-{zlib.crc32(where):08x}.json"
 
 
-def _installed() -> list:
+def _installed() -> tuple[list, list]:
     """Where importlib.metadata finds distributions, and what pip changes when it installs, upgrades or
     removes one: each ``sys.path`` entry, the ``*.dist-info``/``*.egg-info`` names in it (with versions),
-    and the stat of each one's ``entry_points.txt`` and ``METADATA``."""
-    key = []
+    and the stat of each one's ``entry_points.txt`` and ``METADATA``. Also its quick check, for
+    :func:`_unchanged`: the stat of each entry (a distribution installed, upgraded or removed adds or
+    removes a name in its folder), then of each distribution's ``entry_points.txt`` (setuptools' egg_info
+    rewrites it in place)."""
+    key, folders, files = [], [], []
     for entry in sys.path:
         folder = entry or os.getcwd()
+        folders.append([folder, _stamp(folder)])
         try:
             with os.scandir(folder) as found:
                 names = sorted(e.name for e in found if e.name.endswith((".dist-info", ".egg-info")))
         except OSError:  # a zip file, or nothing
             key.append([folder, _stamp(folder)])
             continue
-        key.append([folder, [[n, _stamp(os.path.join(folder, n, "entry_points.txt")),
-                              _stamp(os.path.join(folder, n, "METADATA"))] for n in names]])
-    return key
+        dists = [[n, _stamp(os.path.join(folder, n, "entry_points.txt")), _stamp(os.path.join(folder, n, "METADATA"))]
+                 for n in names]
+        key.append([folder, dists])
+        files += [[os.path.join(folder, n, "entry_points.txt"), stamp] for n, stamp, _ in dists]
+    return key, [folders, files]
+
+
+def _unchanged(quick) -> bool:
+    """Whether a scan's quick check holds: it covers this ``sys.path``, folder by folder, and every path
+    in it has the stat it had."""
+    try:
+        folders, files = quick
+        return ([p for p, _ in folders] == [entry or os.getcwd() for entry in sys.path]
+                and all(_stamp(p) == stamp for p, stamp in folders + files))
+    except (TypeError, ValueError):  # not a pair of lists of pairs: a cache another version wrote
+        return False
 
 
 def _stamp(path: str) -> list[int] | None:
