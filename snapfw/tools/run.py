@@ -4,6 +4,7 @@ typed errors. Not ``sh``: importing it alone cost 0.08 s per command (README, *P
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import selectors
@@ -43,9 +44,16 @@ def require(program: str, argv: list[str] | None = None, limited: bool = False) 
     """ToolError naming the package to install if ``program``, or a program :func:`run` runs it under, is
     not on PATH (``argv``: what would run it)."""
     for needed in (program, "setpriv", *(["prlimit"] if limited else [])):
-        if shutil.which(needed) is None:
+        if _which(needed, os.environ.get("PATH")) is None:
             pkg = PACKAGE_HINT.get(needed)
             raise ToolError(f"{needed} not found" + (f" (install {pkg})" if pkg else ""), argv or [program])
+
+
+@functools.cache
+def _which(program: str, path: str | None) -> str | None:
+    """shutil.which, once per program and PATH: a change checks its programs before the plan, then again
+    as each one runs, each time a search of every folder of PATH."""
+    return shutil.which(program, path=path)
 
 
 def run(argv: list[str], *, limited: bool = False, progress=None, timeout: float | None = None,
