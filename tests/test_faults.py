@@ -241,6 +241,18 @@ def test_a_one_disk_revert_applies_its_tag_after_the_commit(env, small, tmp_path
     assert [s["name"] for s in env.json("list", "web") if s["current"]] == ["s2"]
     reads_all(env, [gens[0], gens[1], zero(gens[2])])
     assert tags(path) == ["s1", "s2"] and check_image(path, "qcow2") == 0
+    # its qemu-img fails (an I/O error): recorded, so it is finished by repair, and nothing else runs first
+    fake.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        [ "$1" = snapshot ] && [ "$3" = -a ] && echo "qemu-img: Could not apply: Input/output error" >&2 && exit 1
+        exec {require("qemu-img")} "$@"
+        """))
+    r = env.run("revert", "web", "s1", check=False, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    one_error_line(r, "Input/output error", "check --repair")
+    one_error_line(env.run("delete", "web", "s2", check=False), "check --repair")
+    assert "finished revert" in env.run("check", "--repair").stdout
+    no_problems(env)
+    reads_all(env, [gens[0], zero(gens[1]), zero(gens[2])])
     env.assert_consistent()
 
 
