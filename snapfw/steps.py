@@ -124,12 +124,26 @@ class CreateOverlay(Step):
 
 
 @dataclass
-class CreateTag(Step):
-    """An internal snapshot (tag) inside a qcow2 file."""
+class TagStep(Step):
+    """A ``qemu-img snapshot`` on tag ``tag`` of qcow2 file ``path``, which it writes."""
 
     programs = (qemuimg.QEMU_IMG,)
+    option = ""  # qemu-img snapshot's -c (create), -a (apply) or -d (delete): what --dry-run shows it run
     path: str
     tag: str
+
+    def writes(self):
+        return [self.path]
+
+    def argv(self):
+        return qemuimg.snapshot_argv(self.option, self.path, self.tag)
+
+
+@dataclass
+class CreateTag(TagStep):
+    """An internal snapshot (tag) inside a qcow2 file."""
+
+    option = "-c"
 
     def do(self, ctx):
         qemuimg.snapshot("-c", self.path, self.tag)
@@ -138,23 +152,15 @@ class CreateTag(Step):
         _delete_tag(self.path, self.tag)
         _release_leaks(self.path)
 
-    def writes(self):
-        return [self.path]
-
     def describe(self):
         return f"create internal snapshot {self.tag!r} in {self.path}"
 
-    def argv(self):
-        return qemuimg.snapshot_argv("-c", self.path, self.tag)
-
 
 @dataclass
-class ApplyTag(Step):
+class ApplyTag(TagStep):
     """Revert a qcow2 file to a tag, first saving its current state as ``keep`` so undo can restore it."""
 
-    programs = (qemuimg.QEMU_IMG,)
-    path: str
-    tag: str
+    option = "-a"
     keep: str
 
     def do(self, ctx):
@@ -168,46 +174,30 @@ class ApplyTag(Step):
             qemuimg.snapshot("-d", self.path, self.keep)
         _release_leaks(self.path)
 
-    def writes(self):
-        return [self.path]
-
     def describe(self):
         return f"revert {self.path} to internal snapshot {self.tag!r} (current state kept as {self.keep!r} until done)"
 
-    def argv(self):
-        return qemuimg.snapshot_argv("-a", self.path, self.tag)
-
 
 @dataclass
-class ApplyTagForward(Step):
+class ApplyTagForward(TagStep):
     """Revert a qcow2 file to a tag for good: a finish step, for a revert that has no other disk to keep in
     step with. Applying a tag again leaves what applying it once does, so after a crash `check --repair`
     applies it again, then releases the clusters a run cut short left counted."""
 
-    programs = (qemuimg.QEMU_IMG,)
-    path: str
-    tag: str
+    option = "-a"
 
     def do(self, ctx):
         qemuimg.snapshot("-a", self.path, self.tag)
         if self.resumed:
             _release_leaks(self.path)
 
-    def writes(self):
-        return [self.path]
-
     def describe(self):
         return f"revert {self.path} to internal snapshot {self.tag!r}"
 
-    def argv(self):
-        return qemuimg.snapshot_argv("-a", self.path, self.tag)
-
 
 @dataclass
-class DeleteTag(Step):
-    programs = (qemuimg.QEMU_IMG,)
-    path: str
-    tag: str
+class DeleteTag(TagStep):
+    option = "-d"
 
     def do(self, ctx):
         # a whole run leaves no cluster counted for nothing; one cut short may have dropped the tag but
@@ -215,14 +205,8 @@ class DeleteTag(Step):
         if not _delete_tag(self.path, self.tag):
             _release_leaks(self.path)
 
-    def writes(self):
-        return [self.path]
-
     def describe(self):
         return f"delete internal snapshot {self.tag!r} from {self.path}"
-
-    def argv(self):
-        return qemuimg.snapshot_argv("-d", self.path, self.tag)
 
 
 @dataclass
