@@ -693,6 +693,37 @@ def test_kill_during_a_live_revert_then_repair_starts_qemu_on_the_right_chain(li
 
 
 # --- a booted Linux guest as a qmp domain -------------------------------------------------------------------
+def test_kill_at_every_step_boundary_of_a_one_disk_live_revert_then_repair(tmp_path):
+    """One qcow2 disk reverted live to its tag: QEMU stopped, the revert recorded, the tag applied after
+    the commit (one qemu-img), QEMU started again. Killed at each boundary, then `check --repair`: QEMU
+    runs on the chain the catalog records, and the disk holds every generation snapshotted."""
+    qemu = Qemu(str(tmp_path), disks=(("vda", "qcow2"),)).start()
+    try:
+        live = LiveEnv(tmp_path, qemu)
+        qemu.write_spec()
+        live.write("web", "vda", BYTES["vda"], 0)
+        live.run("create", "web", "r0")
+        steps = live.json("revert", "web", "r0", "--dry-run")["plan"]["steps"]
+        assert [(s["phase"], s["describe"].split(" ")[0]) for s in steps] == [
+            ("prepare", "stop"), ("finish", "revert"), ("finish", "start")], steps
+        faults = boundaries(live, "revert", "web", "r0")
+        for k, fault in enumerate(faults):
+            if k:
+                live.write("web", "vda", BYTES["vda"] + k, k * KIB64)
+                live.run("create", "web", f"r{k}")
+            kill_then_repair(live, fault, "revert", "web", f"r{k}")
+            assert qemu.reattach() and status(qemu) == "running", fault
+            assert qemu_chains(qemu) == live_chains(live), fault
+        active = live.domain()["vda"]
+        qemu.quit()
+        for k in range(len(faults)):
+            assert reads(*active, BYTES["vda"] + k, k * KIB64), k
+        assert check_image(*active) == 0
+        live.assert_consistent()
+    finally:
+        qemu.kill()
+
+
 def test_booted_guest_disk_only_revert_discards_its_memory(tmp_path, guest_system):
     """The TCG guest (real kernel, guest agent) as a qmp domain with a launch spec: a disk-only snapshot
     keeps the disks, not the running state; a revert starts QEMU again from the spec and the guest boots
