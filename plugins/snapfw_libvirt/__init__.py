@@ -226,10 +226,10 @@ class LibvirtDriver(HypervisorDriver):
                       notes=notes, stream_below_active=False, definition=definition)
 
     def disk_files(self, name: str) -> list[tuple[str, str]]:
-        """From the domain XML alone (the live one while it runs): no snapshot records, no image headers."""
-        dom = self._lookup(name)
-        return [(target, path) for _el, target, path, _fmt in
-                _file_disks(self._xml(dom, live=_state(dom) != "shut off"))]
+        """From the domain XML alone (the live one while it runs): no snapshot records, no image headers.
+        libvirt's XML without flags is that, and the persistent one of a domain that is shut off: no need
+        to ask its state first (one call less for each domain of the connection, in every change)."""
+        return [(target, path) for _el, target, path, _fmt in _file_disks(self._xml(self._lookup(name), live=True))]
 
     def _pid(self, name: str) -> int | None:
         """The QEMU process of running domain ``name``, from the pid file libvirt keeps in its run
