@@ -41,6 +41,7 @@ _STATUS_LINES = (b"Cap", b"NoNewPrivs", b"Seccomp", b"SigBlk")
 # variables read once, as the interpreter starts: the loader's, the interpreter's, the locale
 _START_VARIABLES = ("LD_", "PYTHON", "LC_", "LANG")
 STALE = object()
+_PRIME = (1 << 61) - 1
 
 
 def context() -> bytes:
@@ -67,9 +68,10 @@ def context() -> bytes:
 
 
 def _address(ctx: bytes) -> bytes:
-    import zlib
-
-    return b"\0snapfw-resident-%d-%08x" % (os.getuid(), zlib.crc32(ctx))
+    """The socket of the resident interpreter for ``ctx``: named by a hash of it, the context read as one
+    number modulo a prime (not zlib's crc32: loading zlib, a shared library in some builds, was 0.4 ms of
+    every command). Two contexts sharing a name only make one of them run its commands alone."""
+    return b"\0snapfw-resident-%d-%016x" % (os.getuid(), int.from_bytes(ctx, "little") % _PRIME)
 
 
 def _pack(parts: list[bytes]) -> bytes:
