@@ -491,20 +491,22 @@ class LibvirtDriver(HypervisorDriver):
                 for el in self._xml(dom, live=True).findall("devices/disk")
                 if el.find("source") is not None and el.find("source").get("file")}
 
+    def _inserted(self, dom) -> dict[str, dict]:
+        """target -> QEMU's query-block ``inserted`` of each disk of running ``dom``, by its libvirt alias."""
+        nodes = self._blocks(dom)
+        aliases = {el.find("target").get("dev"): el.find("alias").get("name")
+                   for el in self._xml(dom, live=True).findall("devices/disk")}
+        return {t: nodes[alias] for t, alias in aliases.items() if alias in nodes}
+
     def _node(self, dom, target: str) -> dict:
-        alias = next((el.find("alias").get("name") for el in self._xml(dom, live=True).findall("devices/disk")
-                      if el.find("target").get("dev") == target), None)
-        inserted = self._blocks(dom).get(alias)
+        inserted = self._inserted(dom).get(target)
         if inserted is None:
             raise Inconsistent(f"disk {target} is gone from the running domain")
         return inserted
 
     def _node_names(self, dom) -> dict[str, str]:
         """target -> QEMU's node name of each disk of running ``dom`` (what its internal snapshots name)."""
-        nodes = self._blocks(dom)
-        aliases = {el.find("target").get("dev"): el.find("alias").get("name")
-                   for el in self._xml(dom, live=True).findall("devices/disk")}
-        return {t: nodes[alias]["node-name"] for t, alias in aliases.items() if alias in nodes}
+        return {t: inserted["node-name"] for t, inserted in self._inserted(dom).items()}
 
     def live_snapshot(self, domain: str, actions: list[dict], memory: str | None = None) -> None:
         """With ``memory`` (LibvirtMemory's live kind, external actions only): libvirt's live external
