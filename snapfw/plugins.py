@@ -108,7 +108,7 @@ def _installed() -> tuple[list, list]:
             with os.scandir(folder) as found:
                 names = sorted(e.name for e in found if e.name.endswith((".dist-info", ".egg-info")))
         except OSError:  # a zip file, or nothing
-            key.append([folder, _stamp(folder)])
+            key.append(folders[-1])
             continue
         dists = [[n, _stamp(os.path.join(folder, n, "entry_points.txt")), _stamp(os.path.join(folder, n, "METADATA"))]
                  for n in names]
