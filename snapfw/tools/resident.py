@@ -210,7 +210,7 @@ def serve(address: bytes, main) -> None:
                     conn, fds, cwd, umask, argv, env = job
                     pid = os.fork()
                     if pid == 0:
-                        _worker([listener, *watched, *workers, conn, imported], fds, cwd, umask, argv, env, main)
+                        _worker([listener, *watched, *workers, imported], conn, fds, cwd, umask, argv, env, main)
                     for fd in fds:
                         os.close(fd)
                     pidfd = os.pidfd_open(pid)
@@ -226,7 +226,7 @@ def serve(address: bytes, main) -> None:
                     os.kill(workers[pidfd][0], number)
                 if not data:
                     del watched[r]
-            else:
+            elif r in workers:  # a worker ended (its command may have ended already: see _worker)
                 pid, conn = workers.pop(r)
                 os.close(r)
                 _, status = os.waitpid(pid, 0)
@@ -350,8 +350,11 @@ def _mtime(path: str) -> int:
         return -1
 
 
-def _worker(close: list, fds: list[int], cwd: str, umask: int, argv: list[str], env: dict[bytes, bytes], main):
-    """In the forked child: become the command (its streams, directory, umask, environment, argv), run it."""
+def _worker(close: list, conn, fds: list[int], cwd: str, umask: int, argv: list[str], env: dict[bytes, bytes], main):
+    """In the forked child: become the command (its streams, directory, umask, environment, argv), run it,
+    and tell the command its exit status (on ``conn``) before this process is torn down: its memory, the
+    resident interpreter's pages it wrote, takes most of a millisecond to release, which the command need
+    not wait for. The resident interpreter says how a worker that died of a signal ended."""
     try:
         for opened in close:  # sockets of the resident interpreter, pidfds of other workers, its inotify
             if isinstance(opened, int):
@@ -375,7 +378,14 @@ def _worker(close: list, fds: list[int], cwd: str, umask: int, argv: list[str], 
     except BaseException as e:  # noqa: BLE001 - nothing of the command has run: say why, fail
         os.write(2, f"snapfw: could not take over this command: {e}\n".encode())
         os._exit(1)
-    os._exit(_run(main, argv[1:]))
+    code = _run(main, argv[1:])
+    for number in (0, 1, 2):  # the command's streams end with it: a reader of its pipe sees the end now
+        os.close(number)
+    try:
+        conn.send(b"x" + bytes([code]))
+    except OSError:
+        pass
+    os._exit(code)
 
 
 def _run(main, args: list[str]) -> int:
