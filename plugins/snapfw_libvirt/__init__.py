@@ -134,6 +134,7 @@ class LibvirtDriver(HypervisorDriver):
     def __init__(self, uri: str):
         super().__init__(uri)
         self._conn = None
+        self._domains = {}  # name -> virDomain: one lookup per domain in a command, not one per call
 
     @property
     def conn(self):
@@ -144,10 +145,13 @@ class LibvirtDriver(HypervisorDriver):
         return self._conn
 
     def _lookup(self, name: str):
+        if name in self._domains:
+            return self._domains[name]
         check_name("domain", name)
         libvirt = _libvirt()
         try:
-            return self.conn.lookupByName(name)
+            dom = self._domains[name] = self.conn.lookupByName(name)
+            return dom
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise UnknownDomain(f"no domain {name!r} on {self.uri}") from None
@@ -155,7 +159,9 @@ class LibvirtDriver(HypervisorDriver):
 
     def list_domains(self) -> list[str]:
         with _calls("listAllDomains"):
-            return sorted(d.name() for d in self.conn.listAllDomains())
+            found = {d.name(): d for d in self.conn.listAllDomains()}
+        self._domains.update(found)
+        return sorted(found)
 
     def domain_state(self, name: str) -> str:
         return _state(self._lookup(name))
@@ -329,6 +335,7 @@ class LibvirtDriver(HypervisorDriver):
             if dom.isActive():
                 raise Refused(f"domain {clone['name']} is running; shut it down before it is undefined")
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        del self._domains[clone["name"]]
 
     # --- mirroring snapfw's snapshots into libvirt's own records ------------------------------------------
     def _records(self, dom) -> dict[str, ET.Element]:
