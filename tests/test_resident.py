@@ -75,9 +75,9 @@ def started(env, variables) -> int:
     env.run("list", "web", env=variables)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        pids = residents(variables["PYTHONSNAPFWTEST"])
-        if pids and _listening(pids[0]):
-            return pids[0]
+        listening = [pid for pid in residents(variables["PYTHONSNAPFWTEST"]) if _listening(pid)]
+        if listening:
+            return listening[0]
         time.sleep(0.05)
     raise AssertionError("no resident interpreter started")
 
@@ -196,6 +196,28 @@ def test_an_idle_resident_interpreter_goes_away(env, own):
     variables, _ = own
     pid = started(env, {**variables, "SNAPFW_RESIDENT": "1"})
     assert exited_within(pid, 10)
+    spares = residents(variables["PYTHONSNAPFWTEST"])  # the worker it forked for the next command ends with it
+    assert all(exited_within(spare, 10) for spare in spares), spares
+
+
+def test_a_spare_worker_killed_is_replaced(env, own):
+    """The resident interpreter forks the next command's worker before the command comes; one killed
+    meanwhile costs nothing but a new fork."""
+    variables, log = own
+    pid = started(env, variables)
+    deadline = time.monotonic() + 10
+    while not (spares := [p for p in residents(variables["PYTHONSNAPFWTEST"]) if p != pid]):
+        assert time.monotonic() < deadline, "no spare worker forked"
+        time.sleep(0.05)
+    ran_in(log)
+    os.kill(spares[0], signal.SIGKILL)
+    env.run("create", "web", "a", env=variables)
+    served = ran_in(log)
+    assert served and all(served)
+    env.run("delete", "web", "a", env=variables)
+    served = ran_in(log)
+    assert served and all(served)
+    assert env.snapshot_names() == []
 
 
 def test_a_worker_imports_nothing_for_the_everyday_commands(env):

@@ -3,9 +3,11 @@
 snapfw's own start-up (the interpreter and about 80 ms of imports) is most of what an everyday command
 costs, where virsh is a small client of a libvirtd that is already running. The first command starts one
 of these in the background and runs itself as before; later commands hand it their arguments, environment,
-working directory, umask and standard input, output and error, and it forks a worker that runs the command
+working directory, umask and standard input, output and error, and a worker forked from it runs the command
 as the command itself would have, with the imports done. Nothing but imports runs before the fork: no state
-is carried from one command to the next.
+is carried from one command to the next. The worker is forked while no command runs (a spare, waiting for
+the next command), so that the fork is no part of a command's time either, and it tells its command the
+exit status before its own process is torn down.
 
 A command uses it only when all that a forked worker cannot take over from the command is the same (see
 :func:`context`: the interpreter, its path and flags, user and groups, namespaces and root, priority, CPUs,
@@ -193,8 +195,11 @@ def serve(address: bytes, main) -> None:
     gc.freeze()  # what is imported stays out of every collection: a worker's touch none of the shared pages
     workers: dict[int, tuple[int, object | None]] = {}  # pidfd -> (pid, the command's connection)
     watched: dict[object, int] = {}  # a command's connection -> its worker's pidfd
+    spare = None  # the next command's worker, forked while no command runs: (pid, pidfd, socket to it)
     idle_since = time.monotonic()
     while listener is not None or workers:
+        if spare is None and listener is not None and not workers:
+            spare = _fork_spare([listener, *watched, *workers, imported], main)
         timeout = None if workers else max(0.0, idle_since + idle - time.monotonic())
         if timeout == 0.0:
             break
@@ -206,16 +211,23 @@ def serve(address: bytes, main) -> None:
                 if job is STALE:  # an upgrade: finish the running commands, let a new one take the address
                     listener.close()
                     listener = None
+                    spare = _end_spare(spare)
                 elif job is not None:
-                    conn, fds, cwd, umask, argv, env = job
-                    pid = os.fork()
-                    if pid == 0:
-                        _worker([listener, *watched, *workers, imported], conn, fds, cwd, umask, argv, env, main)
+                    conn, fds, request = job
+                    worker = None
+                    for _attempt in range(2):  # a spare killed meanwhile: once more with a new one
+                        candidate, spare = spare or _fork_spare([listener, *watched, *workers, imported], main), None
+                        if _hand_over(candidate, conn, fds, request):
+                            worker = candidate
+                            break
+                        _end_spare(candidate)
                     for fd in fds:
                         os.close(fd)
-                    pidfd = os.pidfd_open(pid)
-                    workers[pidfd] = (pid, conn)
-                    watched[conn] = pidfd
+                    if worker is None:  # the command ends without its status, and says so
+                        conn.close()
+                        continue
+                    workers[worker[1]] = (worker[0], conn)
+                    watched[conn] = worker[1]
             elif r in watched:  # signals to pass on, or the command is gone (killed): kill its worker
                 pidfd = watched[r]
                 try:
@@ -239,6 +251,7 @@ def serve(address: bytes, main) -> None:
                         pass
                 conn.close()
                 idle_since = time.monotonic()
+    _end_spare(spare)
 
 
 def _idle_seconds() -> float:
@@ -310,8 +323,9 @@ class _Imported:
 
 
 def _accept(listener, ctx: bytes, imported: _Imported):
-    """Read one command's request: (connection, its three descriptors, cwd, umask, argv, environment); None
-    when it is declined (another user or context, a bad request); STALE when a file imported changed."""
+    """Read one command's request: (connection, its three descriptors, the request for its worker: see
+    :func:`_job`); None when it is declined (another user or context, a bad request); STALE when a file
+    imported changed."""
     fd, _ = listener._accept()
     conn, fds = _socket.socket(fileno=fd), []
     try:
@@ -319,20 +333,16 @@ def _accept(listener, ctx: bytes, imported: _Imported):
             return None
         conn.settimeout(HANDSHAKE_SECONDS)
         data, ancillary, _, _ = conn.recvmsg(_MAX_REQUEST, _socket.CMSG_SPACE(3 * 4))
-        for level, kind, payload in ancillary:
-            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-                fds += [int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
+        fds = _descriptors(ancillary)
         parts = _unpack(data)
         stale = imported.changed()
         if stale or parts[0] != ctx or len(fds) != 3:
             conn.send(_DECLINED)
             return STALE if stale else None
-        count = int(parts[3])
-        argv = [os.fsdecode(a) for a in parts[4:4 + count]]
-        env = dict(p.partition(b"=")[::2] for p in parts[4 + count:])
+        _job(parts[1:])  # a request its worker could not read is declined here
         conn.send(_ACCEPTED)
         conn.settimeout(None)
-        job, conn, fds = (conn, fds, os.fsdecode(parts[1]), int(parts[2]), argv, env), None, []
+        job, conn, fds = (conn, fds, _pack(parts[1:])), None, []
         return job
     except (OSError, ValueError, IndexError):
         return None
@@ -343,6 +353,76 @@ def _accept(listener, ctx: bytes, imported: _Imported):
             conn.close()
 
 
+def _descriptors(ancillary) -> list[int]:
+    """The descriptors an SCM_RIGHTS message brought."""
+    fds = []
+    for level, kind, payload in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds += [int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
+    return fds
+
+
+def _job(parts: list[bytes]) -> tuple[str, int, list[str], dict[bytes, bytes]]:
+    """(cwd, umask, argv, environment) of a command's request (what follows its context)."""
+    count = int(parts[2])
+    return (os.fsdecode(parts[0]), int(parts[1]), [os.fsdecode(a) for a in parts[3:3 + count]],
+            dict(p.partition(b"=")[::2] for p in parts[3 + count:]))
+
+
+def _fork_spare(close: list, main) -> tuple[int, int, object]:
+    """Fork the next command's worker before its command comes: the fork, and what the interpreter does
+    in a child after one, are then no part of the command's time (1.2 to 2 ms). (pid, pidfd, the socket
+    its command's request and descriptors are handed over on.)"""
+    ours, its = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        _spare(its, [*close, ours], main)
+    its.close()
+    return pid, os.pidfd_open(pid), ours
+
+
+def _hand_over(spare, conn, fds: list[int], request: bytes) -> bool:
+    """Give the command to ``spare``: False if it is gone (killed)."""
+    try:
+        spare[2].sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                      b"".join(fd.to_bytes(4, sys.byteorder) for fd in (conn.fileno(), *fds)))])
+        return True
+    except OSError:
+        return False
+    finally:
+        spare[2].close()
+
+
+def _end_spare(spare) -> None:
+    """Let a spare that got no command end (it reads the end of its socket), and reap it."""
+    if spare is not None:
+        pid, pidfd, sock = spare
+        sock.close()
+        os.close(pidfd)
+        os.waitpid(pid, 0)
+
+
+def _spare(sock, close: list, main):
+    """In the forked child: close what is the resident interpreter's, wait for a command (its connection
+    and three descriptors, its request) and become its worker; end if none comes."""
+    try:
+        for opened in close:  # sockets of the resident interpreter, pidfds of workers, its inotify
+            if isinstance(opened, int):
+                os.close(opened)
+            else:
+                opened.close()
+        data, ancillary, _, _ = sock.recvmsg(_MAX_REQUEST, _socket.CMSG_SPACE(4 * 4))
+        fds = _descriptors(ancillary)
+        sock.close()
+        if len(fds) != 4:  # the resident interpreter ended
+            os._exit(0)
+        conn = _socket.socket(fileno=fds[0])
+        cwd, umask, argv, env = _job(_unpack(data))
+    except BaseException:  # noqa: BLE001 - no command to tell: end
+        os._exit(0)
+    _worker(conn, fds[1:], cwd, umask, argv, env, main)
+
+
 def _mtime(path: str) -> int:
     try:
         return os.stat(path).st_mtime_ns
@@ -350,17 +430,12 @@ def _mtime(path: str) -> int:
         return -1
 
 
-def _worker(close: list, conn, fds: list[int], cwd: str, umask: int, argv: list[str], env: dict[bytes, bytes], main):
+def _worker(conn, fds: list[int], cwd: str, umask: int, argv: list[str], env: dict[bytes, bytes], main):
     """In the forked child: become the command (its streams, directory, umask, environment, argv), run it,
     and tell the command its exit status (on ``conn``) before this process is torn down: its memory, the
     resident interpreter's pages it wrote, takes most of a millisecond to release, which the command need
     not wait for. The resident interpreter says how a worker that died of a signal ended."""
     try:
-        for opened in close:  # sockets of the resident interpreter, pidfds of other workers, its inotify
-            if isinstance(opened, int):
-                os.close(opened)
-            elif opened is not None:
-                opened.close()
         for number, fd in enumerate(fds):
             os.dup2(fd, number)
             os.close(fd)
