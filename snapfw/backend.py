@@ -267,6 +267,10 @@ class HypervisorDriver:
     # what the driver can do to a running domain (LIVE_CREATE, LIVE_REVERT, LIVE_DELETE): the core refuses
     # the others before any change, never half way through a plan
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    # True: a live snapshot's new overlays are made by snapfw before it (qemu-img, side by side, outside
+    # any pause or freeze) and the driver has the hypervisor take them as they are (libvirt's REUSE_EXT);
+    # False: the hypervisor makes them within the snapshot (QMP's blockdev-snapshot-sync)
+    reuses_overlays: ClassVar[bool] = False
 
     def __init__(self, uri: str):
         self.uri = uri

@@ -24,39 +24,11 @@ from .lifecycle import RUNS_ON, Operation, Reporter, Session, file_identity, fin
 from .model import ImageFile
 from .names import check_name, fit_file_name
 from .plan import Plan, Step, execute
-from .steps import CreateOverlay, RemoveFile, remove_if_there, same_file, work_name
+from .steps import CreateOverlay, CreateOverlays, RemoveFile, remove_if_there, same_file, work_name
 from .tools import qemuimg
 
 MAX_CLONES = 1000
 NUMBER = "{n}"
-
-
-@dataclass
-class CreateOverlays(Step):
-    """A linked clone's overlays, one :class:`CreateOverlay` per disk (``[path, backing, backing_format,
-    work]`` each), their ``qemu-img create`` runs side by side: each run is mostly qemu-img starting, so a
-    clone of N disks costs about one. Undo undoes each (idempotent, as theirs)."""
-
-    programs = (qemuimg.QEMU_IMG,)
-    overlays: list
-
-    def _each(self) -> list[CreateOverlay]:
-        return [CreateOverlay(*o) for o in self.overlays]
-
-    def do(self, ctx):
-        from concurrent.futures import ThreadPoolExecutor  # here: only clones of several disks need it
-
-        # a run's PDEATHSIG follows its forking thread, which lives until its program has ended
-        with ThreadPoolExecutor(len(self.overlays), thread_name_prefix="snapfw-overlay") as pool:
-            for done in [pool.submit(step.do, ctx) for step in self._each()]:
-                done.result()
-
-    def undo(self, ctx):
-        for step in self._each():
-            step.undo(ctx)
-
-    def describe(self):
-        return "; ".join(step.describe() for step in self._each()) + " (side by side)"
 
 
 @dataclass

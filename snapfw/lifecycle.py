@@ -20,12 +20,12 @@ from .catalog import FILENAME as CATALOG_FILE
 from .catalog import Catalog
 from .errors import (BadInput, ImageInUse, Inconsistent, NotSupported, PluginError, Refused, SnapfwError,
                      UnknownDomain)
-from .live import (AGENT_SECONDS, FREEZE_SECONDS, PAUSE_SECONDS, LiveSnapshot, Pause, StartDomain,
+from .live import (AGENT_SECONDS, EXTERNAL, FREEZE_SECONDS, PAUSE_SECONDS, LiveSnapshot, Pause, StartDomain,
                    StopDomain, held, window, window_seconds)
 from .model import Disk, DiskRecord, Domain, ImageFile, MemoryRecord, Snapshot, Tree, find_snapshot
 from .names import check_name
 from .plan import Plan, execute, recover
-from .steps import DefineDomain, DeleteTag, RemoveFile
+from .steps import CreateOverlays, DefineDomain, DeleteTag, RemoveFile, work_name
 from .tools import procs, qemuimg
 from .tools.host import Host, open_host
 from .tools.run import require
@@ -461,6 +461,10 @@ class Operation:
             collect += _collect(op.graph, plan.notes, frozenset(self.domain.live_chains))
         live = [a for op in self.ops for a in op.live]
         hosted = [s for op in self.ops for s in op.window]
+        made = [a for a in live if a["kind"] == EXTERNAL] if type(self.s.driver).reuses_overlays else []
+        if made:  # before the window: the guest is not held while qemu-img runs
+            plan.prepare.append(CreateOverlays([[a["overlay"], a["file"], a["format"], work_name(a["overlay"]),
+                                                 qemuimg.virtual_size(a["file"], a["format"])] for a in made]))
         # every disk's live action in one atomic step, after the disks' own preparations; with host steps
         # of other disks, all of it paused at one instant
         plan.prepare += window(self.name, ([LiveSnapshot(self.name, live)] if live else []) + hosted,

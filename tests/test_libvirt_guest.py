@@ -117,8 +117,9 @@ def test_quiesce_freezes_the_guest_filesystems_through_libvirt(booted, tmp_path)
     lv, g = booted, booted.guest
     g.sh(f"echo one > {MOUNT}/file")  # no sync: only in the guest's page cache until the freeze
     plan = lv.json("create", g.name, "q1", "--quiesce", "--disk", "vda=external")["plan"]
-    steps = [s["describe"] for s in plan["steps"]]
-    assert steps[0].startswith(f"freeze the filesystems of {g.name}") and steps[2] == f"thaw the filesystems of {g.name}"
+    steps = [s["describe"] for s in plan["steps"]]  # the new overlay is made before the freeze
+    assert steps[0].startswith("create overlay ") and steps[1].startswith(f"freeze the filesystems of {g.name}")
+    assert steps[3] == f"thaw the filesystems of {g.name}", steps
     assert g.agent("guest-fsfreeze-status") == "thawed" and g.dom.state()[0] == 1  # VIR_DOMAIN_RUNNING
     held = lv.json("show", g.name, "q1")["config"]["window"]
     assert held["quiesced"] and held["frozen_filesystems"] == 1 and 0 < held["frozen_seconds"] < 10, held
@@ -134,7 +135,8 @@ def test_quiesce_freezes_the_guest_filesystems_through_libvirt(booted, tmp_path)
 def test_kill_inside_the_freeze_then_repair_thaws_the_guest(booted):
     lv, g = booted, booted.guest
     names = lv.snapshot_names(g.name)
-    r = lv.run("create", g.name, "q3", "--quiesce", env={"SNAPFW_FAULT": "prepare:1:kill"}, check=False)
+    # prepare: [the new overlay, freeze, the snapshot, thaw, define]: killed before the snapshot
+    r = lv.run("create", g.name, "q3", "--quiesce", env={"SNAPFW_FAULT": "prepare:2:kill"}, check=False)
     assert r.returncode == -9 and g.agent("guest-fsfreeze-status") == "frozen"
     assert "rolled back create" in lv.run("check", g.name, "--repair").stdout
     assert g.agent("guest-fsfreeze-status") == "thawed" and lv.snapshot_names(g.name) == names
@@ -160,8 +162,8 @@ def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(bo
         "snapshot" in r.stderr, r.stderr
     assert lv.files() == before and lv.json("list", g.name) == listed
     plan = lv.json("create", g.name, "m1", "--memory", "paused", "--disk", "vda=external")["plan"]
-    assert [s["describe"].split(" ", 1)[0] for s in plan["steps"] if s["phase"] == "prepare"][:3] == \
-        ["save", "snapshot", "complete"], plan
+    assert [s["describe"].split(" ", 1)[0] for s in plan["steps"] if s["phase"] == "prepare"][:4] == \
+        ["create", "save", "snapshot", "complete"], plan
     shown = lv.json("show", g.name, "m1")
     m, held = shown["memory"], shown["config"]["window"]
     assert m["kind"] == "paused" and m["backend"] == "libvirt" and m["size"] > 0, m
@@ -176,8 +178,9 @@ def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(bo
     g.sh(f"echo fourth > /run/marker && echo d4 > {MOUNT}/file && sync")
     plan = lv.json("create", g.name, "m3", "--memory", "live", "--disk", "vda=external")["plan"]
     prepare = [s["describe"] for s in plan["steps"] if s["phase"] == "prepare"]
-    assert "and snapshot its disks at that instant, in the same call: vda: freeze" in prepare[0], prepare
-    assert prepare[1].startswith("complete the memory image"), prepare
+    assert prepare[0].startswith("create overlay "), prepare
+    assert "and snapshot its disks at that instant, in the same call: vda: freeze" in prepare[1], prepare
+    assert prepare[2].startswith("complete the memory image"), prepare
     shown = lv.json("show", g.name, "m3")
     m, held = shown["memory"], shown["config"]["window"]
     assert m["kind"] == "live" and m["size"] == os.path.getsize(m["file"]) > 0, m
@@ -203,11 +206,11 @@ def test_memory_snapshots_bring_back_the_guest_ram_and_disks_of_their_instant(bo
     assert g.sh("cat /run/marker").strip() == "second"
 
 
-@pytest.mark.parametrize("fault", ["prepare:1:kill", "prepare:2:kill", "prepare:3:kill", "prepare:2:raise"])
+@pytest.mark.parametrize("fault", ["prepare:2:kill", "prepare:3:kill", "prepare:4:kill", "prepare:3:raise"])
 def test_killed_inside_a_memory_snapshot_then_repair_leaves_the_guest_running(booted, fault):
-    """prepare: [pause, the disks' snapshot, write the memory image and resume, define]: killed with the
-    guest paused (or, at 3, the image written and the guest running); repair undoes the disks' snapshot,
-    resumes the guest and removes the image."""
+    """prepare: [the new overlay, pause, the disks' snapshot, write the memory image and resume, define]:
+    killed with the guest paused (or, at 4, the image written and the guest running); repair undoes the
+    disks' snapshot, resumes the guest and removes the image and the overlay."""
     lv, g = booted, booted.guest
     images = sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory"))
     listed = lv.json("list", g.name)
@@ -215,7 +218,7 @@ def test_killed_inside_a_memory_snapshot_then_repair_leaves_the_guest_running(bo
                check=False)
     assert r.returncode != 0
     if fault.endswith("kill"):
-        assert g.dom.state()[0] == (1 if fault == "prepare:3:kill" else 3)  # running / VIR_DOMAIN_PAUSED
+        assert g.dom.state()[0] == (1 if fault == "prepare:4:kill" else 3)  # running / VIR_DOMAIN_PAUSED
         assert "rolled back create" in lv.run("check", g.name, "--repair").stdout
     assert g.dom.state()[0] == 1
     assert sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory")) == images
@@ -224,15 +227,15 @@ def test_killed_inside_a_memory_snapshot_then_repair_leaves_the_guest_running(bo
     assert "No problems found" in lv.run("check", g.name).stdout
 
 
-@pytest.mark.parametrize("when", ["in libvirt's job", "prepare:1:kill", "prepare:0:raise"])
+@pytest.mark.parametrize("when", ["in libvirt's job", "prepare:2:kill", "prepare:1:raise"])
 def test_killed_inside_a_live_memory_snapshot_then_repair_leaves_the_guest_running(booted, when):
-    """prepare: [memory and disks in libvirt's one live call, complete, define]: killed while libvirtd
-    writes the memory image (its job goes on without snapfw; repair aborts it, or undoes what it did),
-    or once it took the disks (the guest runs on the new overlay; repair commits it back), or failed
-    before the call."""
+    """prepare: [the new overlay, memory and disks in libvirt's one live call, complete, define]: killed
+    while libvirtd writes the memory image (its job goes on without snapfw; repair aborts it, or undoes
+    what it did), or once it took the disks (the guest runs on the new overlay; repair commits it back),
+    or failed before the call, the overlay made (and removed again)."""
     lv, g = booted, booted.guest
     images = sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory"))
-    listed = lv.json("list", g.name)
+    listed, files = lv.json("list", g.name), lv.files()
     argv = ["create", g.name, "k", "--memory", "live", "--disk", "vda=external"]
     if when.startswith("prepare"):
         r = lv.run(*argv, env={"SNAPFW_FAULT": when}, check=False)
@@ -248,11 +251,11 @@ def test_killed_inside_a_live_memory_snapshot_then_repair_leaves_the_guest_runni
             time.sleep(0.002)
         p.kill()
         p.wait()
-    if when != "prepare:0:raise":
+    if when != "prepare:1:raise":
         assert "rolled back create" in lv.run("check", g.name, "--repair").stdout
     assert g.dom.state()[0] == 1 and g.dom.jobInfo()[0] == 0
     assert sorted(n for n in os.listdir(lv.dir) if n.endswith(".memory")) == images
-    assert lv.json("list", g.name) == listed
+    assert lv.json("list", g.name) == listed and lv.files() == files  # no image, no overlay left
     g.sh("rm -f /run/noise")  # the guest answers
     assert "No problems found" in lv.run("check", g.name).stdout
 
@@ -266,7 +269,7 @@ def test_killed_while_libvirt_writes_the_memory_image_then_repair_undoes_the_dis
     lv, g = booted, booted.guest
     listed = lv.json("list", g.name)
     r = lv.run("create", g.name, "k", "--memory", "paused", "--disk", "vda=external",
-               env={"SNAPFW_FAULT": "prepare:2:kill"}, check=False)
+               env={"SNAPFW_FAULT": "prepare:3:kill"}, check=False)  # before CompleteMemory
     assert r.returncode == -9 and g.dom.state()[0] == 3
     image = next(os.path.join(lv.dir, n) for n in os.listdir(lv.dir) if n.endswith(".k.memory"))
     g.dom.snapshotCreateXML(f"<domainsnapshot><memory snapshot='external' file='{image}'/><disks><disk "

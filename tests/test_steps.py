@@ -28,6 +28,30 @@ def test_overlay_undo_removes_its_own_file_only(tmp_path):
         assert f.read() == "somebody else's file"
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_an_overlay_made_with_its_backing_size_is_the_one_qemu_img_makes_alone(tmp_path, fmt):
+    """A live snapshot's overlays are made with the backing file's virtual size read from the file
+    (qemu-img create -u, which then does not open the backing file a running QEMU holds): the same image."""
+    import json
+
+    from snapfw.tools import qemuimg
+
+    require("qemu-img")
+    base = str(tmp_path / f"base.{fmt}")
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, base, "3000K"], check=True)
+    size = qemuimg.virtual_size(base, fmt)
+    assert size == 3000 * 1024
+    assert qemuimg.virtual_size(str(tmp_path / "missing"), fmt) is None
+    infos = []
+    for name, given in (("probed.qcow2", None), ("sized.qcow2", size)):
+        CreateOverlay(str(tmp_path / name), base, fmt, size=given).do(None)
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(tmp_path / name)],
+                                         capture_output=True, text=True, check=True).stdout)
+        infos.append({k: info.get(k) for k in ("virtual-size", "backing-filename", "backing-filename-format",
+                                                "format", "cluster-size")})
+    assert infos[0] == infos[1] and infos[0]["virtual-size"] == size, infos
+
+
 def test_tags_are_read_as_qemu_img_reads_them(tmp_path, monkeypatch):
     """qemuimg.tags reads the snapshot table itself (no qemu-img start per tag step): the same names as
     `qemu-img info`, for v2 and v3 images, odd names, a deleted tag; anything else goes to qemu-img."""

@@ -215,12 +215,30 @@ def _read_snapshots(f, count: int, offset: int) -> list[dict]:
     return snapshots
 
 
-def create_overlay_argv(path: str, backing: str, backing_fmt: str) -> list[str]:
-    return [QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path]
+def create_overlay_argv(path: str, backing: str, backing_fmt: str, size: int | None = None) -> list[str]:
+    """With ``size`` (the backing file's virtual size, :func:`virtual_size`) qemu-img does not open the
+    backing file (``-u``): one a running QEMU holds costs it its lock probes, 3 ms a disk."""
+    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt]
+    return argv + [path] if size is None else argv + ["-u", path, str(size)]
 
 
-def create_overlay(path: str, backing: str, backing_fmt: str):
-    run(create_overlay_argv(path, backing, backing_fmt))
+def create_overlay(path: str, backing: str, backing_fmt: str, size: int | None = None):
+    run(create_overlay_argv(path, backing, backing_fmt, size))
+
+
+def virtual_size(path: str, fmt: str) -> int | None:
+    """The virtual size of raw or qcow2 image ``path``, from the file itself; None where qemu-img is left
+    to learn it."""
+    try:
+        with _open_image(path) as f:
+            if fmt == "raw":
+                return f.seek(0, os.SEEK_END)
+            header = f.read(32)
+            if fmt == "qcow2" and len(header) == 32 and header[:4] == QCOW2_MAGIC:
+                return struct.unpack_from(">Q", header, 24)[0]
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def image_opts(path: str, fmt: str) -> str:
