@@ -216,7 +216,9 @@ def serve(address: bytes, main) -> None:
                     conn, fds, request = job
                     worker = None
                     for _attempt in range(2):  # a spare killed meanwhile: once more with a new one
-                        candidate, spare = spare or _fork_spare([listener, *watched, *workers, imported], main), None
+                        # (forked now, it closes this command's descriptors too: it is handed its own)
+                        candidate = spare or _fork_spare([listener, *watched, *workers, imported, conn, *fds], main)
+                        spare = None
                         if _hand_over(candidate, conn, fds, request):
                             worker = candidate
                             break
