@@ -257,14 +257,17 @@ def kill_mid_job(env: Env, *args) -> dict:
     p = subprocess.Popen([sys.executable, "-m", "snapfw", "--connect", env.uri, *args, "--json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, STATE_DIR_ENV: env.state_dir})
-    seen = {}
+    seen, said = {}, []
     for line in p.stderr:
         event = json.loads(line) if line.startswith("{") else {}
         if event.get("event") == "progress" and 0 < event["percent"] < 100:
             seen = event
             p.send_signal(signal.SIGKILL)
             break
+        said.append(line)
     p.wait()
+    assert seen, f"snapfw {' '.join(args)} ended ({p.returncode}) before its job reported progress: " + \
+        "".join(said)[-2000:]
     return seen
 
 

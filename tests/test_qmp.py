@@ -499,15 +499,16 @@ def test_live_delete_children_then_the_root_into_the_users_own_image(live, qemu)
 
 
 def test_kill_during_a_live_commit_then_repair_reattaches_to_the_job(tmp_path):
-    qemu = Qemu(str(tmp_path), size="320M").start()
+    qemu = Qemu(str(tmp_path), size="640M").start()
     try:
         live = LiveEnv(tmp_path, qemu)
         orig = {t: p for t, (p, _f) in live.domain().items()}
         gen(live, 1)
         live.run("create", "web", "s1", "--disk", "vda=external", "--disk", "vdb=external")
         top = live.domain()["vda"][0]
+        # enough for the commit to report progress between two polls of it (0.1 s) on a fast machine
         qemu.qmp("human-monitor-command", {"command-line": 'qemu-io -d /machine/peripheral/vda/virtio-backend '
-                                                          '"write -P 0x5a 64M 256M"'})
+                                                          '"write -P 0x5a 64M 512M"'})
         gen(live, 2)
         seen = kill_mid_job(live, "delete", "web", "s1")
         assert seen and seen["step"].startswith(f"live commit {top}"), seen
@@ -523,7 +524,7 @@ def test_kill_during_a_live_commit_then_repair_reattaches_to_the_job(tmp_path):
         gen(live, 3)
         qemu.quit()
         path = orig["vda"]
-        assert reads(path, "qcow2", 0x5a, 64 << 20) and reads(path, "qcow2", 0x5a, (320 << 20) - KIB64)
+        assert reads(path, "qcow2", 0x5a, 64 << 20) and reads(path, "qcow2", 0x5a, (576 << 20) - KIB64)
         for target, p in orig.items():
             for g in (1, 2, 3):
                 assert reads(p, qemu.images[target][1], BYTES[target] + g, g * KIB64), (target, g)
