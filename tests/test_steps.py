@@ -39,8 +39,10 @@ def test_an_overlay_made_with_its_backing_size_is_the_one_qemu_img_makes_alone(t
     require("qemu-img")
     base = str(tmp_path / f"base.{fmt}")
     subprocess.run(["qemu-img", "create", "-q", "-f", fmt, base, "3000K"], check=True)
+    if fmt == "raw":  # not a whole number of sectors: QEMU counts the last one whole
+        os.truncate(base, 3000 * 1024 + 100)
     size = qemuimg.virtual_size(base, fmt)
-    assert size == 3000 * 1024
+    assert size == 3000 * 1024 + (512 if fmt == "raw" else 0)
     assert qemuimg.virtual_size(str(tmp_path / "missing"), fmt) is None
     infos = []
     for name, given in (("probed.qcow2", None), ("sized.qcow2", size)):

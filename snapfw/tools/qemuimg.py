@@ -114,10 +114,7 @@ def _read_chain(path: str, fmt: str) -> list[dict]:
             if struct.unpack_from("@h", locked)[0] != fcntl.F_UNLCK or (st.st_dev, st.st_ino) in seen:
                 raise ValueError("a lock or a loop: qemu-img tells which")
             seen.add((st.st_dev, st.st_ino))
-            if fmt == "raw":  # QEMU counts whole 512-byte sectors
-                size = -(-f.seek(0, os.SEEK_END) // 512) * 512
-                return nodes + [{"filename": path, "format": "raw", "virtual-size": size}]
-            node = {"filename": path, "format": "qcow2", **_read_qcow2(f, whole=True)}
+            node = _read_node(f, path, fmt)
         nodes.append(node)
         if "backing-filename" not in node:
             return nodes
@@ -125,6 +122,13 @@ def _read_chain(path: str, fmt: str) -> list[dict]:
         name = node["backing-filename"]
         path = name if name.startswith("/") or "/" not in path else path[:path.rindex("/") + 1] + name
         node["full-backing-filename"], fmt = path, node["backing-filename-format"]
+
+
+def _read_node(f, path: str, fmt: str) -> dict:
+    """One image's facts as qemu-img info names them, from ``f``, ``path`` opened (raw or qcow2)."""
+    if fmt == "raw":  # QEMU counts whole 512-byte sectors
+        return {"filename": path, "format": "raw", "virtual-size": -(-f.seek(0, os.SEEK_END) // 512) * 512}
+    return {"filename": path, "format": "qcow2", **_read_qcow2(f, whole=True)}
 
 
 def _open_image(path: str):
@@ -229,16 +233,13 @@ def create_overlay(path: str, backing: str, backing_fmt: str, size: int | None =
 def virtual_size(path: str, fmt: str) -> int | None:
     """The virtual size of raw or qcow2 image ``path``, from the file itself; None where qemu-img is left
     to learn it."""
+    if fmt not in ("qcow2", "raw"):
+        return None
     try:
         with _open_image(path) as f:
-            if fmt == "raw":
-                return f.seek(0, os.SEEK_END)
-            header = f.read(32)
-            if fmt == "qcow2" and len(header) == 32 and header[:4] == QCOW2_MAGIC:
-                return struct.unpack_from(">Q", header, 24)[0]
+            return _read_node(f, path, fmt)["virtual-size"]
     except (OSError, ValueError):
-        pass
-    return None
+        return None
 
 
 def image_opts(path: str, fmt: str) -> str:
