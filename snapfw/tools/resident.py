@@ -325,9 +325,9 @@ class _Imported:
 
 
 def _accept(listener, ctx: bytes, imported: _Imported):
-    """Read one command's request: (connection, its three descriptors, the request for its worker: see
-    :func:`_job`); None when it is declined (another user or context, a bad request); STALE when a file
-    imported changed."""
+    """Read one command's request: (connection, its three descriptors, the request as it came, for its
+    worker: see :func:`_job`); None when it is declined (another user or context, a bad request); STALE
+    when a file imported changed."""
     fd, _ = listener._accept()
     conn, fds = _socket.socket(fileno=fd), []
     try:
@@ -344,7 +344,7 @@ def _accept(listener, ctx: bytes, imported: _Imported):
         _job(parts[1:])  # a request its worker could not read is declined here
         conn.send(_ACCEPTED)
         conn.settimeout(None)
-        job, conn, fds = (conn, fds, _pack(parts[1:])), None, []
+        job, conn, fds = (conn, fds, data), None, []
         return job
     except (OSError, ValueError, IndexError):
         return None
@@ -419,7 +419,7 @@ def _spare(sock, close: list, main):
         if len(fds) != 4:  # the resident interpreter ended
             os._exit(0)
         conn = _socket.socket(fileno=fds[0])
-        cwd, umask, argv, env = _job(_unpack(data))
+        cwd, umask, argv, env = _job(_unpack(data)[1:])
     except BaseException:  # noqa: BLE001 - no command to tell: end
         os._exit(0)
     _worker(conn, fds[1:], cwd, umask, argv, env, main)
